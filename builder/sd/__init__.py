@@ -1,0 +1,1 @@
+"""Stable Diffusion model building blocks: pipeline pieces, configs and tokenizer files."""
