@@ -1,0 +1,30 @@
+"""What the user wrote: recipe models, YAML loading with located errors, and the JSON Schema."""
+
+from .compression import Compression, Float16, Palettize
+from .enums import Attention, Component, ComputeUnit, DeploymentTarget, Family
+from .load import LoadedRecipe, load_recipe
+from .model import Components, ComponentSettings, Recipe
+from .schema import recipe_json_schema
+from .sources import HubSource, LocalSource, ModelSource, SyntheticSource, VaeSource
+
+__all__ = [
+    "Attention",
+    "Component",
+    "ComponentSettings",
+    "Components",
+    "Compression",
+    "ComputeUnit",
+    "DeploymentTarget",
+    "Family",
+    "Float16",
+    "HubSource",
+    "LoadedRecipe",
+    "LocalSource",
+    "ModelSource",
+    "Palettize",
+    "Recipe",
+    "SyntheticSource",
+    "VaeSource",
+    "load_recipe",
+    "recipe_json_schema",
+]

@@ -1,0 +1,115 @@
+"""The recipe as validated data: what to convert, at which size, for which OS and hardware."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import Field, PositiveInt, model_validator
+
+from .base import RecipeModel
+from .compression import Compression, Float16
+from .enums import Attention, Component, ComputeUnit, DeploymentTarget, Family
+from .rules import recipe_violations
+from .sources import ModelSource
+from .violations import reject
+
+Size = tuple[PositiveInt, PositiveInt]
+
+
+class ComponentSettings(RecipeModel):
+    """How one component is built; `{}` takes every default."""
+
+    compression: Compression = Field(
+        default=Float16(mode="float16"),
+        description="Weight storage: {mode: float16} (default) or {mode: palettize, nbits: 1|2|3|4|6|8}.",
+    )
+
+
+class Components(RecipeModel):
+    """The components to build; a component absent or null is not built."""
+
+    text_encoder: ComponentSettings | None = Field(
+        default=None, description="CLIP text encoder (TextEncoder.mlmodelc); required for sd, optional for sdxl."
+    )
+    text_encoder_2: ComponentSettings | None = Field(
+        default=None, description="SDXL's second text encoder, CLIP-G (TextEncoder2.mlmodelc); sdxl only, required there."
+    )
+    unet: ComponentSettings = Field(description="The denoising UNet (Unet.mlmodelc or UnetChunk1/2.mlmodelc).")
+    vae_decoder: ComponentSettings = Field(description="VAE decoder, latents to image (VAEDecoder.mlmodelc).")
+    vae_encoder: ComponentSettings | None = Field(
+        default=None, description="VAE encoder for image-to-image (VAEEncoder.mlmodelc)."
+    )
+    safety_checker: ComponentSettings | None = Field(
+        default=None, description="Safety checker (SafetyChecker.mlmodelc); sd only."
+    )
+
+    def enabled(self) -> dict[Component, ComponentSettings]:
+        """The components to build, with their settings."""
+        return {c: s for c in Component if (s := getattr(self, c.value)) is not None}
+
+
+class Recipe(RecipeModel):
+    """One Core ML bundle for Apple's Swift StableDiffusion package."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Bundle name: lowercase letters, digits and '-', starting with a letter or digit.",
+    )
+    version: str = Field(
+        pattern=r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$",
+        description="Semantic version of the bundle, MAJOR.MINOR.PATCH with an optional -prerelease.",
+    )
+    family: Family = Field(description="Pipeline family: sd (SD 1.x/2.x) or sdxl.")
+    model: ModelSource = Field(description="The checkpoint to convert: exactly one of hub, local or synthetic.")
+    written_latent_size: Size | None = Field(
+        default=None,
+        alias="latent_size",
+        description="[height, width] of the latents, multiples of 8 (the image is 8x larger); "
+        "give this or image_size.",
+    )
+    written_image_size: Size | None = Field(
+        default=None,
+        alias="image_size",
+        description="[height, width] of the image in pixels, multiples of 64; give this or latent_size.",
+    )
+    attention: Attention = Field(
+        description="Attention implementation: ORIGINAL for the GPU, SPLIT_EINSUM or SPLIT_EINSUM_V2 for the Neural Engine."
+    )
+    compute_unit: ComputeUnit = Field(description="Core ML compute units the bundle is tuned for.")
+    deployment_target: DeploymentTarget = Field(
+        description="Oldest OS the models load on; sdxl needs iOS17 or macOS14 or newer."
+    )
+    unet_batch_size: Literal[1, 2] = Field(
+        default=2, description="UNet batch: 2 runs classifier-free guidance in one call (required for sdxl)."
+    )
+    chunk_unet: bool = Field(
+        default=False, description="Split the UNet into UnetChunk1/2 so each half fits iOS memory limits."
+    )
+    components: Components = Field(description="The components to build and how to compress each.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> Recipe:
+        reject(recipe_violations(self))
+        return self
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """[height, width] in latents, whichever of latent_size / image_size was written."""
+        if self.written_latent_size is not None:
+            return self.written_latent_size
+        height, width = self.written_image_size
+        return height // 8, width // 8
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """[height, width] in pixels."""
+        height, width = self.latent_size
+        return height * 8, width * 8
+
+    def canonical_json(self) -> str:
+        """The recipe's meaning as stable JSON: the size always in latents, keys sorted, every
+        default spelled out, so equivalent recipes serialise alike."""
+        data = self.model_dump(mode="json", by_alias=True, exclude={"written_image_size"})
+        data["latent_size"] = list(self.latent_size)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))

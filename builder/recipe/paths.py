@@ -1,0 +1,60 @@
+"""Local paths in a recipe: resolved against the file that wrote them, confined to the workspace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, ValidationInfo
+
+from .violations import Violation, reject
+
+
+class WrittenIn(str):
+    """A string read from a recipe file that remembers the file's folder, so a relative path
+    written in a base recipe still resolves against the base when another recipe extends it."""
+
+    folder: Path
+
+    def __new__(cls, value: str, folder: Path) -> WrittenIn:
+        text = super().__new__(cls, value)
+        text.folder = folder
+        return text
+
+
+def confinement(value: str | Path, path: Path, workspace: Path | None) -> list[Violation]:
+    """Why `path` (the resolved `value`) may not be used: builds only read what the workspace holds."""
+    if workspace is None or path.is_relative_to(workspace):
+        return []
+    return [Violation(
+        "",
+        f"'{value}' resolves to {path}, outside the workspace {workspace} (symlinks are followed)",
+        "move the files under the workspace and refer to them relative to the recipe file, "
+        "or run sdbuild from a workspace that contains them",
+    )]
+
+
+def _local_model_path(value: object, info: ValidationInfo) -> object:
+    if not isinstance(value, (str, Path)):
+        return value  # pydantic's own Path validation reports the wrong type
+    folder = value.folder if isinstance(value, WrittenIn) else Path.cwd()
+    path = (folder / value).resolve()
+    reject(confinement(value, path, (info.context or {}).get("workspace")))
+    if not path.exists():
+        reject([Violation(
+            "",
+            f"'{value}' does not exist (looked for {path})",
+            f"fix the path; a relative path is resolved against the folder of the recipe that writes it ({folder})",
+        )])
+    if path.is_file() and path.suffix != ".safetensors":
+        reject([Violation(
+            "",
+            f"'{path.name}' is neither a diffusers folder nor a .safetensors file",
+            "point to a diffusers folder or a single-file .safetensors checkpoint (pickled .ckpt files are not loaded)",
+        )])
+    return path
+
+
+LocalModelPath = Annotated[Path, BeforeValidator(_local_model_path)]
+"""A diffusers folder or .safetensors file, stored as a resolved absolute path. Inside the
+workspace given in the validation context as `workspace` (the loader always gives it)."""

@@ -1,0 +1,124 @@
+"""Rules spanning several recipe fields, each reported against the field the user must change."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .enums import Attention, Family
+from .violations import Violation
+
+if TYPE_CHECKING:
+    from .model import Recipe
+
+UNET_LEVELS = 4
+"""The SD UNet halves the latents 3 times, so it works at 4 resolutions."""
+SPLIT_EINSUM_V2_CHUNK = 512
+"""SPLIT_EINSUM_V2 splits the attention queries in chunks of this length."""
+
+
+def recipe_violations(recipe: Recipe) -> list[Violation]:
+    size = _size_violations(recipe)
+    if not size and recipe.attention is Attention.SPLIT_EINSUM_V2:
+        size = _split_einsum_v2_violations(recipe)
+    family = _sdxl_violations(recipe) if recipe.family is Family.SDXL else _sd_violations(recipe)
+    return size + family
+
+
+def _written_size(recipe: Recipe) -> tuple[str, int, tuple[int, int]]:
+    """The size field the user wrote, its pixels-per-latent scale, and its value."""
+    if recipe.written_latent_size is not None:
+        return "latent_size", 1, recipe.written_latent_size
+    return "image_size", 8, recipe.written_image_size
+
+
+def _size_violations(recipe: Recipe) -> list[Violation]:
+    if recipe.written_latent_size is not None and recipe.written_image_size is not None:
+        return [Violation("image_size", "give latent_size or image_size, not both",
+                          "remove one of them; image_size is 8 x latent_size")]
+    if recipe.written_latent_size is None and recipe.written_image_size is None:
+        return [Violation("latent_size", "no size given",
+                          "add `latent_size: [64, 64]` (latents) or `image_size: [512, 512]` (pixels)")]
+    field, scale, (height, width) = _written_size(recipe)
+    step = 8 * scale
+    if height % step == 0 and width % step == 0:
+        return []
+    if scale == 8 and (height % 8 or width % 8):
+        why = "is not a multiple of 8 (the VAE scales latents by 8)"
+    elif scale == 8:
+        why = f"gives latents [{height // 8}, {width // 8}], not multiples of 8 (the UNet halves them 3 times)"
+    else:
+        why = "is not a multiple of 8 (the UNet halves it 3 times)"
+    below = [max(step, side // step * step) for side in (height, width)]
+    above = [-(-side // step) * step for side in (height, width)]
+    return [Violation(field, f"{field} [{height}, {width}] {why}",
+                      f"use multiples of {step}, e.g. {below} or {above}")]
+
+
+def _long_unaligned_levels(height: int, width: int) -> list[tuple[int, int]]:
+    """(level, attention sequence length) of UNet levels that SPLIT_EINSUM_V2 would truncate."""
+    lengths = [(level, (height >> level) * (width >> level)) for level in range(UNET_LEVELS)]
+    return [(lvl, n) for lvl, n in lengths if n >= SPLIT_EINSUM_V2_CHUNK and n % SPLIT_EINSUM_V2_CHUNK]
+
+
+def _split_einsum_v2_violations(recipe: Recipe) -> list[Violation]:
+    bad = _long_unaligned_levels(*recipe.latent_size)
+    if not bad:
+        return []
+    field, scale, (height, width) = _written_size(recipe)
+    levels = ", ".join(f"level {lvl} has length {n}" for lvl, n in bad)
+    sizes = " or ".join(str([h * scale, w * scale]) for h, w in _nearby_split_einsum_v2_sizes(*recipe.latent_size))
+    return [Violation(
+        field,
+        f"with attention SPLIT_EINSUM_V2 every UNet attention sequence must be shorter than "
+        f"{SPLIT_EINSUM_V2_CHUNK} or a multiple of it, else it is silently truncated; {levels}",
+        f"set {field} to {sizes} (sizes near yours that fit), or use attention SPLIT_EINSUM",
+    )]
+
+
+def _nearby_split_einsum_v2_sizes(height: int, width: int, count: int = 3) -> list[tuple[int, int]]:
+    """The latent sizes closest to (height, width) that SPLIT_EINSUM_V2 handles exactly."""
+    sides = range(8, 2 * max(height, width) + 9, 8)
+    fitting = [(h, w) for h in sides for w in sides if not _long_unaligned_levels(h, w)]
+    fitting.sort(key=lambda hw: (abs(hw[0] - height) + abs(hw[1] - width), -hw[0] * hw[1]))
+    return fitting[:count]
+
+
+def _sdxl_violations(recipe: Recipe) -> list[Violation]:
+    violations = []
+    if recipe.unet_batch_size != 2:
+        violations.append(Violation(
+            "unet_batch_size", "sdxl needs a batch-2 UNet: its Swift pipeline always uses classifier-free guidance",
+            "set `unet_batch_size: 2`",
+        ))
+    target = recipe.deployment_target
+    if target.major < (17 if target.platform == "iOS" else 14):
+        violations.append(Violation(
+            "deployment_target", f"sdxl needs iOS17 or macOS14 or newer, not {target.value}",
+            "use one of: iOS17, iOS18, macOS14, macOS15",
+        ))
+    if recipe.components.safety_checker is not None:
+        violations.append(Violation(
+            "components.safety_checker", "the sdxl pipeline has no safety checker",
+            "remove `safety_checker:` from components",
+        ))
+    if recipe.components.text_encoder_2 is None:
+        violations.append(Violation(
+            "components.text_encoder_2", "sdxl needs its second text encoder",
+            "add `text_encoder_2: {}` under components",
+        ))
+    return violations
+
+
+def _sd_violations(recipe: Recipe) -> list[Violation]:
+    violations = []
+    if recipe.components.text_encoder_2 is not None:
+        violations.append(Violation(
+            "components.text_encoder_2", "only sdxl has a second text encoder",
+            "remove `text_encoder_2:` or set `family: sdxl`",
+        ))
+    if recipe.components.text_encoder is None:
+        violations.append(Violation(
+            "components.text_encoder", "sd needs its text encoder",
+            "add `text_encoder: {}` under components",
+        ))
+    return violations

@@ -1,0 +1,105 @@
+"""Where the weights come from: a pinned hub snapshot, a local checkpoint, or seeded random weights."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, NonNegativeInt, field_validator, model_validator
+
+from .base import RecipeModel
+from .paths import LocalModelPath
+from .violations import Violation, reject
+
+_COMMIT = re.compile(r"[0-9a-fA-F]{40}")
+
+
+class HubSource(RecipeModel):
+    """A Hugging Face hub repository at a pinned commit, so a rebuild always reads the same weights."""
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Repository id, owner/name, e.g. stabilityai/stable-diffusion-2-1-base.",
+    )
+    revision: str = Field(
+        description="The full 40-hex commit sha to download; branches and tags move, so they are refused."
+    )
+
+    @field_validator("revision")
+    @classmethod
+    def _pinned(cls, revision: str) -> str:
+        if not _COMMIT.fullmatch(revision):
+            reject([Violation(
+                "",
+                f"'{revision}' is not a commit sha; a branch or tag can move and silently change the build",
+                "pin the commit: copy the full 40-hex sha from the repository's 'Files and versions' history "
+                "(or `huggingface_hub.model_info(id, revision=...).sha`) into `revision:`",
+            )])
+        return revision.lower()
+
+
+class LocalSource(RecipeModel):
+    """A checkpoint already on disk."""
+
+    path: LocalModelPath = Field(
+        description="A diffusers folder or a single-file .safetensors checkpoint, relative to the recipe "
+        "file that writes it; must stay inside the workspace."
+    )
+
+
+class SyntheticSource(RecipeModel):
+    """Seeded random weights in a preset's architecture: tiny, fast models for tests and benchmarks."""
+
+    preset: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Name of a synthetic architecture preset known to sdbuild, e.g. tiny-sd.",
+    )
+    seed: NonNegativeInt = Field(default=0, description="Random seed of the weights; same seed, same weights.")
+
+
+class VaeSource(RecipeModel):
+    """A replacement VAE, e.g. a float16-safe VAE for SDXL whose own VAE overflows in float16."""
+
+    hub: HubSource | None = Field(default=None, description="Take the VAE from a hub repository.")
+    local: LocalSource | None = Field(default=None, description="Take the VAE from a local checkpoint.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VaeSource:
+        reject(_exactly_one(self, ("hub", "local")))
+        return self
+
+
+class ModelSource(RecipeModel):
+    """The checkpoint to convert: exactly one of hub, local or synthetic."""
+
+    hub: HubSource | None = Field(default=None, description="Download from the Hugging Face hub at a pinned commit.")
+    local: LocalSource | None = Field(default=None, description="Read a checkpoint inside the workspace.")
+    synthetic: SyntheticSource | None = Field(default=None, description="Generate seeded random weights.")
+    vae: VaeSource | None = Field(
+        default=None, description="Replace the checkpoint's VAE (hub or local models only)."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSource:
+        violations = _exactly_one(self, ("hub", "local", "synthetic"))
+        if self.synthetic is not None and self.vae is not None:
+            violations.append(Violation(
+                "vae",
+                "a replacement VAE applies to hub or local models, not synthetic ones",
+                "remove `vae:`; synthetic presets bring their own VAE",
+            ))
+        reject(violations)
+        return self
+
+
+def _exactly_one(model: RecipeModel, names: tuple[str, ...]) -> list[Violation]:
+    given = [name for name in names if getattr(model, name) is not None]
+    if len(given) == 1:
+        return []
+    choices = ", ".join(f"`{name}:`" for name in names)
+    if not given:
+        return [Violation("", f"no source given; expected one of {choices}", f"add one of {choices}")]
+    return [Violation(
+        given[1],
+        f"give exactly one source; found {' and '.join(given)}",
+        f"keep one of {', '.join(f'`{name}:`' for name in given)} and remove the others",
+    )]
