@@ -1,0 +1,30 @@
+"""Progress events a build sends to its caller (e.g. a rich progress display)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from builder.engine.reports import StageResult
+
+
+class StageStarted(BaseModel):
+    id: str
+    stage: str
+    component: str | None
+    reason: str
+    pid: int
+
+
+class Heartbeat(BaseModel):
+    """Sent about every half second for each running stage."""
+
+    id: str
+    elapsed_seconds: float
+    rss_bytes: int | None  # None where the platform has no /proc
+
+
+class StageFinished(BaseModel):
+    result: StageResult
+
+
+Event = StageStarted | Heartbeat | StageFinished

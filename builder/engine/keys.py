@@ -1,0 +1,82 @@
+"""Action keys and the human explanation of why one key differs from the last one built."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from builder.engine.hashing import canonical_json, sha256_json
+from builder.engine.spec import StageSpec
+
+_VALUE_WIDTH = 60
+
+
+def key_inputs(
+    spec: StageSpec, input_digests: dict[str, str | None], external_digests: dict[str, str]
+) -> dict[str, Any]:
+    """Everything the output depends on. Id and component are left out, so identical work is shared.
+
+    An input digest is None while its upstream stage is stale (not known until it is rebuilt).
+    Round-tripped through JSON so values compare equal to those read back from a record.
+    """
+    inputs = {
+        "stage": spec.stage,
+        "version": spec.version,
+        "params": spec.params,
+        "inputs": input_digests,
+        "external_inputs": external_digests,
+        "tools": spec.tools,
+    }
+    return json.loads(canonical_json(inputs))
+
+
+def action_key(inputs: dict[str, Any]) -> str:
+    return sha256_json(inputs)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 3] + "..."
+
+
+def describe_changes(
+    spec: StageSpec, current: dict[str, Any], previous: dict[str, Any], stale_upstreams: dict[str, str]
+) -> list[str]:
+    """Each difference between two key inputs, phrased for a user; `stale_upstreams` maps input -> stage id."""
+    changes: list[str] = []
+    if current["stage"] != previous.get("stage"):
+        changes.append(f"stage changed {previous.get('stage')} -> {current['stage']}")
+    if current["version"] != previous.get("version"):
+        changes.append(f"implementation version changed {previous.get('version')} -> {current['version']}")
+
+    old_params, new_params = previous.get("params", {}), current["params"]
+    for name in sorted(set(old_params) | set(new_params)):
+        origin = f" ({spec.param_origins[name]})" if name in spec.param_origins else ""
+        if name not in old_params:
+            changes.append(f"params.{name} added = {_show(new_params[name])}{origin}")
+        elif name not in new_params:
+            changes.append(f"params.{name} removed (was {_show(old_params[name])}){origin}")
+        elif old_params[name] != new_params[name]:
+            changes.append(f"params.{name} changed {_show(old_params[name])} -> {_show(new_params[name])}{origin}")
+
+    for kind in ("inputs", "external_inputs"):
+        old, new = previous.get(kind, {}), current[kind]
+        for name in sorted(set(old) | set(new)):
+            if name in stale_upstreams:
+                changes.append(f"input '{name}' changed (upstream {stale_upstreams[name]} is stale)")
+            elif name not in old:
+                changes.append(f"input '{name}' added")
+            elif name not in new:
+                changes.append(f"input '{name}' removed")
+            elif old[name] != new[name]:
+                changes.append(f"input '{name}' content changed")
+
+    old_tools, new_tools = previous.get("tools", {}), current["tools"]
+    for name in sorted(set(old_tools) | set(new_tools)):
+        if name not in old_tools:
+            changes.append(f"tool {name} added ({new_tools[name]})")
+        elif name not in new_tools:
+            changes.append(f"tool {name} removed (was {old_tools[name]})")
+        elif old_tools[name] != new_tools[name]:
+            changes.append(f"tool {name} changed {old_tools[name]} -> {new_tools[name]}")
+    return changes

@@ -1,0 +1,24 @@
+"""The files a build and its worker exchange: a request in, a result out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class WorkerRequest(BaseModel):
+    function: str
+    inputs: dict[str, Path]
+    params: dict[str, Any]
+    out: Path
+    result: Path
+    parent_pid: int
+    # The parent's import path, so "module:function" resolves in the worker exactly as it would in the parent.
+    python_path: list[str]
+
+
+class WorkerResult(BaseModel):
+    summary: dict[str, Any] | None
+    peak_memory_bytes: int

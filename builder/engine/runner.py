@@ -1,0 +1,146 @@
+"""Parent side of a worker: start the process, wait for it in a thread, turn its end into an Outcome."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.engine.hashing import FileDigest, NotRegularFile, digest_folder
+from builder.engine.protocol import WorkerRequest, WorkerResult
+from builder.engine.spec import StageSpec
+from builder.errors import StageFailed
+
+_LOG_TAIL_LINES = 20
+# The folder holding the `builder` package, so `-m builder.engine.worker` works even when not installed.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+@dataclass
+class Job:
+    """A stage running in a worker process, with the key its output will be recorded under."""
+
+    spec: StageSpec
+    key: str
+    key_inputs: dict[str, Any]
+    reason: str
+    folder: Path
+    process: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def out(self) -> Path:
+        return self.folder / "out"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "log.txt"
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass
+class Outcome:
+    job: Job
+    seconds: float
+    result: WorkerResult | None = None
+    files: dict[str, FileDigest] | None = None
+    error: StageFailed | None = None
+
+
+def work_folder(tmp: Path, stage_id: str) -> Path:
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", stage_id)
+    return tmp / f"{readable}-{hashlib.sha256(stage_id.encode()).hexdigest()[:8]}"
+
+
+def start(
+    spec: StageSpec, key: str, key_inputs: dict[str, Any], reason: str, inputs: dict[str, Path], folder: Path
+) -> Job:
+    """Start the worker. Call from the thread that will outlive it: Linux's parent-death signal follows the thread."""
+    folder.mkdir(parents=True)
+    (folder / "out").mkdir()
+    request = WorkerRequest(
+        function=spec.function,
+        inputs=inputs,
+        params=spec.params,
+        out=folder / "out",
+        result=folder / "result.json",
+        parent_pid=os.getpid(),
+        python_path=[os.path.abspath(p) for p in sys.path],  # "" and relative entries mean the cwd
+    )
+    request_file = folder / "request.json"
+    request_file.write_text(request.model_dump_json())
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"  # so the log is complete even if the worker is killed
+    with open(folder / "log.txt", "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "builder.engine.worker", str(request_file)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
+            env=env,
+        )
+    return Job(spec=spec, key=key, key_inputs=key_inputs, reason=reason, folder=folder, process=process)
+
+
+def watch(job: Job, outcomes: queue.Queue[Outcome]) -> None:
+    """Wait in a background thread; hashing the output here keeps the scheduler responsive."""
+
+    def wait_and_digest() -> None:
+        returncode = job.process.wait()
+        seconds = job.elapsed
+        try:
+            outcomes.put(_collect(job, returncode, seconds))
+        except Exception as problem:  # never leave the scheduler waiting for an outcome
+            outcomes.put(Outcome(job, seconds, error=_failure(job, f"could not be collected: {problem!r}")))
+
+    threading.Thread(target=wait_and_digest, name=f"watch {job.spec.id}", daemon=True).start()
+
+
+def _collect(job: Job, returncode: int, seconds: float) -> Outcome:
+    if returncode < 0:
+        return Outcome(job, seconds, error=_failure(job, f"was killed by {signal.Signals(-returncode).name}"))
+    if returncode > 0:
+        return Outcome(job, seconds, error=_failure(job, f"failed (exit status {returncode})"))
+    result_file = job.folder / "result.json"
+    if not result_file.is_file():
+        return Outcome(job, seconds, error=_failure(job, "exited without reporting a result"))
+    result = WorkerResult.model_validate_json(result_file.read_bytes())
+    try:
+        files = digest_folder(job.out, None)
+    except NotRegularFile as problem:
+        return Outcome(job, seconds, error=_failure(job, f"wrote an output that cannot be cached: {problem}"))
+    return Outcome(job, seconds, result=result, files=files)
+
+
+def _failure(job: Job, what: str) -> StageFailed:
+    try:
+        with open(job.log, "rb") as log:
+            tail = b"".join(deque(log, maxlen=_LOG_TAIL_LINES)).decode(errors="replace").rstrip()
+    except OSError:
+        tail = ""
+    message = f"stage {job.spec.id} {what}"
+    if tail:
+        message += "\n" + tail
+    return StageFailed(message, f"full log: {job.log}; stages that finished are cached, so a rebuild resumes here")
+
+
+def stop(job: Job) -> None:
+    """Kill a worker whose build is being abandoned (interrupted, or an error in the build itself)."""
+    if job.process.poll() is None:
+        job.process.kill()
+    job.process.wait()

@@ -1,0 +1,200 @@
+"""Runs a build: decides each stage once its inputs are known, starts stale ones in workers within the
+job and memory limits, and publishes what they produce."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from builder.engine import runner
+from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted
+from builder.engine.hashing import tree_digest
+from builder.engine.memory import process_rss_bytes
+from builder.engine.planner import Assessment, assess, external_paths
+from builder.engine.reports import StageResult
+from builder.engine.spec import StageSpec
+from builder.engine.store import ActionRecord, Store
+from builder.errors import StageFailed
+
+HEARTBEAT_SECONDS = 0.5
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        target: str,
+        order: list[StageSpec],
+        *,
+        jobs: int,
+        memory_budget_bytes: int,
+        emit: Callable[[Event], None],
+    ):
+        self.store = store
+        self.target = target
+        self.jobs = jobs
+        self.budget = memory_budget_bytes
+        self.emit = emit
+        self.index = store.load_index(target)
+        self.pending = deque(order)
+        self.ready: deque[Assessment] = deque()
+        self.running: dict[str, runner.Job] = {}
+        self.outcomes: queue.Queue[runner.Outcome] = queue.Queue()
+        self.results: dict[str, StageResult] = {}
+        # Stages under other ids doing identical work (same key) wait for the first and then hit.
+        self.built: dict[str, ActionRecord] = {}
+        self.waiting: dict[str, list[Assessment]] = {}
+
+    def run(self) -> dict[str, StageResult]:
+        """Results by stage id. On a failure, running stages finish and are cached before it is raised."""
+        failure: StageFailed | None = None
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        try:
+            while True:
+                if failure is None:
+                    self._decide_ready_stages()
+                    self._admit()
+                if not self.running:
+                    break
+                try:
+                    outcome = self.outcomes.get(timeout=max(0.0, next_beat - time.monotonic()))
+                except queue.Empty:
+                    pass
+                else:
+                    del self.running[outcome.job.spec.id]
+                    if outcome.error is not None:
+                        failure = failure or outcome.error
+                    else:
+                        self._publish(outcome)
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        finally:
+            for job in self.running.values():
+                runner.stop(job)
+        if failure is not None:
+            raise failure
+        return self.results
+
+    def _decide_ready_stages(self) -> None:
+        """Settle every pending stage whose upstream stages have results; hits and skips finish at once."""
+        progressed = True
+        while progressed:
+            progressed = False
+            for spec in list(self.pending):
+                if all(up in self.results for up in spec.inputs.values()):
+                    self.pending.remove(spec)
+                    self._decide(spec)
+                    progressed = True
+
+    def _decide(self, spec: StageSpec) -> None:
+        skipped = {i for i, r in self.results.items() if r.status == "skipped"}
+        digests = {i: r.digest for i, r in self.results.items() if r.status != "skipped"}
+        found = assess(self.store, spec, self.index.get(spec.id), digests, skipped)
+        if found.status == "skipped":
+            self._finish(self._result(spec, "skipped", found.reason))
+        elif found.status == "cached":
+            assert found.key is not None and found.record is not None
+            self._hit(spec, found.key, found.record)
+        else:
+            if found.damage is not None:
+                assert found.key is not None
+                self.store.discard(found.key, found.record.output_digest if found.record else None)
+                found.reason = found.damage.describe(past=True)
+            self.ready.append(found)
+
+    def _admit(self) -> None:
+        """Start ready stages in order while jobs and memory allow; one too big for the budget runs alone."""
+        while self.ready and len(self.running) < self.jobs:
+            found = self.ready[0]
+            spec = found.spec
+            in_use = sum(job.spec.memory_estimate_bytes for job in self.running.values())
+            if self.running and in_use + spec.memory_estimate_bytes > self.budget:
+                return
+            self.ready.popleft()
+            assert found.key is not None and found.key_inputs is not None
+            if found.key in self.built:
+                self._hit(spec, found.key, self.built[found.key])
+                continue
+            if any(job.key == found.key for job in self.running.values()):
+                self.waiting.setdefault(found.key, []).append(found)
+                continue
+            inputs: dict[str, Path] = {
+                name: self.store.object_path(self.results[up].digest)
+                for name, up in spec.inputs.items()
+                if self.results[up].digest is not None
+            }
+            inputs.update(external_paths(spec))
+            folder = runner.work_folder(self.store.tmp, spec.id)
+            job = runner.start(spec, found.key, found.key_inputs, found.reason, inputs, folder)
+            self.running[spec.id] = job
+            runner.watch(job, self.outcomes)
+            self.emit(
+                StageStarted(
+                    id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason, pid=job.process.pid
+                )
+            )
+
+    def _publish(self, outcome: runner.Outcome) -> None:
+        """Object first, then record, then index: a crash between steps leaves only unreferenced objects."""
+        job = outcome.job
+        assert outcome.files is not None and outcome.result is not None
+        digest = tree_digest(outcome.files)
+        self.store.publish(job.out, digest, outcome.files)
+        record = ActionRecord(
+            key=job.key,
+            key_inputs=job.key_inputs,
+            output_digest=digest,
+            files=outcome.files,
+            summary=outcome.result.summary,
+            seconds=round(outcome.seconds, 3),
+            peak_memory_bytes=outcome.result.peak_memory_bytes,
+        )
+        self.store.write_record(record)
+        self.built[job.key] = record
+        self._remember(job.spec.id, job.key)
+        self._finish(self._result(job.spec, "built", job.reason, record))
+        for twin in self.waiting.pop(job.key, []):
+            self._hit(twin.spec, job.key, record)
+
+    def _hit(self, spec: StageSpec, key: str, record: ActionRecord) -> None:
+        self._remember(spec.id, key)
+        self._finish(self._result(spec, "hit", "cached", record))
+
+    def _remember(self, stage_id: str, key: str) -> None:
+        if self.index.get(stage_id) != key:
+            self.index[stage_id] = key
+            self.store.save_index(self.target, self.index)
+
+    def _heartbeat(self) -> None:
+        for stage_id, job in self.running.items():
+            rss = process_rss_bytes(job.process.pid)
+            self.emit(Heartbeat(id=stage_id, elapsed_seconds=job.elapsed, rss_bytes=rss))
+
+    def _result(
+        self,
+        spec: StageSpec,
+        status: Literal["hit", "built", "skipped"],
+        reason: str,
+        record: ActionRecord | None = None,
+    ) -> StageResult:
+        return StageResult(
+            id=spec.id,
+            stage=spec.stage,
+            component=spec.component,
+            status=status,
+            seconds=record.seconds if record else 0.0,
+            peak_memory_bytes=record.peak_memory_bytes if record else None,
+            output=self.store.object_path(record.output_digest) if record else None,
+            digest=record.output_digest if record else None,
+            summary=record.summary if record else None,
+            reason=reason,
+        )
+
+    def _finish(self, result: StageResult) -> None:
+        self.results[result.id] = result
+        self.emit(StageFinished(result=result))

@@ -1,0 +1,59 @@
+"""Runs one stage function in its own process, so its memory goes back to the OS and a crash stays contained.
+
+Invoked as `python -m builder.engine.worker request.json`. The result file is written only on
+success; a missing result file means the stage failed and the log says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from builder.engine.files import write_json_atomic
+from builder.engine.memory import own_peak_rss_bytes
+from builder.engine.protocol import WorkerRequest, WorkerResult
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the build that started us dies, so no orphan keeps writing or holding memory."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _load(function: str):
+    module_name, _, name = function.partition(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def main(request_file: str) -> None:
+    request = WorkerRequest.model_validate_json(Path(request_file).read_bytes())
+    _die_with_parent(request.parent_pid)
+    sys.path[:0] = [p for p in request.python_path if p not in sys.path]
+    summary = _load(request.function)(dict(request.inputs), request.params, request.out)
+    if summary is not None and not isinstance(summary, dict):
+        raise TypeError(f"{request.function} returned {type(summary).__name__}; expected a dict or None")
+    json.dumps(summary)  # fail here, with the stage's name in the log, if the summary is not JSON-able
+    result = WorkerResult(summary=summary, peak_memory_bytes=own_peak_rss_bytes())
+    write_json_atomic(request.result, result.model_dump(mode="json"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
