@@ -1,0 +1,248 @@
+"""`sdbuild`: build, plan and explain recipes; print the recipe schema; verify and clean the cache.
+
+Expected mistakes (bad recipes, missing prerequisites, failing stages) print one clear block and
+exit non-zero; tracebacks are reserved for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from builder.engine import Engine, Event, Heartbeat, StageFinished, StageResult, StageStarted
+from builder.errors import UserError
+from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Workspace:
+    """Where recipes are read from and everything a build writes goes: artifacts and the cache."""
+
+    def __init__(self, root: Path, cache_dir: Path | None):
+        self.root = root.resolve()
+        env_cache = os.environ.get("SDBUILD_CACHE_DIR")
+        self.cache = (cache_dir or (Path(env_cache) if env_cache else self.root / ".sdbuild-cache")).absolute()
+        self.artifacts = self.root / "artifacts"
+
+    def load(self, recipe: str) -> LoadedRecipe:
+        return load_recipe(Path(recipe), workspace=self.root)
+
+    def engine(self, loaded: LoadedRecipe) -> Engine:
+        return Engine(self.cache, target=loaded.recipe.name)
+
+
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1024**3:.2f} GiB"
+
+
+class Progress:
+    """Rich progress: a line per finished stage (hit or built, time, peak memory) and a live table
+    of running stages with their elapsed time and current memory."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.running: dict[str, tuple[str, float, int | None]] = {}
+        self.live = Live(self._table(), console=console, transient=True, refresh_per_second=4)
+
+    def _table(self) -> Table:
+        table = Table.grid(padding=(0, 2))
+        for stage_id, (reason, elapsed, rss) in self.running.items():
+            table.add_row("[yellow]running", stage_id, f"{elapsed:6.1f} s", _gib(rss), f"[dim]{reason}")
+        return table
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, StageStarted):
+            self.running[event.id] = (event.reason, 0.0, None)
+        elif isinstance(event, Heartbeat) and event.id in self.running:
+            self.running[event.id] = (self.running[event.id][0], event.elapsed_seconds, event.rss_bytes)
+        elif isinstance(event, StageFinished):
+            self.running.pop(event.result.id, None)
+            self.console.print(_result_line(event.result))
+        self.live.update(self._table())
+
+
+def _result_line(result: StageResult) -> str:
+    colour = {"hit": "green", "built": "cyan", "skipped": "magenta"}[result.status]
+    line = f"[{colour}]{result.status:>7}[/]  {result.id:<22}"
+    if result.status == "built":
+        line += f" {result.seconds:7.1f} s  peak {_gib(result.peak_memory_bytes)}"
+    elif result.status == "skipped":
+        line += f" [dim]{result.reason}"
+    return line
+
+
+def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
+    """Copy the bundle to artifacts/<name>/<version>/ (unless it is already there) and point `latest` at it."""
+    from builder.engine.publish import point_link, publish_tree
+
+    recipe = loaded.recipe
+    dest = workspace.artifacts / recipe.name / recipe.version
+    manifest = bundle / "manifest.json"
+    current = dest / "manifest.json"
+    same = current.is_file() and current.read_bytes() == manifest.read_bytes() and all(
+        (dest / "Resources" / name).is_file() and (dest / "Resources" / name).stat().st_size == entry["size"]
+        for name, entry in json.loads(manifest.read_text())["files"].items()
+    )
+    if not same:
+        publish_tree(bundle, dest)
+    point_link(dest.parent / "latest", recipe.version)
+    return dest
+
+
+def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    from builder.stages.pipeline import build_graph
+
+    started = time.monotonic()
+    loaded = workspace.load(args.recipe)
+    graph = build_graph(loaded)
+    engine = workspace.engine(loaded)
+    console.print(f"[bold]sdbuild[/] {loaded.recipe.name} {loaded.recipe.version}  cache {workspace.cache}")
+    progress = Progress(console)
+    with progress.live:
+        results = engine.build(graph, jobs=args.jobs, on_event=progress)
+    bundle = next(r for r in results if r.id == "bundle")
+    dest = _publish(workspace, loaded, engine.output_path(bundle))
+    seconds = time.monotonic() - started
+    built = sum(r.status == "built" for r in results)
+    console.print(f"[bold green]done[/] in {seconds:.1f} s, {built} stage(s) built -> {dest}")
+    if not all(r.status != "skipped" for r in results if r.stage == "compile"):
+        console.print(
+            "[magenta]not compiled[/]: Resources holds .mlpackage files; run the same build on a Mac "
+            "with Xcode (same cache) to compile them to .mlmodelc"
+        )
+    if args.json:
+        report = {
+            "recipe": loaded.recipe.name,
+            "version": loaded.recipe.version,
+            "bundle": str(dest),
+            "seconds": round(seconds, 3),
+            "stages": [
+                {
+                    "id": r.id,
+                    "stage": r.stage,
+                    "component": r.component,
+                    "status": r.status,
+                    # A hit costs nothing now; what it cost when built is kept beside.
+                    "seconds": round(r.seconds, 3) if r.status == "built" else 0.0,
+                    "peak_memory_bytes": r.peak_memory_bytes if r.status == "built" else None,
+                    "built_seconds": round(r.seconds, 3) if r.status == "hit" else None,
+                    "reason": r.reason,
+                }
+                for r in results
+            ],
+        }
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    from builder.stages.pipeline import build_graph
+
+    loaded = workspace.load(args.recipe)
+    entries = workspace.engine(loaded).plan(build_graph(loaded))
+    if args.json:
+        print(json.dumps([e.model_dump(include={"id", "stage", "component", "status", "reason"}) for e in entries], indent=2))
+        return 0
+    table = Table(title=f"{loaded.recipe.name} {loaded.recipe.version}")
+    for column in ("stage", "component", "status", "reason"):
+        table.add_column(column)
+    colours = {"cached": "green", "stale": "yellow", "skipped": "magenta"}
+    for e in entries:
+        table.add_row(e.stage, e.component or "", f"[{colours[e.status]}]{e.status}", e.reason)
+    console.print(table)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    from builder.stages.pipeline import build_graph
+
+    loaded = workspace.load(args.recipe)
+    graph = build_graph(loaded)
+    explanation = workspace.engine(loaded).explain(graph, args.stage)
+    print(explanation.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    print(json.dumps(recipe_json_schema(), indent=2))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    problems = Engine(workspace.cache, target="verify").verify(full=args.full)
+    for problem in problems:
+        console.print(f"[red]problem[/] {problem}")
+    console.print(f"{len(problems)} problem(s) in {workspace.cache}")
+    return 1 if problems else 0
+
+
+def cmd_gc(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    report = Engine(workspace.cache, target="gc").gc()
+    console.print(
+        f"removed {report.removed_actions} action(s), {report.removed_objects} object(s), "
+        f"freed {_gib(report.freed_bytes)}"
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdbuild", description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", type=Path, default=Path.cwd(), help="workspace root (default: current folder)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="cache folder (default: $SDBUILD_CACHE_DIR or <workspace>/.sdbuild-cache)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="build a recipe into artifacts/<name>/<version>/")
+    build.add_argument("recipe")
+    build.add_argument("--json", action="store_true", help="print a JSON report of every stage on stdout")
+    build.add_argument("--jobs", type=int, default=2, help="stages run at once when memory allows (default 2)")
+    build.set_defaults(run=cmd_build)
+
+    plan = commands.add_parser("plan", help="show which stages are cached or stale, and why")
+    plan.add_argument("recipe")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(run=cmd_plan)
+
+    explain = commands.add_parser("explain", help="show a stage's key inputs now and at its last build")
+    explain.add_argument("recipe")
+    explain.add_argument("stage", help="stage id, e.g. palettize:unet (see `sdbuild plan`)")
+    explain.set_defaults(run=cmd_explain)
+
+    commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)").set_defaults(run=cmd_schema)
+
+    verify = commands.add_parser("verify", help="check every cached output against its recorded digests")
+    verify.add_argument("--full", action="store_true", help="re-hash every file instead of trusting the stat memo")
+    verify.set_defaults(run=cmd_verify)
+
+    commands.add_parser("gc", help="remove cache entries no recipe's last build uses").set_defaults(run=cmd_gc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Progress goes to stderr so `--json` output on stdout stays machine-readable.
+    console = Console(stderr=True)
+    workspace = Workspace(args.workspace, args.cache_dir)
+    try:
+        return args.run(args, workspace, console)
+    except UserError as error:
+        console.print(error.render(), markup=False, highlight=False)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        console.print("interrupted: finished stages are cached; run the same command again to resume")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

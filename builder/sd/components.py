@@ -1,0 +1,213 @@
+"""What each pipeline component is for conversion: its reference model, wrapper, inputs and outputs.
+
+One place knows, per component, how to load the diffusers/transformers reference from a pipeline
+folder, how to wrap it for the Swift contract, which fixed inputs exercise it and what the
+reference answers. Stages call these; they never special-case a component themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from builder.errors import UserError
+from builder.sd.modules import TextEncoderModule, UnetModule, VaeDecoderModule, VaeEncoderModule
+
+TEXT_SEQUENCE_LENGTH = 77
+VAE_SCALE = 8
+
+
+class ComponentShape(BaseModel):
+    """Build-time sizes a component's interface depends on (from the recipe)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    latent_size: tuple[int, int] = (0, 0)
+    batch_size: int = 1
+
+
+class TensorSpec(BaseModel):
+    """One model input as the Swift package feeds it."""
+
+    name: str
+    shape: list[int]
+    dtype: str  # "float32" or "float16"
+
+
+@dataclass(frozen=True)
+class ComponentKind:
+    """Conversion knowledge for one component type."""
+
+    subfolder: str
+    output_names: tuple[str, ...]
+    load: Callable[[Path, str], nn.Module]
+    from_config: Callable[[dict], nn.Module]
+    wrap: Callable[[nn.Module], nn.Module]
+    inputs: Callable[[nn.Module, ComponentShape], list[TensorSpec]]
+    reference: Callable[[nn.Module, dict[str, torch.Tensor]], list[torch.Tensor]]
+    # Recipe settings the interface depends on; only these key the component's stages, so e.g.
+    # switching attention rebuilds the UNet alone.
+    depends_on: tuple[str, ...] = ()
+
+
+def _load_clip(folder: Path, subfolder: str) -> nn.Module:
+    from transformers import CLIPTextModel
+
+    # Eager attention adds our additive causal mask exactly as given.
+    return CLIPTextModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True, attn_implementation="eager")
+
+
+def _load_unet(folder: Path, subfolder: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+
+
+def _load_vae(folder: Path, subfolder: str) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+
+
+def _clip_from_config(config: dict) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel._from_config(CLIPTextConfig.from_dict(config), attn_implementation="eager")
+
+
+def _unet_from_config(config: dict) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_config(config)
+
+
+def _vae_from_config(config: dict) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_config(config)
+
+
+def _text_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    return [TensorSpec(name="input_ids", shape=[1, TEXT_SEQUENCE_LENGTH], dtype="float32")]
+
+
+def _unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    h, w = shape.latent_size
+    b = shape.batch_size
+    return [
+        TensorSpec(name="sample", shape=[b, model.config.in_channels, h, w], dtype="float16"),
+        TensorSpec(name="timestep", shape=[b], dtype="float16"),
+        TensorSpec(
+            name="encoder_hidden_states",
+            shape=[b, model.config.cross_attention_dim, 1, TEXT_SEQUENCE_LENGTH],
+            dtype="float16",
+        ),
+    ]
+
+
+def _vae_decoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    h, w = shape.latent_size
+    return [TensorSpec(name="z", shape=[1, model.config.latent_channels, h, w], dtype="float16")]
+
+
+def _vae_encoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    h, w = shape.latent_size
+    return [TensorSpec(name="sample", shape=[1, model.config.in_channels, VAE_SCALE * h, VAE_SCALE * w], dtype="float16")]
+
+
+def _text_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    out = model(input_ids=inputs["input_ids"].long())
+    return [out.last_hidden_state, out.pooler_output]
+
+
+def _unet_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    text = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2)
+    return [model(inputs["sample"], inputs["timestep"], text).sample]
+
+
+def _vae_decoder_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [model.decode(inputs["z"]).sample]
+
+
+def _vae_encoder_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [model.encode(inputs["sample"]).latent_dist.parameters]
+
+
+KINDS: dict[str, ComponentKind] = {
+    "text_encoder": ComponentKind(
+        subfolder="text_encoder",
+        output_names=("last_hidden_state", "pooled_outputs"),
+        load=_load_clip,
+        from_config=_clip_from_config,
+        wrap=TextEncoderModule,
+        inputs=_text_inputs,
+        reference=_text_reference,
+    ),
+    "unet": ComponentKind(
+        subfolder="unet",
+        output_names=("noise_pred",),
+        load=_load_unet,
+        from_config=_unet_from_config,
+        wrap=UnetModule,
+        inputs=_unet_inputs,
+        reference=_unet_reference,
+        depends_on=("attention", "latent_size", "batch_size"),
+    ),
+    "vae_decoder": ComponentKind(
+        subfolder="vae",
+        output_names=("image",),
+        load=_load_vae,
+        from_config=_vae_from_config,
+        wrap=VaeDecoderModule,
+        inputs=_vae_decoder_inputs,
+        reference=_vae_decoder_reference,
+        depends_on=("latent_size",),
+    ),
+    "vae_encoder": ComponentKind(
+        subfolder="vae",
+        output_names=("latent_dist",),
+        load=_load_vae,
+        from_config=_vae_from_config,
+        wrap=VaeEncoderModule,
+        inputs=_vae_encoder_inputs,
+        reference=_vae_encoder_reference,
+        depends_on=("latent_size",),
+    ),
+}
+
+
+def kind(component: str) -> ComponentKind:
+    """Conversion knowledge for `component`, or a clear error for one not supported yet."""
+    try:
+        return KINDS[component]
+    except KeyError:
+        raise UserError(
+            f"component '{component}' cannot be converted yet",
+            hint=f"remove it from the recipe's components; supported: {', '.join(KINDS)}",
+        ) from None
+
+
+def example_inputs(component: str, model: nn.Module, specs: list[TensorSpec], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fixed random inputs in the value ranges the pipeline really feeds each feature."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        if spec.name == "input_ids":
+            config = model.config
+            ids = torch.randint(0, config.vocab_size, spec.shape, generator=generator)
+            ids[ids == config.eos_token_id] = 0
+            ids[:, 0] = config.bos_token_id
+            ids[:, spec.shape[1] // 2 :] = config.eos_token_id  # prompt, end-of-text, padding
+            inputs[spec.name] = ids.to(torch.float32)
+        elif spec.name == "timestep":
+            inputs[spec.name] = torch.full(spec.shape, 981.0)
+        elif component == "vae_encoder":
+            inputs[spec.name] = torch.rand(spec.shape, generator=generator) * 2 - 1
+        else:
+            inputs[spec.name] = torch.randn(spec.shape, generator=generator)
+    return inputs

@@ -1,0 +1,78 @@
+"""The Swift StableDiffusion package's Resources contract: file names, features and shapes.
+
+The Swift side finds models by file name and features by name and reads no metadata, so a bundle
+that drifts from this contract fails only at run time on a device. `check_models` turns that into a
+build error.
+"""
+
+from __future__ import annotations
+
+from builder.coreml.package import ModelInfo
+
+RESOURCE_NAMES: dict[str, str] = {
+    "text_encoder": "TextEncoder",
+    "text_encoder_2": "TextEncoder2",
+    "unet": "Unet",
+    "vae_decoder": "VAEDecoder",
+    "vae_encoder": "VAEEncoder",
+    "safety_checker": "SafetyChecker",
+}
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
+REQUIRED_MODELS = {"sd": ("TextEncoder", "Unet", "VAEDecoder"), "sdxl": ("TextEncoder2", "Unet", "VAEDecoder")}
+TEXT_LENGTH = 77
+
+
+def check_models(
+    family: str, models: dict[str, ModelInfo], *, latent_size: tuple[int, int], batch_size: int
+) -> list[str]:
+    """Every way `models` (keyed by Resources name) breaks the contract; empty when it holds."""
+    problems = [f"missing required model {name}" for name in REQUIRED_MODELS[family] if name not in models]
+    h, w = latent_size
+
+    def expect(model: str, what: str, actual: object, wanted: object) -> None:
+        if actual != wanted:
+            problems.append(f"{model}: {what} is {actual}, the Swift package needs {wanted}")
+
+    text_width = None
+    if "TextEncoder" in models:
+        info = models["TextEncoder"]
+        expect("TextEncoder", "first input shape", info.inputs[0].shape, [1, TEXT_LENGTH])
+        expect("TextEncoder", "first input dtype", info.inputs[0].dtype, "float32")
+        outputs = {o.name: o for o in info.outputs}
+        if "last_hidden_state" not in outputs:
+            problems.append("TextEncoder: no output named last_hidden_state")
+        else:
+            shape = outputs["last_hidden_state"].shape
+            expect("TextEncoder", "last_hidden_state shape[:2]", shape[:2], [1, TEXT_LENGTH])
+            text_width = shape[-1]
+    if "Unet" in models:
+        info = models["Unet"]
+        inputs = {i.name: i for i in info.inputs}
+        missing = [n for n in ("sample", "timestep", "encoder_hidden_states") if n not in inputs]
+        problems.extend(f"Unet: no input named {name}" for name in missing)
+        if not missing:
+            sample = inputs["sample"].shape
+            expect("Unet", "sample shape", [sample[0], sample[2], sample[3]], [batch_size, h, w])
+            expect("Unet", "timestep shape", inputs["timestep"].shape, [batch_size])
+            hidden = inputs["encoder_hidden_states"].shape
+            expect("Unet", "encoder_hidden_states layout (B, ?, 1, 77)", [hidden[0], hidden[2], hidden[3]], [batch_size, 1, TEXT_LENGTH])
+            if text_width is not None:
+                expect("Unet", "encoder_hidden_states width", hidden[1], text_width)
+            expect("Unet", "first output shape", info.outputs[0].shape, sample)
+    latent_channels = None
+    if "VAEDecoder" in models:
+        info = models["VAEDecoder"]
+        expect("VAEDecoder", "first input name", info.inputs[0].name, "z")
+        z = info.inputs[0].shape
+        latent_channels = z[1]
+        expect("VAEDecoder", "z shape", [z[0], z[2], z[3]], [1, h, w])
+        expect("VAEDecoder", "first output shape", info.outputs[0].shape, [1, 3, 8 * h, 8 * w])
+    if "VAEEncoder" in models:
+        info = models["VAEEncoder"]
+        expect("VAEEncoder", "first input shape", info.inputs[0].shape, [1, 3, 8 * h, 8 * w])
+        out = info.outputs[0].shape
+        expect("VAEEncoder", "first output shape", [out[0], out[2], out[3]], [1, h, w])
+        if latent_channels is not None:
+            expect("VAEEncoder", "first output channels (mean + logvar)", out[1], 2 * latent_channels)
+    return problems

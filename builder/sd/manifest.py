@@ -1,0 +1,54 @@
+"""`manifest.json`: everything an app needs to configure the Swift pipeline that no model file says.
+
+Written by sdbuild next to `Resources/`; the Swift package never reads it, apps and CI do. No
+timestamps, so identical builds give identical manifests.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from builder.coreml.package import ModelInfo
+
+SCHEMA_VERSION = 1
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    size: int
+
+
+class ModelEntry(ModelInfo):
+    """One model in Resources, with its interface (inputs, outputs) read back from the saved file."""
+
+    component: str
+    path: str
+    compiled: bool
+    compression: dict
+    size_bytes: int
+    psnr_db: dict[str, float]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: str
+    recipe_digest: str
+    sdbuild_version: str
+    family: str
+    latent_size: tuple[int, int]
+    image_size: tuple[int, int]
+    unet_batch_size: int
+    latent_scale_factor: float
+    text_sequence_length: int
+    attention: str
+    compute_unit: str
+    deployment_target: str
+    compiled: bool
+    models: dict[str, ModelEntry]
+    files: dict[str, FileEntry]
+    tools: dict[str, str]

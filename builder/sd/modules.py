@@ -1,0 +1,74 @@
+"""Torch modules shaped for conversion: the Swift package's feature names, layouts and dtypes.
+
+Each wraps a diffusers/transformers model without changing its weights' meaning. Rewrites for the
+Neural Engine replace submodules inside these wrappers; the wrappers themselves fix the interface.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Additive causal-mask value that stays finite in float16 (the dtype minimum overflows to -inf
+# there, and a fully masked row would turn into NaN after softmax).
+_FLOAT16_SAFE_MASK = -1e4
+
+
+class TextEncoderModule(nn.Module):
+    """CLIP text encoder taking float32 token ids (as the Swift side sends them).
+
+    Runs the embedding, the encoder with our own float16-safe causal mask, and the final norm, and
+    returns the last hidden state and the pooled (first end-of-text token) state.
+    """
+
+    def __init__(self, clip: nn.Module, sequence_length: int = 77):
+        super().__init__()
+        self.clip = clip
+        self.eos_token_id = int(clip.config.eos_token_id)
+        mask = torch.full((sequence_length, sequence_length), _FLOAT16_SAFE_MASK).triu(1)
+        self.register_buffer("causal_mask", mask[None, None], persistent=False)
+
+    def forward(self, input_ids: torch.Tensor):
+        ids = input_ids.to(torch.int64)
+        hidden = self.clip.embeddings(input_ids=ids)
+        hidden = self.clip.encoder(inputs_embeds=hidden, attention_mask=self.causal_mask).last_hidden_state
+        hidden = self.clip.final_layer_norm(hidden)
+        eos_position = (ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)
+        pooled = hidden[torch.arange(hidden.shape[0]), eos_position]
+        return hidden, pooled
+
+
+class UnetModule(nn.Module):
+    """UNet taking text hidden states in the (B, C, 1, S) layout the Swift package sends."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        text = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        return self.unet(sample, timestep, text, return_dict=False)[0]
+
+
+class VaeDecoderModule(nn.Module):
+    """Latents (already divided by the scale factor) to an image in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.post_quant_conv = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
+        self.decoder = vae.decoder
+
+    def forward(self, z: torch.Tensor):
+        return self.decoder(self.post_quant_conv(z))
+
+
+class VaeEncoderModule(nn.Module):
+    """Image in [-1, 1] to the latent distribution's mean and log-variance, stacked on channels."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv if vae.quant_conv is not None else nn.Identity()
+
+    def forward(self, sample: torch.Tensor):
+        return self.quant_conv(self.encoder(sample))

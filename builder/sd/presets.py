@@ -1,0 +1,91 @@
+"""Synthetic pipeline presets: the real Stable Diffusion architectures, optionally scaled down.
+
+A preset is only configuration; `synthetic.py` turns it into weights. Small presets keep every
+architectural feature the converter must handle (cross-attention at three levels, three
+downsamplings, CLIP causal text encoder, VAE with the real 8x factor) while converting in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from builder.errors import UserError
+
+
+class Preset(BaseModel):
+    """Configs of one synthetic pipeline, in diffusers/transformers keyword form."""
+
+    model_config = ConfigDict(frozen=True)
+
+    family: str
+    description: str
+    text_encoder: dict[str, Any]
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    scheduler: dict[str, Any]
+
+
+_SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+PRESETS: dict[str, Preset] = {
+    "tiny-sd": Preset(
+        family="sd",
+        description="SD 1.x architecture scaled down (4 UNet levels, 2-layer CLIP, 8x VAE); converts in seconds",
+        text_encoder={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 32,
+        },
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "block_out_channels": [32, 32, 64, 64],
+            "layers_per_block": 1,
+            "cross_attention_dim": 32,
+            "attention_head_dim": 4,
+            "norm_num_groups": 8,
+        },
+        vae={
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [16, 16, 32, 32],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            "sample_size": 128,
+            "scaling_factor": 0.18215,
+        },
+        scheduler=_SD_SCHEDULER,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name, failing with the list of known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown synthetic preset '{name}'", hint=f"use one of: {', '.join(sorted(PRESETS))}"
+        ) from None

@@ -1,0 +1,108 @@
+"""Bundle stage: the Swift-ready `Resources/` folder plus `manifest.json`.
+
+Models are copied under the contract's names (compiled `.mlmodelc` where the compile stage ran,
+else `.mlpackage`), their interfaces read back from the saved files and checked against the
+contract, and every file's digest recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from builder.coreml.package import describe_mlpackage
+from builder.errors import UserError
+from builder.sd.contract import LATENT_SCALE_FACTOR, RESOURCE_NAMES, TEXT_LENGTH, TOKENIZER_FILES, check_models
+from builder.sd.manifest import FileEntry, Manifest, ModelEntry
+
+
+class BundleParams(BaseModel):
+    name: str
+    version: str
+    recipe_digest: str
+    family: str
+    latent_size: tuple[int, int]
+    unet_batch_size: int
+    attention: str
+    compute_unit: str
+    deployment_target: str
+    components: dict[str, dict]  # component -> its compression settings
+    tools: dict[str, str]
+    sdbuild_version: str
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _tree_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
+    p = BundleParams.model_validate(params)
+    resources = out / "Resources"
+    resources.mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(inputs["tokenizer"] / "tokenizer" / name, resources / name)
+
+    models: dict[str, ModelEntry] = {}
+    for component, compression in p.components.items():
+        resource_name = RESOURCE_NAMES[component]
+        package = inputs[f"model.{component}"] / "model.mlpackage"
+        compiled = f"compiled.{component}" in inputs
+        if compiled:
+            shipped = resources / f"{resource_name}.mlmodelc"
+            shutil.copytree(inputs[f"compiled.{component}"] / "model.mlmodelc", shipped)
+        else:
+            shipped = resources / f"{resource_name}.mlpackage"
+            shutil.copytree(package, shipped)
+        interface = describe_mlpackage(package)
+        check = json.loads((inputs[f"check.{component}"] / "check.json").read_text())
+        models[resource_name] = ModelEntry(
+            component=component,
+            path=shipped.name,
+            compiled=compiled,
+            compression=compression,
+            size_bytes=_tree_size(shipped),
+            inputs=interface.inputs,
+            outputs=interface.outputs,
+            psnr_db=check["psnr_db"],
+        )
+
+    problems = check_models(p.family, models, latent_size=p.latent_size, batch_size=p.unet_batch_size)
+    if problems:
+        raise UserError("the bundle breaks the Swift package's contract: " + "; ".join(problems))
+
+    files = {
+        f.relative_to(resources).as_posix(): FileEntry(sha256=_sha256(f), size=f.stat().st_size)
+        for f in sorted(resources.rglob("*"))
+        if f.is_file()
+    }
+    h, w = p.latent_size
+    manifest = Manifest(
+        name=p.name,
+        version=p.version,
+        recipe_digest=p.recipe_digest,
+        sdbuild_version=p.sdbuild_version,
+        family=p.family,
+        latent_size=(h, w),
+        image_size=(8 * h, 8 * w),
+        unet_batch_size=p.unet_batch_size,
+        latent_scale_factor=LATENT_SCALE_FACTOR[p.family],
+        text_sequence_length=TEXT_LENGTH,
+        attention=p.attention,
+        compute_unit=p.compute_unit,
+        deployment_target=p.deployment_target,
+        compiled=all(m.compiled for m in models.values()),
+        models=models,
+        files=files,
+        tools=p.tools,
+    )
+    (out / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+    return {"files": len(files), "size_bytes": sum(f.size for f in files.values())}

@@ -1,0 +1,158 @@
+"""The stage graph of a recipe: which stages run for which component, on what, with which params.
+
+This is the one place that knows the order source -> rewrite -> trace -> convert -> [palettize] ->
+compile -> bundle. Params hold only what a stage's output depends on, each with the recipe field it
+came from, so the engine can say exactly which edit made a stage stale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder import __version__
+from builder.engine.spec import Graph, StageSpec
+from builder.errors import RecipeError
+from builder.recipe import LoadedRecipe
+from builder.sd.components import KINDS
+from builder.sd.presets import PRESETS
+from builder.stages.tools import compile_unavailable, python_tools, xcode_version
+
+GIB = 1024**3
+STAGE_VERSIONS = {"source": "1", "rewrite": "1", "trace": "1", "convert": "1", "palettize": "1", "compile": "1", "bundle": "1"}
+MINIMUM_PSNR_DB = 35.0
+
+
+def _field_error(loaded: LoadedRecipe, field: str, message: str, hint: str) -> RecipeError:
+    file, _, line = loaded.origin(field).rpartition(":")
+    return RecipeError(file, message, line=int(line) if line.isdigit() else None, field=field, hint=hint)
+
+
+def _check_supported(loaded: LoadedRecipe) -> None:
+    """Refuse, with the field to change, what the recipe schema allows but this version cannot build."""
+    recipe = loaded.recipe
+    if recipe.model.synthetic is not None and recipe.model.synthetic.preset not in PRESETS:
+        raise _field_error(
+            loaded,
+            "model.synthetic.preset",
+            f"unknown synthetic preset '{recipe.model.synthetic.preset}'",
+            f"use one of: {', '.join(sorted(PRESETS))}",
+        )
+    if recipe.family.value != "sd":
+        raise _field_error(loaded, "family", f"family '{recipe.family.value}' cannot be built yet", "use family: sd")
+    if recipe.attention.value != "ORIGINAL":
+        raise _field_error(
+            loaded,
+            "attention",
+            f"attention {recipe.attention.value} (the Neural Engine rewrite) cannot be built yet",
+            "use attention: ORIGINAL",
+        )
+    if recipe.chunk_unet:
+        raise _field_error(loaded, "chunk_unet", "UNet chunking cannot be built yet", "set chunk_unet: false")
+    for component in recipe.components.enabled():
+        if component.value not in KINDS:
+            raise _field_error(
+                loaded,
+                f"components.{component.value}",
+                f"component {component.value} cannot be converted yet",
+                f"remove it; supported: {', '.join(KINDS)}",
+            )
+    if recipe.model.vae is not None:
+        raise _field_error(loaded, "model.vae", "a replacement VAE cannot be used yet", "remove model.vae")
+
+
+def _memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
+    """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot."""
+    if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
+        return 1 * GIB
+    return 8 * GIB if component == "unet" else 4 * GIB
+
+
+def build_graph(loaded: LoadedRecipe) -> Graph:
+    """The stage graph for `loaded`, or a RecipeError naming the field this version cannot build."""
+    _check_supported(loaded)
+    recipe = loaded.recipe
+    tools = python_tools()
+    stages: list[StageSpec] = []
+
+    model_inputs: dict[str, str] = {}
+    model_external: dict[str, Path] = {}
+    source = recipe.model
+    if source.local is not None:
+        model_external = {"model": source.local.path}
+    else:
+        if source.synthetic is not None:
+            params = {"kind": "synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
+            origins = {"preset": "model.synthetic.preset", "seed": "model.synthetic.seed"}
+        else:
+            params = {"kind": "hub", "id": source.hub.id, "revision": source.hub.revision}
+            origins = {"id": "model.hub.id", "revision": "model.hub.revision"}
+        stages.append(StageSpec(
+            id="source", stage="source", version=STAGE_VERSIONS["source"], function="builder.stages.source:run",
+            params=params, param_origins=origins, tools=tools, memory_estimate_bytes=_memory_estimate(loaded, None),
+        ))
+        model_inputs = {"model": "source"}
+
+    settings = {
+        "attention": (recipe.attention.value, "attention"),
+        "latent_size": (list(recipe.latent_size), "latent_size" if recipe.written_latent_size else "image_size"),
+        "batch_size": (recipe.unet_batch_size, "unet_batch_size"),
+    }
+    unavailable = compile_unavailable()
+    compile_tools = tools if unavailable else tools | {"xcode": xcode_version()}
+    bundle_inputs: dict[str, str] = {}
+    components: dict[str, dict] = {}
+    for component, component_settings in recipe.components.enabled().items():
+        c = component.value
+        memory = _memory_estimate(loaded, c)
+        kind = KINDS[c]
+        rewrite_params = {"component": c} | {name: settings[name][0] for name in kind.depends_on}
+        rewrite_origins = {name: settings[name][1] for name in kind.depends_on}
+
+        def add(stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, **extra) -> str:
+            stage_id = f"{stage}:{c}"
+            stages.append(StageSpec(
+                id=stage_id, stage=stage, component=c, version=STAGE_VERSIONS[stage],
+                function=f"builder.stages.{stage}:run", params=params, param_origins=origins or {},
+                inputs=inputs, tools=extra.pop("tools", tools), memory_estimate_bytes=memory, **extra,
+            ))
+            return stage_id
+
+        rewrite = add("rewrite", model_inputs, rewrite_params, rewrite_origins, external_inputs=model_external)
+        trace = add("trace", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB})
+        final = add(
+            "convert", {"traced": trace, "rewritten": rewrite},
+            {"component": c, "deployment_target": recipe.deployment_target.value},
+            {"deployment_target": "deployment_target"},
+        )
+        compression = component_settings.compression
+        if compression.mode == "palettize":
+            final = add(
+                "palettize", {"model": final}, {"nbits": compression.nbits},
+                {"nbits": f"components.{c}.compression.nbits"},
+            )
+        compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable)
+        bundle_inputs |= {f"model.{c}": final, f"compiled.{c}": compiled, f"check.{c}": trace}
+        components[c] = compression.model_dump(mode="json")
+
+    bundle_params = {
+        "name": recipe.name,
+        "version": recipe.version,
+        "recipe_digest": loaded.digest,
+        "family": recipe.family.value,
+        "latent_size": list(recipe.latent_size),
+        "unet_batch_size": recipe.unet_batch_size,
+        "attention": recipe.attention.value,
+        "compute_unit": recipe.compute_unit.value,
+        "deployment_target": recipe.deployment_target.value,
+        "components": components,
+        "tools": compile_tools,
+        "sdbuild_version": __version__,
+    }
+    stages.append(StageSpec(
+        id="bundle", stage="bundle", version=STAGE_VERSIONS["bundle"], function="builder.stages.bundle:run",
+        params=bundle_params, param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
+        inputs=bundle_inputs | ({"tokenizer": "source"} if model_inputs else {}),
+        external_inputs={"tokenizer": model_external["model"]} if model_external else {},
+        tools=tools, memory_estimate_bytes=1 * GIB,
+    ))
+    return Graph(stages)

@@ -1,0 +1,50 @@
+"""Rewrite stage: the reference component wrapped (and, per attention, rewritten) for conversion.
+
+Writes the conversion module's weights and architecture, plus fixed example inputs and the
+diffusers/transformers reference outputs on them, which the trace stage checks against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from safetensors.torch import save_file
+
+from builder.sd.components import ComponentShape, example_inputs, kind
+
+
+class RewriteParams(BaseModel):
+    """Only the settings the component depends on are given (see ComponentKind.depends_on)."""
+
+    component: str
+    attention: str = "ORIGINAL"
+    latent_size: tuple[int, int] = (0, 0)
+    batch_size: int = 1
+
+
+def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
+    p = RewriteParams.model_validate(params)
+    k = kind(p.component)
+    reference = k.load(inputs["model"], k.subfolder).eval()
+    specs = k.inputs(reference, ComponentShape(latent_size=p.latent_size, batch_size=p.batch_size))
+    examples = example_inputs(p.component, reference, specs)
+    with torch.no_grad():
+        outputs = k.reference(reference, examples)
+    module = k.wrap(reference).eval()
+
+    save_file({name: t.contiguous() for name, t in module.state_dict().items()}, out / "weights.safetensors")
+    references = {f"input.{n}": t.contiguous() for n, t in examples.items()}
+    references |= {f"output.{n}": t.contiguous() for n, t in zip(k.output_names, outputs)}
+    save_file(references, out / "reference.safetensors")
+    architecture = {
+        "component": p.component,
+        "attention": p.attention,
+        "config": reference.config.to_dict() if hasattr(reference.config, "to_dict") else dict(reference.config),
+        "inputs": [s.model_dump() for s in specs],
+        "outputs": list(k.output_names),
+    }
+    (out / "architecture.json").write_text(json.dumps(architecture, indent=2, sort_keys=True, default=str))
+    return {"parameters": sum(t.numel() for t in module.state_dict().values())}
