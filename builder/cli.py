@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from builder.engine import Engine, Event, Heartbeat, StageFinished, StageResult, StageStarted
-from builder.errors import UserError
+from builder.errors import RecipeError, StageFailed, UserError
 from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
 
 EXIT_USER_ERROR = 2
@@ -67,7 +67,7 @@ class Progress:
             self.running[event.id] = (self.running[event.id][0], event.elapsed_seconds, event.rss_bytes)
         elif isinstance(event, StageFinished):
             self.running.pop(event.result.id, None)
-            self.console.print(_result_line(event.result))
+            self.console.print(_result_line(event.result), soft_wrap=True)
         self.live.update(self._table())
 
 
@@ -99,6 +99,18 @@ def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
     return dest
 
 
+def _located(failure: StageFailed, loaded: LoadedRecipe, graph) -> UserError:
+    """An expected stage failure told against the recipe field it comes from, when one is known."""
+    if not failure.expected or failure.stage_id is None:
+        return failure
+    origins = graph[failure.stage_id].param_origins
+    if not origins:
+        return failure
+    field = next(iter(origins.values()))
+    file, _, line = loaded.origin(field).rpartition(":")
+    return RecipeError(file, failure.message, line=int(line) if line.isdigit() else None, field=field, hint=failure.hint)
+
+
 def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     from builder.stages.pipeline import build_graph
 
@@ -108,8 +120,11 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
     engine = workspace.engine(loaded)
     console.print(f"[bold]sdbuild[/] {loaded.recipe.name} {loaded.recipe.version}  cache {workspace.cache}")
     progress = Progress(console)
-    with progress.live:
-        results = engine.build(graph, jobs=args.jobs, on_event=progress)
+    try:
+        with progress.live:
+            results = engine.build(graph, jobs=args.jobs, on_event=progress)
+    except StageFailed as failure:
+        raise _located(failure, loaded, graph) from None
     bundle = next(r for r in results if r.id == "bundle")
     dest = _publish(workspace, loaded, engine.output_path(bundle))
     seconds = time.monotonic() - started
@@ -237,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args, workspace, console)
     except UserError as error:
-        console.print(error.render(), markup=False, highlight=False)
+        console.print(error.render(), markup=False, highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         console.print("interrupted: finished stages are cached; run the same command again to resume")

@@ -58,4 +58,13 @@ class RecipeErrors(UserError):
 
 
 class StageFailed(UserError):
-    """A stage raised or its worker died; the log tail says why. Nothing already cached is lost."""
+    """A stage raised or its worker died; the log tail says why. Nothing already cached is lost.
+
+    `expected` is true when the stage itself reported a UserError (e.g. weights that cannot be
+    fetched): the message is then the whole story and no log tail is attached.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, stage_id: str | None = None, expected: bool = False):
+        super().__init__(message, hint)
+        self.stage_id = stage_id
+        self.expected = expected

@@ -19,6 +19,13 @@ class WorkerRequest(BaseModel):
     python_path: list[str]
 
 
+class WorkerUserError(BaseModel):
+    """A UserError raised by the stage function: an expected failure with a fix, not a crash."""
+
+    message: str
+    hint: str | None
+
+
 class WorkerResult(BaseModel):
     summary: dict[str, Any] | None
     peak_memory_bytes: int

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.engine.hashing import FileDigest, NotRegularFile, digest_folder
-from builder.engine.protocol import WorkerRequest, WorkerResult
+from builder.engine.protocol import WorkerRequest, WorkerResult, WorkerUserError
+from builder.engine.worker import USER_ERROR_EXIT, user_error_path
 from builder.engine.spec import StageSpec
 from builder.errors import StageFailed
 
@@ -114,6 +115,11 @@ def watch(job: Job, outcomes: queue.Queue[Outcome]) -> None:
 def _collect(job: Job, returncode: int, seconds: float) -> Outcome:
     if returncode < 0:
         return Outcome(job, seconds, error=_failure(job, f"was killed by {signal.Signals(-returncode).name}"))
+    reported = user_error_path(job.folder / "result.json")
+    if returncode == USER_ERROR_EXIT and reported.is_file():
+        problem = WorkerUserError.model_validate_json(reported.read_bytes())
+        error = StageFailed(f"{job.spec.id}: {problem.message}", problem.hint, stage_id=job.spec.id, expected=True)
+        return Outcome(job, seconds, error=error)
     if returncode > 0:
         return Outcome(job, seconds, error=_failure(job, f"failed (exit status {returncode})"))
     result_file = job.folder / "result.json"
@@ -136,7 +142,9 @@ def _failure(job: Job, what: str) -> StageFailed:
     message = f"stage {job.spec.id} {what}"
     if tail:
         message += "\n" + tail
-    return StageFailed(message, f"full log: {job.log}; stages that finished are cached, so a rebuild resumes here")
+    return StageFailed(
+        message, f"full log: {job.log}; stages that finished are cached, so a rebuild resumes here", stage_id=job.spec.id
+    )
 
 
 def stop(job: Job) -> None:

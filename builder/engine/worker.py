@@ -18,7 +18,11 @@ from pathlib import Path
 
 from builder.engine.files import write_json_atomic
 from builder.engine.memory import own_peak_rss_bytes
-from builder.engine.protocol import WorkerRequest, WorkerResult
+from builder.engine.protocol import WorkerRequest, WorkerResult, WorkerUserError
+from builder.errors import UserError
+
+# Exit status meaning "the stage reported a UserError, see user-error.json".
+USER_ERROR_EXIT = 3
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -43,11 +47,21 @@ def _load(function: str):
     return getattr(importlib.import_module(module_name), name)
 
 
+def user_error_path(result: Path) -> Path:
+    """Where a worker reports an expected failure, beside its result file."""
+    return result.with_name("user-error.json")
+
+
 def main(request_file: str) -> None:
     request = WorkerRequest.model_validate_json(Path(request_file).read_bytes())
     _die_with_parent(request.parent_pid)
     sys.path[:0] = [p for p in request.python_path if p not in sys.path]
-    summary = _load(request.function)(dict(request.inputs), request.params, request.out)
+    try:
+        summary = _load(request.function)(dict(request.inputs), request.params, request.out)
+    except UserError as error:
+        report = WorkerUserError(message=error.message, hint=error.hint)
+        write_json_atomic(user_error_path(request.result), report.model_dump(mode="json"))
+        sys.exit(USER_ERROR_EXIT)
     if summary is not None and not isinstance(summary, dict):
         raise TypeError(f"{request.function} returned {type(summary).__name__}; expected a dict or None")
     json.dumps(summary)  # fail here, with the stage's name in the log, if the summary is not JSON-able

@@ -40,8 +40,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
 
 def download_snapshot(repo_id: str, revision: str, out: Path) -> None:
     """Download the convertible files of `repo_id` at `revision` into `out`, or fail in one line."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    if not constants.HF_HUB_OFFLINE:
+        _check_reachable(constants.ENDPOINT, repo_id, revision)
     try:
         snapshot_download(
             repo_id,
@@ -52,14 +54,30 @@ def download_snapshot(repo_id: str, revision: str, out: Path) -> None:
         )
     except Exception as error:  # network, auth, missing repo: all end the same way for the user
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"cannot fetch the weights of {repo_id}@{revision} from the Hugging Face Hub ({type(error).__name__}: {reason[:200]})",
-            hint="check the network and the id/revision, log in with `hf auth login` for gated models, "
-            "or download the model once and point model.local.path at the folder",
-        ) from None
+        raise _cannot_fetch(repo_id, revision, f"{type(error).__name__}: {reason[:200]}") from None
     # The hub client leaves its own bookkeeping folder; it is not part of the model.
     cache_meta = out / ".cache"
     if cache_meta.exists():
         import shutil
 
         shutil.rmtree(cache_meta)
+
+
+def _cannot_fetch(repo_id: str, revision: str, why: str) -> UserError:
+    return UserError(
+        f"cannot fetch the weights of {repo_id}@{revision[:12]} from the Hugging Face Hub ({why})",
+        hint="check the network and the id/revision, log in with `hf auth login` for gated models, "
+        "or download the model once and point model.local.path at the folder",
+    )
+
+
+def _check_reachable(endpoint: str, repo_id: str, revision: str) -> None:
+    """Fail in a second, not after the hub client's minute of retries, when the hub's host is unknown."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.getaddrinfo(url.hostname, url.port or 443)
+    except OSError as error:
+        raise _cannot_fetch(repo_id, revision, f"{url.hostname} is unreachable: {error.strerror or error}") from None
