@@ -1,0 +1,62 @@
+"""Shared helpers: a throw-away workspace with the project's recipes, and the CLI run as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Workspace:
+    root: Path
+    cache: Path
+
+    def run(self, *args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        """`sdbuild --workspace ROOT --cache-dir CACHE ARGS...` in a fresh interpreter."""
+        command = [sys.executable, "-m", "builder.cli", "--workspace", str(self.root), "--cache-dir", str(self.cache), *args]
+        done = subprocess.run(command, cwd=self.root, capture_output=True, text=True, env=os.environ | (env or {}))
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def build_json(self, recipe: str = "recipes/tiny-sd.yaml") -> dict:
+        return json.loads(self.run("build", recipe, "--json", check=True).stdout)
+
+    def plan_json(self, recipe: str = "recipes/tiny-sd.yaml") -> dict[str, dict]:
+        return {e["id"]: e for e in json.loads(self.run("plan", recipe, "--json", check=True).stdout)}
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "artifacts" / "tiny-sd" / "latest"
+
+
+def make_workspace(root: Path) -> Workspace:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(PROJECT / "recipes", root / "recipes")
+    return Workspace(root=root, cache=root / "cache")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+    """One cold build of the default recipe, shared by the tests that only read its results."""
+    ws = make_workspace(tmp_path_factory.mktemp("built"))
+    return ws, ws.build_json()
+
+
+def resource_bytes(bundle: Path) -> dict[str, bytes]:
+    resources = bundle / "Resources"
+    return {p.relative_to(resources).as_posix(): p.read_bytes() for p in sorted(resources.rglob("*")) if p.is_file()}
