@@ -39,6 +39,29 @@ _SD_SCHEDULER = {
     "clip_sample": False,
 }
 
+_SD_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+_SD_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+}
+
 PRESETS: dict[str, Preset] = {
     "tiny-sd": Preset(
         family="sd",
@@ -76,6 +99,41 @@ PRESETS: dict[str, Preset] = {
             "sample_size": 128,
             "scaling_factor": 0.18215,
         },
+        scheduler=_SD_SCHEDULER,
+    ),
+    "sd-1-5": Preset(
+        family="sd",
+        description="Full-size SD 1.5 architecture (CLIP ViT-L/14 text encoder, 860M-parameter UNet)",
+        text_encoder={
+            "vocab_size": 49408,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 768,
+        },
+        unet=_SD_UNET | {"cross_attention_dim": 768, "attention_head_dim": 8},
+        vae=_SD_VAE,
+        scheduler=_SD_SCHEDULER,
+    ),
+    "sd-2-1-base": Preset(
+        family="sd",
+        description="Full-size SD 2.1 base architecture (OpenCLIP ViT-H text encoder, linear projections)",
+        text_encoder={
+            "vocab_size": 49408,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "projection_dim": 512,
+        },
+        unet=_SD_UNET
+        | {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True},
+        vae=_SD_VAE,
         scheduler=_SD_SCHEDULER,
     ),
 }

@@ -38,12 +38,12 @@ def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
     tokenizer = write_tokenizer_folder(folder / "tokenizer")
     generator = torch.Generator().manual_seed(seed)
 
+    # Full-size presets keep the real embedding table size; ids past our tokenizer's stay unused.
     text_config = CLIPTextConfig(
-        vocab_size=clip_vocab_size(),
+        **({"vocab_size": clip_vocab_size()} | preset.text_encoder),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **preset.text_encoder,
     )
     text_encoder = CLIPTextModel(text_config).eval()
     unet = UNet2DConditionModel(**preset.unet).eval()
