@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         console.print(error.render(), markup=False, highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # e.g. `sdbuild plan --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         console.print("interrupted: finished stages are cached; run the same command again to resume")
         return EXIT_INTERRUPTED

@@ -39,6 +39,20 @@ def _show(value: Any) -> str:
     return text if len(text) <= _VALUE_WIDTH else text[: _VALUE_WIDTH - 3] + "..."
 
 
+def _param_changes(path: str, old: dict[str, Any], new: dict[str, Any], name: str) -> list[str]:
+    """Changes of one param; nested mappings are compared leaf by leaf so the reason names the leaf."""
+    if name not in old:
+        return [f"{path} added = {_show(new[name])}"]
+    if name not in new:
+        return [f"{path} removed (was {_show(old[name])})"]
+    before, after = old[name], new[name]
+    if before == after:
+        return []
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [c for key in sorted(set(before) | set(after)) for c in _param_changes(f"{path}.{key}", before, after, key)]
+    return [f"{path} changed {_show(before)} -> {_show(after)}"]
+
+
 def describe_changes(
     spec: StageSpec, current: dict[str, Any], previous: dict[str, Any], stale_upstreams: dict[str, str]
 ) -> list[str]:
@@ -52,12 +66,7 @@ def describe_changes(
     old_params, new_params = previous.get("params", {}), current["params"]
     for name in sorted(set(old_params) | set(new_params)):
         origin = f" ({spec.param_origins[name]})" if name in spec.param_origins else ""
-        if name not in old_params:
-            changes.append(f"params.{name} added = {_show(new_params[name])}{origin}")
-        elif name not in new_params:
-            changes.append(f"params.{name} removed (was {_show(old_params[name])}){origin}")
-        elif old_params[name] != new_params[name]:
-            changes.append(f"params.{name} changed {_show(old_params[name])} -> {_show(new_params[name])}{origin}")
+        changes.extend(f"{change}{origin}" for change in _param_changes(f"params.{name}", old_params, new_params, name))
 
     for kind in ("inputs", "external_inputs"):
         old, new = previous.get(kind, {}), current[kind]
