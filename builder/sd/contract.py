@@ -44,8 +44,8 @@ def check_models(
             problems.append("TextEncoder: no output named last_hidden_state")
         else:
             shape = outputs["last_hidden_state"].shape
-            expect("TextEncoder", "last_hidden_state shape[:2]", shape[:2], [1, TEXT_LENGTH])
-            text_width = shape[-1]
+            text_width = shape[-1] if len(shape) == 3 else None
+            expect("TextEncoder", "last_hidden_state shape", shape, [1, TEXT_LENGTH, text_width or "C"])
     if "Unet" in models:
         info = models["Unet"]
         inputs = {i.name: i for i in info.inputs}
@@ -53,26 +53,25 @@ def check_models(
         problems.extend(f"Unet: no input named {name}" for name in missing)
         if not missing:
             sample = inputs["sample"].shape
-            expect("Unet", "sample shape", [sample[0], sample[2], sample[3]], [batch_size, h, w])
+            channels = sample[1] if len(sample) == 4 else "C"
+            expect("Unet", "sample shape", sample, [batch_size, channels, h, w])
             expect("Unet", "timestep shape", inputs["timestep"].shape, [batch_size])
             hidden = inputs["encoder_hidden_states"].shape
-            expect("Unet", "encoder_hidden_states layout (B, ?, 1, 77)", [hidden[0], hidden[2], hidden[3]], [batch_size, 1, TEXT_LENGTH])
-            if text_width is not None:
-                expect("Unet", "encoder_hidden_states width", hidden[1], text_width)
+            width = text_width if text_width is not None else (hidden[1] if len(hidden) == 4 else "C")
+            expect("Unet", "encoder_hidden_states shape (B, C, 1, 77)", hidden, [batch_size, width, 1, TEXT_LENGTH])
             expect("Unet", "first output shape", info.outputs[0].shape, sample)
     latent_channels = None
     if "VAEDecoder" in models:
         info = models["VAEDecoder"]
         expect("VAEDecoder", "first input name", info.inputs[0].name, "z")
         z = info.inputs[0].shape
-        latent_channels = z[1]
-        expect("VAEDecoder", "z shape", [z[0], z[2], z[3]], [1, h, w])
+        latent_channels = z[1] if len(z) == 4 else None
+        expect("VAEDecoder", "z shape", z, [1, latent_channels or "C", h, w])
         expect("VAEDecoder", "first output shape", info.outputs[0].shape, [1, 3, 8 * h, 8 * w])
     if "VAEEncoder" in models:
         info = models["VAEEncoder"]
         expect("VAEEncoder", "first input shape", info.inputs[0].shape, [1, 3, 8 * h, 8 * w])
         out = info.outputs[0].shape
-        expect("VAEEncoder", "first output shape", [out[0], out[2], out[3]], [1, h, w])
-        if latent_channels is not None:
-            expect("VAEEncoder", "first output channels (mean + logvar)", out[1], 2 * latent_channels)
+        channels = 2 * latent_channels if latent_channels else (out[1] if len(out) == 4 else "2C")
+        expect("VAEEncoder", "first output shape (mean and logvar)", out, [1, channels, h, w])
     return problems
