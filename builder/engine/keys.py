@@ -17,14 +17,15 @@ def key_inputs(
     """Everything the output depends on. Id and component are left out, so identical work is shared.
 
     An input digest is None while its upstream stage is stale (not known until it is rebuilt).
-    Round-tripped through JSON so values compare equal to those read back from a record.
+    Stage outputs and external paths are both keyed by content alone, in one map, so a folder on
+    disk and a stage output with the same bytes give the same key. Round-tripped through JSON so
+    values compare equal to those read back from a record.
     """
     inputs = {
         "stage": spec.stage,
         "version": spec.version,
         "params": spec.params,
-        "inputs": input_digests,
-        "external_inputs": external_digests,
+        "inputs": input_digests | external_digests,
         "tools": spec.tools,
     }
     return json.loads(canonical_json(inputs))
@@ -68,17 +69,16 @@ def describe_changes(
         origin = f" ({spec.param_origins[name]})" if name in spec.param_origins else ""
         changes.extend(f"{change}{origin}" for change in _param_changes(f"params.{name}", old_params, new_params, name))
 
-    for kind in ("inputs", "external_inputs"):
-        old, new = previous.get(kind, {}), current[kind]
-        for name in sorted(set(old) | set(new)):
-            if name in stale_upstreams:
-                changes.append(f"input '{name}' changed (upstream {stale_upstreams[name]} is stale)")
-            elif name not in old:
-                changes.append(f"input '{name}' added")
-            elif name not in new:
-                changes.append(f"input '{name}' removed")
-            elif old[name] != new[name]:
-                changes.append(f"input '{name}' content changed")
+    old, new = previous.get("inputs", {}), current["inputs"]
+    for name in sorted(set(old) | set(new)):
+        if name in stale_upstreams:
+            changes.append(f"input '{name}' changed (upstream {stale_upstreams[name]} is stale)")
+        elif name not in old:
+            changes.append(f"input '{name}' added")
+        elif name not in new:
+            changes.append(f"input '{name}' removed")
+        elif old[name] != new[name]:
+            changes.append(f"input '{name}' content changed")
 
     old_tools, new_tools = previous.get("tools", {}), current["tools"]
     for name in sorted(set(old_tools) | set(new_tools)):

@@ -77,18 +77,24 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     model_inputs: dict[str, str] = {}
     model_external: dict[str, Path] = {}
     source = recipe.model
-    if source.local is not None:
+    if source.local is not None and source.local.path.is_dir():
         model_external = {"model": source.local.path}
     else:
+        checkpoint: dict[str, Path] = {}
         if source.synthetic is not None:
             params = {"kind": "synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
             origins = {"preset": "model.synthetic.preset", "seed": "model.synthetic.seed"}
+        elif source.local is not None:
+            params = {"kind": "single_file", "family": recipe.family.value}
+            origins = {"family": "model.local.path"}
+            checkpoint = {"checkpoint": source.local.path}
         else:
             params = {"kind": "hub", "id": source.hub.id, "revision": source.hub.revision}
             origins = {"id": "model.hub.id", "revision": "model.hub.revision"}
         stages.append(StageSpec(
             id="source", stage="source", version=STAGE_VERSIONS["source"], function="builder.stages.source:run",
-            params=params, param_origins=origins, tools=tools, memory_estimate_bytes=_memory_estimate(loaded, None),
+            params=params, param_origins=origins, external_inputs=checkpoint, tools=tools,
+            memory_estimate_bytes=_memory_estimate(loaded, None),
         ))
         model_inputs = {"model": "source"}
 

@@ -22,6 +22,11 @@ class SyntheticSourceParams(BaseModel):
     seed: int
 
 
+class SingleFileSourceParams(BaseModel):
+    kind: Literal["single_file"]
+    family: str
+
+
 class HubSourceParams(BaseModel):
     kind: Literal["hub"]
     id: str
@@ -33,6 +38,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         synthetic = SyntheticSourceParams.model_validate(params)
         write_synthetic_pipeline(get_preset(synthetic.preset), synthetic.seed, out)
         return {"source": f"synthetic:{synthetic.preset}@{synthetic.seed}"}
+    if params["kind"] == "single_file":
+        single = SingleFileSourceParams.model_validate(params)
+        import_single_file(inputs["checkpoint"], single.family, out)
+        return {"source": f"single_file:{inputs['checkpoint'].name}"}
     hub = HubSourceParams.model_validate(params)
     download_snapshot(hub.id, hub.revision, out)
     return {"source": f"hub:{hub.id}@{hub.revision}"}
@@ -81,3 +90,25 @@ def _check_reachable(endpoint: str, repo_id: str, revision: str) -> None:
         socket.getaddrinfo(url.hostname, url.port or 443)
     except OSError as error:
         raise _cannot_fetch(repo_id, revision, f"{url.hostname} is unreachable: {error.strerror or error}") from None
+
+
+def import_single_file(checkpoint: Path, family: str, out: Path) -> None:
+    """Unpack a single-file .safetensors checkpoint into a diffusers folder.
+
+    diffusers recognises the architecture from the weights but takes the component configs from the
+    base model's hub repository, so this needs the hub (or its local cache) once.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    try:
+        pipeline = pipeline_class.from_single_file(str(checkpoint), use_safetensors=True)
+    except Exception as error:  # offline, unknown architecture, corrupt file: all end the same way
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(
+            f"cannot read the single-file checkpoint {checkpoint.name} ({type(error).__name__}: {reason})",
+            hint="check that it is a Stable Diffusion checkpoint in safetensors format; diffusers also needs the base "
+            "model's config files from the Hugging Face Hub once, so connect, or convert the checkpoint to a "
+            "diffusers folder elsewhere and point model.local.path at that folder",
+        ) from None
+    pipeline.save_pretrained(out, safe_serialization=True)
