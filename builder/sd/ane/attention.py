@@ -4,8 +4,8 @@ Inputs are projected queries (B, heads*d, 1, Sq), already scaled by 1/sqrt(d), a
 values (B, heads*d, 1, Sk); head h owns channels [h*d, (h+1)*d), as in diffusers. The output is
 (B, heads*d, 1, Sq). ORIGINAL suits the GPU. The SPLIT_EINSUM forms give each head its own small
 ops and put keys on axis 1 so softmax reduces over channels of a (B, Sk, 1, Sq) tensor, which the
-Neural Engine handles well; SPLIT_EINSUM_V2 further cuts long query sequences into chunks so no
-intermediate tensor grows with the square of the image size.
+Neural Engine handles well; SPLIT_EINSUM_V2 further cuts query sequences of 512 or more into
+512-long chunks, so each score tensor has at most 512 query columns however large the image.
 """
 
 from __future__ import annotations

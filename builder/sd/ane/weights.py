@@ -11,21 +11,21 @@ from __future__ import annotations
 import torch
 
 # diffusers submodule path -> ConvTransformer2D path, matched as a key's dotted segment.
-RENAMES: tuple[tuple[str, str], ...] = (
+_RENAMES: tuple[tuple[str, str], ...] = (
     (".to_out.0.", ".to_out."),  # to_out is [Linear, Dropout] in diffusers
     (".ff.net.0.proj.", ".ff.project_in."),  # GEGLU's projection (value and gate halves)
     (".ff.net.2.", ".ff.project_out."),
 )
 
 
-def conv_key(key: str) -> str:
+def _conv_key(key: str) -> str:
     """The ConvTransformer2D key holding diffusers' `key`."""
-    for old, new in RENAMES:
+    for old, new in _RENAMES:
         key = key.replace(old, new)
     return key
 
 
-def conv_weight(tensor: torch.Tensor) -> torch.Tensor:
+def _conv_weight(tensor: torch.Tensor) -> torch.Tensor:
     """A linear weight (out, in) as a 1x1 convolution weight; other tensors unchanged.
 
     Returns a view, so the converted weights share the diffusers module's memory.
@@ -35,4 +35,4 @@ def conv_weight(tensor: torch.Tensor) -> torch.Tensor:
 
 def conv_state_dict(transformer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Transformer2DModel's state dict, keyed and shaped for ConvTransformer2D."""
-    return {conv_key(key): conv_weight(tensor) for key, tensor in transformer_state.items()}
+    return {_conv_key(key): _conv_weight(tensor) for key, tensor in transformer_state.items()}
