@@ -123,6 +123,18 @@ def test_nbits_change_makes_only_unet_palettize_and_dependants_stale(built, tmp_
         assert plan[stage]["status"] == "cached"
 
 
+def test_attention_switch_rebuilds_the_unet_only(built, tmp_path):
+    ws, _ = built
+    copy = Workspace(root=tmp_path / "ws", cache=ws.cache)
+    shutil.copytree(ws.root / "recipes", copy.root / "recipes")
+    recipe = copy.root / "recipes" / "tiny-sd.yaml"
+    recipe.write_text(recipe.read_text().replace("attention: ORIGINAL", "attention: SPLIT_EINSUM"))
+    plan = copy.plan_json()
+    stale = {i for i, e in plan.items() if e["status"] == "stale"}
+    assert stale == {"rewrite:unet", "trace:unet", "convert:unet", "palettize:unet", "bundle"}
+    assert "params.attention changed \"ORIGINAL\" -> \"SPLIT_EINSUM\" (attention)" in plan["rewrite:unet"]["reason"]
+
+
 def test_explain_shows_current_and_previous_key_inputs(built, tmp_path):
     ws, _ = built
     copy = Workspace(root=tmp_path / "ws", cache=ws.cache)

@@ -52,7 +52,7 @@ def test_wrapper_matches_reference(pipeline, component):
     inputs = example_inputs(component, reference, specs)
     with torch.no_grad():
         expected = kind.reference(reference, inputs)
-        produced = kind.wrap(reference)(*inputs.values())
+        produced = kind.wrap(reference, "ORIGINAL")(*inputs.values())
     produced = produced if isinstance(produced, tuple) else (produced,)
     assert len(produced) == len(kind.output_names)
     for got, want in zip(produced, expected):
@@ -61,7 +61,7 @@ def test_wrapper_matches_reference(pipeline, component):
 
 def test_text_encoder_mask_stays_finite_in_float16(pipeline):
     kind = KINDS["text_encoder"]
-    module = kind.wrap(kind.load(pipeline, kind.subfolder)).eval()
+    module = kind.wrap(kind.load(pipeline, kind.subfolder), "ORIGINAL").eval()
     assert torch.isfinite(module.causal_mask.half()).all()
     inputs = example_inputs("text_encoder", module.clip, kind.inputs(module.clip, ComponentShape()))
     with torch.no_grad():

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from builder.errors import UserError
-from builder.sd.modules import TextEncoderModule, UnetModule, VaeDecoderModule, VaeEncoderModule
+from builder.sd.ane import rewrite_unet
+from builder.sd.modules import TextEncoderModule, VaeDecoderModule, VaeEncoderModule
 
 TEXT_SEQUENCE_LENGTH = 77
 VAE_SCALE = 8
@@ -47,12 +48,17 @@ class ComponentKind:
     output_names: tuple[str, ...]
     load: Callable[[Path, str], nn.Module]
     from_config: Callable[[dict], nn.Module]
-    wrap: Callable[[nn.Module], nn.Module]
+    wrap: Callable[[nn.Module, str], nn.Module]  # (reference, attention) -> conversion module
     inputs: Callable[[nn.Module, ComponentShape], list[TensorSpec]]
     reference: Callable[[nn.Module, dict[str, torch.Tensor]], list[torch.Tensor]]
     # Recipe settings the interface depends on; only these key the component's stages, so e.g.
     # switching attention rebuilds the UNet alone.
     depends_on: tuple[str, ...] = ()
+
+
+def _attention_free(wrapper: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
+    """Components without attention variants ignore the recipe's attention setting."""
+    return lambda model, attention: wrapper(model)
 
 
 def _load_clip(folder: Path, subfolder: str) -> nn.Module:
@@ -144,7 +150,7 @@ KINDS: dict[str, ComponentKind] = {
         output_names=("last_hidden_state", "pooled_outputs"),
         load=_load_clip,
         from_config=_clip_from_config,
-        wrap=TextEncoderModule,
+        wrap=_attention_free(TextEncoderModule),
         inputs=_text_inputs,
         reference=_text_reference,
     ),
@@ -153,7 +159,7 @@ KINDS: dict[str, ComponentKind] = {
         output_names=("noise_pred",),
         load=_load_unet,
         from_config=_unet_from_config,
-        wrap=UnetModule,
+        wrap=rewrite_unet,
         inputs=_unet_inputs,
         reference=_unet_reference,
         depends_on=("attention", "latent_size", "batch_size"),
@@ -163,7 +169,7 @@ KINDS: dict[str, ComponentKind] = {
         output_names=("image",),
         load=_load_vae,
         from_config=_vae_from_config,
-        wrap=VaeDecoderModule,
+        wrap=_attention_free(VaeDecoderModule),
         inputs=_vae_decoder_inputs,
         reference=_vae_decoder_reference,
         depends_on=("latent_size",),
@@ -173,7 +179,7 @@ KINDS: dict[str, ComponentKind] = {
         output_names=("latent_dist",),
         load=_load_vae,
         from_config=_vae_from_config,
-        wrap=VaeEncoderModule,
+        wrap=_attention_free(VaeEncoderModule),
         inputs=_vae_encoder_inputs,
         reference=_vae_encoder_reference,
         depends_on=("latent_size",),

@@ -1,7 +1,7 @@
 """Torch modules shaped for conversion: the Swift package's feature names, layouts and dtypes.
 
-Each wraps a diffusers/transformers model without changing its weights' meaning. Rewrites for the
-Neural Engine replace submodules inside these wrappers; the wrappers themselves fix the interface.
+Each wraps a diffusers/transformers model without changing its weights' meaning. The UNet's wrapper
+lives with its Neural Engine rewrite in `builder.sd.ane`.
 """
 
 from __future__ import annotations
@@ -36,18 +36,6 @@ class TextEncoderModule(nn.Module):
         eos_position = (ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)
         pooled = hidden[torch.arange(hidden.shape[0]), eos_position]
         return hidden, pooled
-
-
-class UnetModule(nn.Module):
-    """UNet taking text hidden states in the (B, C, 1, S) layout the Swift package sends."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        text = encoder_hidden_states.squeeze(2).transpose(1, 2)
-        return self.unet(sample, timestep, text, return_dict=False)[0]
 
 
 class VaeDecoderModule(nn.Module):

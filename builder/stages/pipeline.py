@@ -39,13 +39,6 @@ def _check_supported(loaded: LoadedRecipe) -> None:
         )
     if recipe.family.value != "sd":
         raise _field_error(loaded, "family", f"family '{recipe.family.value}' cannot be built yet", "use family: sd")
-    if recipe.attention.value != "ORIGINAL":
-        raise _field_error(
-            loaded,
-            "attention",
-            f"attention {recipe.attention.value} (the Neural Engine rewrite) cannot be built yet",
-            "use attention: ORIGINAL",
-        )
     if recipe.chunk_unet:
         raise _field_error(loaded, "chunk_unet", "UNet chunking cannot be built yet", "set chunk_unet: false")
     for component in recipe.components.enabled():

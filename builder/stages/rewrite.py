@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import save_file
 
+from builder.errors import UserError
 from builder.sd.components import ComponentShape, example_inputs, kind
 
 
@@ -33,7 +34,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     examples = example_inputs(p.component, reference, specs)
     with torch.no_grad():
         outputs = k.reference(reference, examples)
-    module = k.wrap(reference).eval()
+    try:
+        module = k.wrap(reference, p.attention).eval()  # may rewrite `reference` in place: outputs come first
+    except ValueError as refused:  # a config the rewrite cannot honour, named by its key
+        raise UserError(f"{p.component}: {refused}", hint="this checkpoint's architecture is not supported yet") from None
 
     save_file({name: t.contiguous() for name, t in module.state_dict().items()}, out / "weights.safetensors")
     references = {f"input.{n}": t.contiguous() for n, t in examples.items()}
