@@ -97,3 +97,19 @@ def test_contract_check_names_each_violation():
     problems = check_models("sd", bad, latent_size=(8, 8), batch_size=2)
     assert any("VAEDecoder" in p for p in problems)
     assert any("encoder_hidden_states" in p for p in problems)
+
+
+def test_every_convertible_component_declares_its_settings():
+    from builder.sd.settings import COMPONENT_SETTINGS
+
+    assert set(COMPONENT_SETTINGS) == set(KINDS)
+
+
+def test_planning_does_not_import_torch():
+    """A no-op rebuild must not pay for importing torch, diffusers or coremltools."""
+    import subprocess
+    import sys
+
+    code = "import sys, builder.cli, builder.stages.pipeline; print(sorted(m for m in ('torch', 'diffusers', 'coremltools') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

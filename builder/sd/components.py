@@ -51,9 +51,6 @@ class ComponentKind:
     wrap: Callable[[nn.Module, str], nn.Module]  # (reference, attention) -> conversion module
     inputs: Callable[[nn.Module, ComponentShape], list[TensorSpec]]
     reference: Callable[[nn.Module, dict[str, torch.Tensor]], list[torch.Tensor]]
-    # Recipe settings the interface depends on; only these key the component's stages, so e.g.
-    # switching attention rebuilds the UNet alone.
-    depends_on: tuple[str, ...] = ()
 
 
 def _attention_free(wrapper: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
@@ -162,7 +159,6 @@ KINDS: dict[str, ComponentKind] = {
         wrap=rewrite_unet,
         inputs=_unet_inputs,
         reference=_unet_reference,
-        depends_on=("attention", "latent_size", "batch_size"),
     ),
     "vae_decoder": ComponentKind(
         subfolder="vae",
@@ -172,7 +168,6 @@ KINDS: dict[str, ComponentKind] = {
         wrap=_attention_free(VaeDecoderModule),
         inputs=_vae_decoder_inputs,
         reference=_vae_decoder_reference,
-        depends_on=("latent_size",),
     ),
     "vae_encoder": ComponentKind(
         subfolder="vae",
@@ -182,7 +177,6 @@ KINDS: dict[str, ComponentKind] = {
         wrap=_attention_free(VaeEncoderModule),
         inputs=_vae_encoder_inputs,
         reference=_vae_encoder_reference,
-        depends_on=("latent_size",),
     ),
 }
 

@@ -13,8 +13,8 @@ from builder import __version__
 from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
 from builder.recipe import LoadedRecipe
-from builder.sd.components import KINDS
 from builder.sd.presets import PRESETS
+from builder.sd.settings import COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
@@ -42,12 +42,12 @@ def _check_supported(loaded: LoadedRecipe) -> None:
     if recipe.chunk_unet:
         raise _field_error(loaded, "chunk_unet", "UNet chunking cannot be built yet", "set chunk_unet: false")
     for component in recipe.components.enabled():
-        if component.value not in KINDS:
+        if component.value not in COMPONENT_SETTINGS:
             raise _field_error(
                 loaded,
                 f"components.{component.value}",
                 f"component {component.value} cannot be converted yet",
-                f"remove it; supported: {', '.join(KINDS)}",
+                f"remove it; supported: {', '.join(COMPONENT_SETTINGS)}",
             )
     if recipe.model.vae is not None:
         raise _field_error(loaded, "model.vae", "a replacement VAE cannot be used yet", "remove model.vae")
@@ -103,9 +103,9 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     for component, component_settings in recipe.components.enabled().items():
         c = component.value
         memory = _memory_estimate(loaded, c)
-        kind = KINDS[c]
-        rewrite_params = {"component": c} | {name: settings[name][0] for name in kind.depends_on}
-        rewrite_origins = {name: settings[name][1] for name in kind.depends_on}
+        depends_on = COMPONENT_SETTINGS[c]
+        rewrite_params = {"component": c} | {name: settings[name][0] for name in depends_on}
+        rewrite_origins = {name: settings[name][1] for name in depends_on}
 
         def add(stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, **extra) -> str:
             stage_id = f"{stage}:{c}"
