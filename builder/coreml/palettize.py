@@ -370,7 +370,8 @@ def _job(op, shape, nbits, options: PalettizeOptions, readers: list, consts: dic
     return _Job(nbits, axis, shape[axis] // options.group_size, [], [])
 
 
-def _palettize(const, job: _Job, ios18: bool, blobs: _BlobCopier, report: WeightReport) -> object:
+def _palettize(const, job: _Job, ios18: bool, blobs: _BlobCopier, report: WeightReport):
+    """Encode one planned weight with its finished k-means, fill in its report, return the LUT op."""
     weight = blobs.read(const.attributes["val"])
     grouped = _groups(weight, job.axis, job.groups)
     luts, indices = [], []
