@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 
+from builder.coreml.kmeans import weighted_kmeans_1d
 from builder.coreml.package import normalize_mlpackage
 
 Nbits = Literal[1, 2, 3, 4, 6, 8]
@@ -195,11 +196,7 @@ def _histogram(flat: np.ndarray) -> _Histogram:
 
 def _centroids(values: np.ndarray, counts: np.ndarray, clusters: int) -> np.ndarray:
     """Optimal weighted 1-D k-means centres (ascending), or the values themselves if few enough."""
-    if len(values) <= clusters:
-        return values
-    from coremltools._deps import _kmeans1d
-
-    return np.asarray(_kmeans1d.cluster(values, clusters, weights=counts).centroids)
+    return weighted_kmeans_1d(values, counts, clusters)
 
 
 def _lut_and_assignment(histogram: _Histogram, centres: np.ndarray, nbits: int, dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from .base import RecipeModel
 
@@ -23,6 +23,27 @@ class Palettize(RecipeModel):
     nbits: Literal[1, 2, 3, 4, 6, 8] = Field(
         description="Bits per weight index (1, 2, 3, 4, 6 or 8); 6 keeps SD quality at ~38% of the float16 size."
     )
+    granularity: Literal["per_tensor", "per_grouped_channel"] = Field(
+        default="per_tensor",
+        description="One lookup table per weight (per_tensor), or one per group of output channels "
+        "(per_grouped_channel: more accurate at low bits; needs iOS18/macOS15).",
+    )
+    group_size: PositiveInt = Field(
+        default=32, description="Output channels sharing a lookup table with per_grouped_channel."
+    )
+    weight_threshold: NonNegativeInt = Field(
+        default=2048,
+        description="Weights with at most this many elements stay float16 (their tables would cost more than they save).",
+    )
 
 
-Compression = Annotated[Union[Float16, Palettize], Field(discriminator="mode")]
+class Quantize(RecipeModel):
+    """Linear 8-bit quantization: int8 weights with a float16 scale per output channel."""
+
+    mode: Literal["quantize"] = Field(description="Quantize weights linearly to 8 bits.")
+    weight_threshold: NonNegativeInt = Field(
+        default=2048, description="Weights with at most this many elements stay float16."
+    )
+
+
+Compression = Annotated[Union[Float16, Palettize, Quantize], Field(discriminator="mode")]

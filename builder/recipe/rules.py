@@ -21,7 +21,22 @@ def recipe_violations(recipe: Recipe) -> list[Violation]:
     if not size and recipe.attention is Attention.SPLIT_EINSUM_V2:
         size = _split_einsum_v2_violations(recipe)
     family = _sdxl_violations(recipe) if recipe.family is Family.SDXL else _sd_violations(recipe)
-    return size + family
+    return size + family + _compression_violations(recipe)
+
+
+def _compression_violations(recipe: Recipe) -> list[Violation]:
+    """Grouped lookup tables exist only from iOS18/macOS15 (Core ML's constexpr_lut_to_dense v2)."""
+    if recipe.deployment_target.major >= (18 if recipe.deployment_target.platform == "iOS" else 15):
+        return []
+    return [
+        Violation(
+            f"components.{component.value}.compression.granularity",
+            f"per_grouped_channel palettization needs iOS18 or macOS15; deployment_target is {recipe.deployment_target.value}",
+            "use granularity: per_tensor, or raise deployment_target to iOS18 / macOS15",
+        )
+        for component, settings in recipe.components.enabled().items()
+        if getattr(settings.compression, "granularity", "per_tensor") == "per_grouped_channel"
+    ]
 
 
 def _written_size(recipe: Recipe) -> tuple[str, int, tuple[int, int]]:

@@ -28,6 +28,7 @@ class ModelEntry(ModelInfo):
     compiled: bool
     compression: dict
     size_bytes: int
+    bits_per_weight: float | None  # average stored bits per weight (index + table share when palettized)
     psnr_db: dict[str, float]
 
 

@@ -63,6 +63,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             shipped = resources / f"{resource_name}.mlpackage"
             shutil.copytree(package, shipped)
         interface = describe_mlpackage(package)
+        report = inputs[f"model.{component}"] / "report.json"
+        bits = {"float16": 16.0}.get(compression["mode"])
+        if report.is_file():
+            bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
         check = json.loads((inputs[f"check.{component}"] / "check.json").read_text())
         models[resource_name] = ModelEntry(
             component=component,
@@ -70,6 +74,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             compiled=compiled,
             compression=compression,
             size_bytes=_tree_size(shipped),
+            bits_per_weight=bits,
             inputs=interface.inputs,
             outputs=interface.outputs,
             psnr_db=check["psnr_db"],

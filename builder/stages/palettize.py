@@ -1,36 +1,24 @@
-"""Palettize stage: k-means weight palettization of a converted model, embeddings left alone."""
+"""Palettize stage: exact k-means palettization of a converted model, embeddings left alone.
+
+Uses our own palettizer (`builder.coreml.palettize`): it edits the saved program instead of
+re-running coremltools' pass pipeline, clusters every weight with exact 1-D k-means, and gives
+the same bytes for any thread count. Its per-weight report is kept beside the model.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
-
-from builder.coreml.package import normalize_mlpackage
-
-
-class PalettizeParams(BaseModel):
-    nbits: int
-    weight_threshold: int = 2048  # elements; smaller tensors cost more in tables than they save
+from builder.coreml.palettize import PalettizeOptions, palettize_package
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    import coremltools as ct
-    from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig, palettize_weights
-    from threadpoolctl import threadpool_limits
-
-    p = PalettizeParams.model_validate(params)
-    model = ct.models.MLModel(str(inputs["model"] / "model.mlpackage"), skip_model_load=True)
-    config = OptimizationConfig(
-        global_config=OpPalettizerConfig(nbits=p.nbits, mode="kmeans", weight_threshold=p.weight_threshold),
-        # Token and position embedding tables feed `gather`: keep them exact.
-        op_type_configs={"gather": None},
-    )
-    # scikit-learn's k-means (used for small tensors) changes its result with the thread count;
-    # one thread makes the bytes the same on every machine.
-    with threadpool_limits(limits=1):
-        compressed = palettize_weights(model, config)
-    package = out / "model.mlpackage"
-    compressed.save(str(package))
-    normalize_mlpackage(package)
-    return {"nbits": p.nbits, "size_bytes": sum(f.stat().st_size for f in package.rglob("*") if f.is_file())}
+    options = PalettizeOptions.model_validate(params)
+    report = palettize_package(inputs["model"] / "model.mlpackage", out / "model.mlpackage", options)
+    (out / "report.json").write_text(report.model_dump_json(indent=2, exclude={"seconds"}) + "\n")
+    return {
+        "nbits": options.nbits,
+        "bits_per_weight": round(report.bits_per_weight, 4),
+        "size_bytes": report.bytes_after,
+        "seconds": round(report.seconds, 2),
+    }

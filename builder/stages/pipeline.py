@@ -18,7 +18,10 @@ from builder.sd.settings import COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
-STAGE_VERSIONS = {"source": "1", "rewrite": "1", "trace": "1", "convert": "1", "palettize": "1", "compile": "1", "bundle": "1"}
+STAGE_VERSIONS = {
+    "source": "1", "rewrite": "1", "trace": "1", "convert": "1", "palettize": "2", "quantize": "1", "compile": "1",
+    "bundle": "2",
+}
 MINIMUM_PSNR_DB = 35.0
 
 
@@ -124,10 +127,11 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             {"deployment_target": "deployment_target"},
         )
         compression = component_settings.compression
-        if compression.mode == "palettize":
+        if compression.mode in ("palettize", "quantize"):
+            settings_path = f"components.{c}.compression"
+            params = compression.model_dump(mode="json", exclude={"mode"})
             final = add(
-                "palettize", {"model": final}, {"nbits": compression.nbits},
-                {"nbits": f"components.{c}.compression.nbits"},
+                compression.mode, {"model": final}, params, {name: f"{settings_path}.{name}" for name in params}
             )
         compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable)
         bundle_inputs |= {f"model.{c}": final, f"compiled.{c}": compiled, f"check.{c}": trace}

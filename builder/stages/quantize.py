@@ -1,0 +1,29 @@
+"""Quantize stage: linear 8-bit weights (int8 plus a float16 scale per output channel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from builder.coreml.package import normalize_mlpackage
+
+
+class QuantizeParams(BaseModel):
+    weight_threshold: int = 2048
+
+
+def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
+    import coremltools as ct
+    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+    p = QuantizeParams.model_validate(params)
+    model = ct.models.MLModel(str(inputs["model"] / "model.mlpackage"), skip_model_load=True)
+    config = OptimizationConfig(
+        global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=p.weight_threshold),
+        op_type_configs={"gather": None},  # embedding tables stay exact
+    )
+    package = out / "model.mlpackage"
+    linear_quantize_weights(model, config).save(str(package))
+    normalize_mlpackage(package)
+    return {"size_bytes": sum(f.stat().st_size for f in package.rglob("*") if f.is_file())}
