@@ -1,0 +1,163 @@
+"""`bundle/report/`: what a bundle is, what compression cost, and what it looks like.
+
+Core ML cannot run on Linux, so every figure here comes from torch: the bundle's compressed UNet
+weights are read back into the torch conversion module and compared with the same module in
+float16, on fixed inputs (`verify_read_back`) and on whole text-to-image runs. Outputs depend only
+on the bundle, the pipeline folder and the arguments, so the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from builder.report.plot import Candidate, load_candidates, psnr_vs_size_figure, save_png
+from builder.report.read_back import ReadBackUnet, load_read_back_unet
+from builder.report.sampling import Sampler
+from builder.sd.components import ComponentShape, example_inputs, kind
+from builder.sd.manifest import Manifest, ModelEntry
+from builder.sd.psnr import psnr
+
+DEFAULT_PROMPTS = ("a photo of an astronaut riding a horse on mars", "a watercolor painting of a lighthouse at dawn")
+DEFAULT_SEEDS = (0, 1)
+DEFAULT_STEPS = 10
+GUIDANCE_SCALE = 7.5
+_MB = 1e6
+
+
+def _manifest(bundle: Path) -> Manifest:
+    return Manifest.model_validate_json((bundle / "manifest.json").read_text())
+
+
+def _unet_psnr(unet: ReadBackUnet, manifest: Manifest) -> float:
+    """Output PSNR of the compressed UNet against the float16 one on the rewrite stage's fixed inputs."""
+    k = kind("unet")
+    specs = k.inputs(unet.float16.unet, ComponentShape(latent_size=manifest.latent_size, batch_size=manifest.unet_batch_size))
+    inputs = tuple(example_inputs("unet", unet.float16.unet, specs).values())
+    with torch.no_grad():
+        return round(psnr(unet.compressed(*inputs), unet.float16(*inputs)), 2)
+
+
+def verify_read_back(bundle: Path, pipeline: Path) -> dict[str, float]:
+    """PSNR (dB) per model of the bundle's stored weights against float16, run in torch.
+
+    Only the UNet is read back so far: {"Unet": dB}. A float16 UNet scores far above 100 dB.
+    """
+    return {"Unet": _unet_psnr(load_read_back_unet(bundle, pipeline), _manifest(bundle))}
+
+
+def _compression(entry: ModelEntry) -> str:
+    settings = ", ".join(f"{key} {value}" for key, value in entry.compression.items() if key != "mode")
+    return f"{entry.compression['mode']} ({settings})" if settings else entry.compression["mode"]
+
+
+def _bits(entry: ModelEntry) -> str:
+    return "-" if entry.bits_per_weight is None else f"{entry.bits_per_weight:.2f}"
+
+
+def _models_table(manifest: Manifest) -> list[str]:
+    lines = [
+        "| model | component | compression | bits per weight | size (MB) | traced vs reference PSNR (dB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in manifest.models.items():
+        figures = ", ".join(f"{output} {db:.2f}" for output, db in entry.psnr_db.items())
+        lines.append(
+            f"| {name} | {entry.component} | {_compression(entry)} | {_bits(entry)} | "
+            f"{entry.size_bytes / _MB:.2f} | {figures} |"
+        )
+    return lines
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [-1, 1] to (H, W, 3) uint8."""
+    return ((image[0].permute(1, 2, 0).double() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _write_images(
+    sampler: Sampler, unet: ReadBackUnet, prompts: Sequence[str], seeds: Sequence[int], steps: int, folder: Path
+) -> list[str]:
+    """Side-by-side PNGs (float16 left, compressed right) and their report rows."""
+    folder.mkdir()
+    rows = ["| prompt | seed | float16 \\| compressed | image PSNR (dB) |", "|---|---|---|---|"]
+    for index, prompt in enumerate(prompts):
+        for seed in seeds:
+            reference = sampler.generate(unet.float16, prompt, seed, steps, GUIDANCE_SCALE)
+            compressed = sampler.generate(unet.compressed, prompt, seed, steps, GUIDANCE_SCALE)
+            name = f"{index}-{seed}.png"
+            pixels = np.concatenate([_to_uint8(reference), _to_uint8(compressed)], axis=1)
+            Image.fromarray(pixels).save(folder / name, format="PNG")
+            rows.append(f"| {prompt} | {seed} | ![{name}](images/{name}) | {psnr(compressed, reference):.2f} |")
+    return rows
+
+
+def write_report(
+    bundle: Path,
+    *,
+    pipeline: Path,
+    candidates: Path | None = None,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    steps: int = DEFAULT_STEPS,
+) -> Path:
+    """Write `bundle/report/` (replacing an old one) and return its `report.md`.
+
+    `pipeline` is the diffusers folder the bundle was built from; `candidates` a JSON list of
+    `Candidate`s to plot the bundle against. Images are made only when the bundle has a text
+    encoder and a VAE decoder.
+    """
+    manifest = _manifest(bundle)
+    folder = bundle / "report"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir()
+    unet = load_read_back_unet(bundle, pipeline)
+    unet_psnr = _unet_psnr(unet, manifest)
+    entry = manifest.models["Unet"]
+    chosen = Candidate(
+        name=f"{manifest.name} {manifest.version}",
+        average_bits=entry.bits_per_weight,
+        size_bytes=entry.size_bytes,
+        psnr_db=unet_psnr,
+    )
+    save_png(psnr_vs_size_figure(load_candidates(candidates) if candidates else [], chosen), folder / "psnr_vs_size.png")
+
+    lines = [
+        f"# {manifest.name} {manifest.version}",
+        "",
+        f"Family {manifest.family}, latent size {list(manifest.latent_size)} (image {list(manifest.image_size)}), "
+        f"UNet batch {manifest.unet_batch_size}, attention {manifest.attention}, compute unit {manifest.compute_unit}, "
+        f"deployment target {manifest.deployment_target}. Recipe digest `{manifest.recipe_digest}`.",
+        "",
+        "## Models",
+        "",
+        *_models_table(manifest),
+        "",
+        "## Compressed UNet read back",
+        "",
+        f"The UNet weights stored in `{entry.path}` ({len(unet.compressed_consts)} of them compressed), loaded into the "
+        f"torch conversion module, against the same module with float16 weights on fixed inputs: **{unet_psnr:.2f} dB**.",
+        "",
+        "## PSNR against size",
+        "",
+        "![PSNR against size](psnr_vs_size.png)",
+    ]
+    if {"TextEncoder", "VAEDecoder"} <= set(manifest.models):
+        sampler = Sampler.load(pipeline, manifest)
+        lines += [
+            "",
+            "## Images",
+            "",
+            f"Left: float16 UNet; right: compressed UNet. {steps} steps of the pipeline's scheduler, guidance "
+            f"{GUIDANCE_SCALE}, torch text encoder and VAE decoder; PSNR of the right image against the left.",
+            "",
+            *_write_images(sampler, unet, prompts, seeds, steps, folder / "images"),
+        ]
+    report = folder / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report

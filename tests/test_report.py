@@ -1,0 +1,139 @@
+"""`builder.report`: UNet read-back into torch, read-back PSNR, the report's files, determinism.
+
+Bundles are built once per module by running the real stage functions in this process (no worker
+processes, shared stages run once), from the default recipe without the VAE encoder: 6-bit, 8-bit
+and float16 UNets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from builder.recipe import load_recipe
+from builder.report import Candidate, load_candidates, load_read_back_unet, verify_read_back, write_report
+from builder.report.plot import psnr_vs_size_figure
+from builder.stages.pipeline import build_graph
+from conftest import make_workspace
+
+UNET_COMPRESSION = {
+    "6": "compression: {mode: palettize, nbits: 6}",
+    "8": "compression: {mode: palettize, nbits: 8}",
+    "float16": "compression: {mode: float16}",
+}
+
+
+def _build_in_process(recipe: Path, workspace: Path, outputs: dict, folder: Path) -> dict[str, Path]:
+    """Run the recipe's stages in order; `outputs` (stage id and params -> folder) is shared between recipes."""
+    produced: dict[str, Path] = {}
+    for spec in build_graph(load_recipe(recipe, workspace=workspace)).order():
+        if spec.unavailable:
+            continue
+        key = (spec.id, json.dumps(spec.params, sort_keys=True))
+        if key not in outputs:
+            out = folder / str(len(outputs))
+            out.mkdir()
+            module, function = spec.function.split(":")
+            inputs = {name: produced[up] for name, up in spec.inputs.items() if up in produced} | spec.external_inputs
+            getattr(importlib.import_module(module), function)(inputs, spec.params, out)
+            outputs[key] = out
+        produced[spec.id] = outputs[key]
+    return produced
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    ws = make_workspace(tmp_path_factory.mktemp("report"))
+    default = (ws.root / "recipes" / "tiny-sd.yaml").read_text()
+    assert UNET_COMPRESSION["6"] in default and "  vae_encoder: {}\n" in default
+    outputs: dict = {}
+    found = {}
+    for variant, compression in UNET_COMPRESSION.items():
+        recipe = ws.root / "recipes" / f"report-{variant}.yaml"
+        recipe.write_text(default.replace(UNET_COMPRESSION["6"], compression).replace("  vae_encoder: {}\n", ""))
+        produced = _build_in_process(recipe, ws.root, outputs, ws.root)
+        found[variant] = produced["bundle"]
+        found["pipeline"] = produced["source"]
+    return found
+
+
+def test_every_compressed_weight_maps_onto_a_torch_parameter(bundles):
+    unet = load_read_back_unet(bundles["6"], bundles["pipeline"])
+    assert unet.compressed_consts and unet.compressed_consts <= set(unet.mapping)
+    folded = [const for const, target in unet.mapping.items() if target.scale != 1.0]
+    assert folded and all(unet.mapping[c].parameter.endswith("to_q.weight") for c in folded)
+    compressed = dict(unet.compressed.named_parameters())
+    for const in unet.compressed_consts:
+        target = unet.mapping[const]
+        assert len(np.unique(compressed[target.parameter].numpy())) <= 2**6, const
+
+
+def test_float16_bundle_reproduces_the_torch_weights(bundles):
+    unet = load_read_back_unet(bundles["float16"], bundles["pipeline"])
+    assert not unet.compressed_consts
+    mapped = {target.parameter for target in unet.mapping.values()}
+    reference = dict(unet.float16.named_parameters())
+    assert {name for name, p in reference.items() if p.dim() >= 2} <= mapped  # every matrix and kernel
+    for name, read_back in unet.compressed.named_parameters():
+        exact = reference[name]
+        # Folded query weights went through a float16 multiply and back: one float16 rounding each way.
+        torch.testing.assert_close(read_back, exact, rtol=2e-3, atol=1e-6, msg=name)
+    assert verify_read_back(bundles["float16"], bundles["pipeline"])["Unet"] > 100
+
+
+def test_read_back_psnr_falls_with_fewer_bits(bundles):
+    six = verify_read_back(bundles["6"], bundles["pipeline"])["Unet"]
+    eight = verify_read_back(bundles["8"], bundles["pipeline"])["Unet"]
+    assert math.isfinite(six) and 20 < six < eight
+
+
+def test_plot_shows_the_candidates_and_the_bundle(tmp_path):
+    candidates = [
+        Candidate(name="4-bit", average_bits=4.1, size_bytes=1_300_000, psnr_db=30.0),
+        Candidate(name="8-bit", average_bits=8.05, size_bytes=2_500_000, psnr_db=50.0),
+    ]
+    path = tmp_path / "candidates.json"
+    path.write_text(json.dumps([c.model_dump() for c in candidates]))
+    assert load_candidates(path) == candidates
+    chosen = Candidate(name="tiny-sd", average_bits=6.7, size_bytes=1_900_000, psnr_db=37.0)
+    points, highlighted = psnr_vs_size_figure(candidates, chosen).axes[0].collections
+    np.testing.assert_allclose(points.get_offsets(), [[1.3, 30.0], [2.5, 50.0]])
+    np.testing.assert_allclose(highlighted.get_offsets(), [[1.9, 37.0]])
+    path.write_text(json.dumps([{"name": "x", "average_bits": 4, "size_bytes": -1, "psnr_db": 30}]))
+    with pytest.raises(ValidationError):
+        load_candidates(path)
+
+
+def test_report_writes_table_plot_and_side_by_side_images_deterministically(bundles, tmp_path):
+    candidates = tmp_path / "candidates.json"
+    candidates.write_text(json.dumps([{"name": "4-bit", "average_bits": 4.1, "size_bytes": 1_300_000, "psnr_db": 30}]))
+    bundle = bundles["6"]
+    options = dict(pipeline=bundles["pipeline"], candidates=candidates, prompts=["a red apple"], seeds=[0, 1], steps=6)
+
+    report = write_report(bundle, **options)
+    first = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted((bundle / "report").rglob("*")) if p.is_file()}
+    assert set(first) == {"report/report.md", "report/psnr_vs_size.png", "report/images/0-0.png", "report/images/0-1.png"}
+    text = report.read_text()
+    for model in ("TextEncoder", "Unet", "VAEDecoder"):
+        assert f"| {model} |" in text
+    assert "palettize (nbits 6" in text and "images/0-1.png" in text
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    height, width = manifest["image_size"]
+    for name in ("images/0-0.png", "images/0-1.png"):
+        with Image.open(bundle / "report" / name) as image:
+            assert image.size == (2 * width, height) and image.mode == "RGB"
+    with Image.open(bundle / "report" / "psnr_vs_size.png") as plot:
+        plot.verify()
+
+    write_report(bundle, **options)
+    again = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted((bundle / "report").rglob("*")) if p.is_file()}
+    assert again == first
