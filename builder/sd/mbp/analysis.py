@@ -1,0 +1,212 @@
+"""MBP sensitivity analysis in torch: how much each layer's palettization costs the denoised output.
+
+The UNet conversion module runs a short, fixed denoising loop (seeded latents, text embeddings of
+fixed prompts from the pipeline's own text encoder, its scheduler, classifier-free guidance). The
+reference is that loop with every weight rounded to float16, as the converted model stores them.
+A palettized layer's weight is replaced by its LUT reconstruction from the palettizer's own k-means
+(`builder.coreml.palettize`), so what is measured here is what the compressed package computes.
+Scores are Apple's PSNR of the final latents, per prompt, averaged over prompts.
+
+Two passes, as in Apple's pre-analysis: each layer alone at each bit width (`measure_layers`), then
+a greedy cumulative search (`search_candidates`) that picks per-layer widths for a series of PSNR
+targets and measures every configuration it accepts, so each candidate's PSNR is real, not summed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from builder.sd.mbp.layers import Layer
+from builder.sd.psnr import psnr
+
+NBITS = (1, 2, 4, 6, 8)  # the widths the Neural Engine accelerates
+DEFAULT_TARGETS_DB = (60.0, 50.0, 45.0, 40.0, 35.0, 30.0)
+_FLOAT16_BITS = 16
+_LUT_ENTRY_BITS = 16  # LUTs are stored in the weight's float16 type
+_INPUTS_FILE = "probe.safetensors"
+_SCHEDULER_DIR = "scheduler"
+_SETTINGS_FILE = "settings.json"
+
+Recipe = dict[str, int | None]  # identity -> bits; None or absent keeps float16
+
+
+class ProbeSettings(BaseModel):
+    """The fixed workload every configuration is scored on; part of the analysis cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompts: tuple[str, ...] = ("a photo of a red bicycle leaning on a wall", "a watercolor of a lighthouse at dusk")
+    steps: int = Field(default=2, ge=1)
+    seed: int = 0
+    guidance_scale: float = 7.5
+
+
+class Candidate(BaseModel):
+    """One per-layer bit-width choice for a PSNR target, with what it measured and what it costs."""
+
+    target_psnr_db: float
+    psnr_db: float  # measured with every chosen layer palettized at once
+    bits_per_weight: float  # index bits plus LUT share, over all palettizable layers
+    size_bytes: int  # palettizable weights as stored (indices, LUTs, or float16)
+    layers: dict[str, int | None]
+
+
+def write_probe_inputs(pipeline: Path, latent_size: tuple[int, int], latent_channels: int,
+                       settings: ProbeSettings, out: Path) -> None:
+    """Seeded latents and the prompts' text embeddings (conditional and empty) from `pipeline`."""
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    from builder.sd.components import TEXT_SEQUENCE_LENGTH, kind
+
+    text = kind("text_encoder")
+    encoder = text.load(pipeline, text.subfolder).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
+    prompts = [""] * len(settings.prompts) + list(settings.prompts)  # unconditional half first
+    ids = tokenizer(prompts, padding="max_length", max_length=TEXT_SEQUENCE_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = encoder(input_ids=ids).last_hidden_state
+    generator = torch.Generator().manual_seed(settings.seed)
+    latents = torch.randn((len(settings.prompts), latent_channels, *latent_size), generator=generator)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"encoder_hidden_states": states.transpose(1, 2).unsqueeze(2).contiguous(), "latents": latents},
+              out / _INPUTS_FILE)
+    shutil.copytree(pipeline / "scheduler", out / _SCHEDULER_DIR)
+    (out / _SETTINGS_FILE).write_text(settings.model_dump_json(indent=2))
+
+
+def palettized(weight: np.ndarray, nbits: int) -> np.ndarray:
+    """`weight` (float16) as the palettizer stores it per tensor: its k-means LUT looked up by index."""
+    from builder.coreml.palettize import _centroids, _histogram, _indices, _lut_and_assignment
+
+    flat = np.ascontiguousarray(weight, dtype=np.float16).reshape(-1)
+    histogram = _histogram(flat)
+    centres = _centroids(histogram.values, histogram.counts, 1 << nbits)
+    lut, assignment = _lut_and_assignment(histogram, centres, nbits, np.float16)
+    return lut[_indices(flat, histogram, assignment)].reshape(weight.shape)
+
+
+class Probe:
+    """The conversion module on the fixed workload, with chosen layers swapped for palettized weights.
+
+    Counts UNet evaluations (one batched forward pass per denoising step).
+    """
+
+    def __init__(self, module: nn.Module, inputs: Path, layers: Sequence[Layer]):
+        import diffusers
+
+        self.module = module.eval()
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.copy_(parameter.half().float())  # the float16 model the package holds
+        tensors = load_file(inputs / _INPUTS_FILE)
+        self.states, self.latents = tensors["encoder_hidden_states"], tensors["latents"]
+        config = json.loads((inputs / _SCHEDULER_DIR / "scheduler_config.json").read_text())
+        self.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
+        self.settings = ProbeSettings.model_validate_json((inputs / _SETTINGS_FILE).read_text())
+        self.originals = {layer.identity: module.get_parameter(layer.identity).detach().half().numpy().copy()
+                          for layer in layers}
+        self.applied: Recipe = {}
+        self.evaluations = 0
+        self.reference = self._denoise()
+
+    def psnr(self, recipe: Recipe) -> float:
+        """Average PSNR over prompts of the final latents with `recipe` applied, against float16."""
+        self._apply(recipe)
+        produced = self._denoise()
+        return sum(psnr(p, r) for p, r in zip(produced, self.reference)) / len(self.reference)
+
+    def _apply(self, recipe: Recipe) -> None:
+        wanted = {identity: bits for identity, bits in recipe.items() if bits is not None}
+        for identity in set(self.applied) | set(wanted):
+            if self.applied.get(identity) == wanted.get(identity):
+                continue
+            original = self.originals[identity]
+            bits = wanted.get(identity)
+            weight = original if bits is None else palettized(original, bits)
+            with torch.no_grad():
+                self.module.get_parameter(identity).copy_(torch.from_numpy(weight.astype(np.float32)))
+        self.applied = wanted
+
+    def _denoise(self) -> torch.Tensor:
+        self.scheduler.set_timesteps(self.settings.steps)
+        latents = self.latents * self.scheduler.init_noise_sigma
+        with torch.no_grad():
+            for t in self.scheduler.timesteps:
+                doubled = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                timestep = torch.full((doubled.shape[0],), float(t))
+                noise = self.module(doubled, timestep, self.states)
+                self.evaluations += 1
+                unconditional, conditional = noise.chunk(2)
+                noise = unconditional + self.settings.guidance_scale * (conditional - unconditional)
+                latents = self.scheduler.step(noise, t, latents).prev_sample
+        return latents
+
+
+def measure_layers(probe: Probe, layers: Iterable[Layer], nbits: Sequence[int] = NBITS) -> dict[str, dict[int, float]]:
+    """PSNR with each layer alone palettized at each width: identity -> {bits: dB}."""
+    return {layer.identity: {bits: probe.psnr({layer.identity: bits}) for bits in nbits} for layer in layers}
+
+
+def stored_bits(layer: Layer, bits: int | None) -> int:
+    """Bits a layer takes in the package: n-bit indices plus a float16 LUT, or float16 values."""
+    if bits is None:
+        return layer.elements * _FLOAT16_BITS
+    return layer.elements * bits + (1 << bits) * _LUT_ENTRY_BITS
+
+
+def candidate(target_db: float, psnr_db: float, layers: Sequence[Layer], recipe: Recipe) -> Candidate:
+    bits = sum(stored_bits(layer, recipe.get(layer.identity)) for layer in layers)
+    return Candidate(
+        target_psnr_db=target_db,
+        psnr_db=round(psnr_db, 2),
+        bits_per_weight=round(bits / sum(layer.elements for layer in layers), 4),
+        size_bytes=math.ceil(bits / 8),
+        layers={layer.identity: recipe.get(layer.identity) for layer in layers},
+    )
+
+
+def search_candidates(probe: Probe, layers: Sequence[Layer], sensitivity: dict[str, dict[int, float]],
+                      targets_db: Sequence[float] = DEFAULT_TARGETS_DB) -> list[Candidate]:
+    """One measured candidate per target, from the highest target down.
+
+    Each target starts from the previous one's recipe and only lowers widths, so lower targets never
+    cost more bits. For each width from the widest down, the layers still above it are ordered by
+    their own PSNR at that width (least sensitive first; a layer that alone misses the target is
+    left out) and the longest prefix that keeps the measured cumulative PSNR at or above the target
+    is found by bisection, so only configurations that were measured are accepted.
+    """
+    widths = sorted({bits for scores in sensitivity.values() for bits in scores}, reverse=True)
+    order = {layer.identity: index for index, layer in enumerate(layers)}
+    recipe: Recipe = {}
+    score = probe.psnr(recipe)
+    candidates = []
+    for target in sorted(targets_db, reverse=True):
+        for bits in widths:
+            eligible = sorted(
+                (identity for identity in order
+                 if (recipe.get(identity) or _FLOAT16_BITS) > bits and sensitivity[identity][bits] >= target),
+                key=lambda identity: (-sensitivity[identity][bits], order[identity]),
+            )
+            low, high = 0, len(eligible)
+            while low < high:
+                middle = (low + high + 1) // 2
+                trial = probe.psnr(recipe | dict.fromkeys(eligible[:middle], bits))
+                if trial >= target:
+                    low, score = middle, trial
+                else:
+                    high = middle - 1
+            recipe |= dict.fromkeys(eligible[:low], bits)
+        candidates.append(candidate(target, score, layers, recipe))
+    return candidates
