@@ -7,9 +7,8 @@ bundle's `Unet.mlpackage` (palettized weights rebuilt from their tables). The tw
 what compression did.
 
 coremltools names a weight's const after the torch parameter (`unet.conv_in.weight` becomes
-`unet_conv_in_weight_to_fp16`), except where a graph pass folded arithmetic into it: the rewrite's
-`to_q(x) * scale` becomes one convolution whose weight (`q_<n>_weight_0_to_fp16`) is the query
-weight times the attention's scale. Those are matched by value among the query projections.
+`unet_conv_in_weight_to_fp16`); the rewrite applies the attention scale to the scores, not to the
+queries, so no weight is folded with arithmetic and the map is by name alone.
 """
 
 from __future__ import annotations
@@ -24,24 +23,12 @@ import torch
 from torch import nn
 
 from builder.coreml.palettize import read_back_weights
-from builder.sd.ane.transformer import ConvAttention
 from builder.sd.components import kind
 from builder.sd.manifest import Manifest
 
 _FLOAT16_SUFFIX = "_to_fp16"
 _CONSTEXPR_PREFIX = "constexpr_"
-# Folded query weights are matched to the query projection they correlate with. Palettization
-# keeps that correlation high (1-bit k-means of a Gaussian: ~0.8); unrelated weights score ~0.
-_MINIMUM_COSINE = 0.5
 _SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
-
-
-@dataclass(frozen=True)
-class ConstTarget:
-    """The torch parameter a Core ML const holds, as `parameter = const / scale`."""
-
-    parameter: str
-    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +37,7 @@ class ReadBackUnet:
 
     float16: nn.Module
     compressed: nn.Module
-    mapping: dict[str, ConstTarget]  # every const of the package that holds a torch parameter
+    mapping: dict[str, str]  # const name -> the torch parameter it holds
     compressed_consts: frozenset[str]  # consts stored compressed (a constexpr op rebuilds them)
 
 
@@ -77,44 +64,14 @@ def compressed_const_names(package: Path) -> frozenset[str]:
     return frozenset(names)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / norms) if norms else 0.0
-
-
-def map_consts(consts: dict[str, np.ndarray], module: nn.Module) -> dict[str, ConstTarget]:
-    """Which torch parameter each const holds; consts holding none (reshaped norms, buffers) are left out.
-
-    Raises ValueError when two consts claim one parameter or a folded query weight is ambiguous.
-    """
-    parameters = {name: p.detach().numpy() for name, p in module.named_parameters()}
-    by_const_name = {name.replace(".", "_"): name for name in parameters}
-    mapping: dict[str, ConstTarget] = {}
+def map_consts(consts: dict[str, np.ndarray], module: nn.Module) -> dict[str, str]:
+    """Which torch parameter each const holds; consts holding none (reshaped norms, buffers) are left out."""
+    shapes = {name.replace(".", "_"): (name, tuple(p.shape)) for name, p in module.named_parameters()}
+    mapping = {}
     for const, value in consts.items():
-        parameter = by_const_name.get(const.removesuffix(_FLOAT16_SUFFIX))
-        if parameter is not None and parameters[parameter].shape == value.shape:
-            mapping[const] = ConstTarget(parameter)
-    claimed = {target.parameter for target in mapping.values()}
-    queries = {
-        f"{name}.to_q.weight": m.scale
-        for name, m in module.named_modules()
-        if isinstance(m, ConvAttention) and f"{name}.to_q.weight" not in claimed
-    }
-    for const, value in consts.items():
-        if const in mapping:
-            continue
-        scores = sorted(
-            ((_cosine(value, parameters[q]), q) for q in queries if parameters[q].shape == value.shape), reverse=True
-        )
-        matches = [q for score, q in scores if score >= _MINIMUM_COSINE]
-        if len(matches) > 1:
-            raise ValueError(f"{const} matches several query projections: {', '.join(matches)}")
-        if matches:
-            mapping[const] = ConstTarget(matches[0], queries.pop(matches[0]))
-    targets = [target.parameter for target in mapping.values()]
-    if len(set(targets)) != len(targets):
-        raise ValueError("two consts of the package map onto one torch parameter")
+        parameter, shape = shapes.get(const.removesuffix(_FLOAT16_SUFFIX), (None, None))
+        if parameter is not None and shape == value.shape:
+            mapping[const] = parameter
     return mapping
 
 
@@ -147,9 +104,6 @@ def load_read_back_unet(bundle: Path, pipeline: Path) -> ReadBackUnet:
     if unmapped:
         raise ValueError(f"{package.name}: compressed weight(s) with no torch parameter: {', '.join(unmapped)}")
     compressed = copy.deepcopy(float16)
-    state = {
-        target.parameter: torch.from_numpy(consts[const].astype(np.float32) / np.float32(target.scale))
-        for const, target in mapping.items()
-    }
+    state = {parameter: torch.from_numpy(consts[const].astype(np.float32)) for const, parameter in mapping.items()}
     compressed.load_state_dict(state, strict=False)
     return ReadBackUnet(float16=float16, compressed=compressed, mapping=mapping, compressed_consts=compressed_consts)

@@ -40,9 +40,8 @@ class ConvAttention(nn.Module):
         self.to_out = _conv1x1(inner, query_dim, bias=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # Scaling the queries costs one pass over (B, C, 1, Sq) instead of one over the scores.
-        q = self.to_q(x) * self.scale
-        return self.to_out(attend(q, self.to_k(context), self.to_v(context), self.heads, self.attention))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out(attend(q, k, v, self.heads, self.attention, self.scale))
 
 
 class GegluFeedForward(nn.Module):
