@@ -4,20 +4,15 @@ A layer's identity is its torch parameter name in the conversion module (the Neu
 rewrite, where every linear layer is a 1x1 convolution), e.g.
 `unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.weight`. After tracing,
 ct.convert names that weight's const after the parameter, dots turned into underscores, plus the
-float16 cast suffix: `unet_down_blocks_1_..._attn1_to_k_weight_to_fp16`.
-
-One exception, checked on converted UNets: the attention scales its queries right after `to_q`,
-and coremltools folds that scale into the convolution, so the folded const is named after the
-scaled variable (`q_<counter>_weight_0_to_fp16`), with a counter that depends on the whole graph.
-It is identified by position instead: the graph keeps the module's call order, so each folded
-query weight comes right before the `to_k` weight of the same attention.
+float16 cast suffix: `unet_down_blocks_1_..._attn1_to_k_weight_to_fp16`. This holds for every
+layer because the rewrite scales attention scores rather than a projection's output (coremltools
+folds a scaled convolution output into a new, counter-named weight).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +22,6 @@ from torch import nn
 DEFAULT_WEIGHT_THRESHOLD = 2048
 
 _CAST_SUFFIX = "_to_fp16"
-_FOLDED_QUERY = re.compile(r"^q_\d+_weight_0" + _CAST_SUFFIX + "$")
-_QUERY, _KEY = ".to_q.weight", ".to_k.weight"
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,7 @@ def conversion_layers(rewritten: Path, weight_threshold: int = DEFAULT_WEIGHT_TH
 
 
 def const_name(identity: str) -> str:
-    """The const ct.convert names after a parameter (not the folded query weights; see module doc)."""
+    """The name ct.convert gives the const holding parameter `identity`."""
     return identity.replace(".", "_") + _CAST_SUFFIX
 
 
@@ -88,26 +81,9 @@ def op_names(layers: list[Layer], package: Path) -> dict[str, str]:
     Raises ValueError naming the layers the package has no op of the same shape for (the package
     was converted from another architecture).
     """
-    ops = float_weight_ops(package)
-    shapes = dict(ops)
-    folded_query_by_key: dict[str, str] = {}  # to_k const -> the folded query const just before it
-    pending: str | None = None
-    for name, _ in ops:
-        if _FOLDED_QUERY.match(name):
-            pending = name
-        elif pending is not None and name.endswith(const_name(_KEY)):
-            folded_query_by_key[name], pending = pending, None
-    mapping: dict[str, str] = {}
-    missing = []
-    for layer in layers:
-        name = const_name(layer.identity)
-        if layer.identity.endswith(_QUERY):
-            key = const_name(layer.identity.removesuffix(_QUERY) + _KEY)
-            name = folded_query_by_key.get(key, name)
-        if shapes.get(name) == layer.shape:
-            mapping[layer.identity] = name
-        else:
-            missing.append(layer.identity)
+    shapes = dict(float_weight_ops(package))
+    mapping = {layer.identity: const_name(layer.identity) for layer in layers}
+    missing = [layer.identity for layer in layers if shapes.get(mapping[layer.identity]) != layer.shape]
     if missing:
         raise ValueError(f"{package.name} has no weight op of the right shape for: {', '.join(missing)}")
     return mapping
