@@ -160,6 +160,36 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
     return 0
 
 
+def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    from builder.report import write_report
+    from builder.report.report import DEFAULT_PROMPTS, DEFAULT_SEEDS
+    from builder.stages.pipeline import build_graph
+
+    loaded = workspace.load(args.recipe)
+    graph = build_graph(loaded)
+    engine = workspace.engine(loaded)
+    progress = Progress(console)
+    try:
+        with progress.live:  # a no-op when the bundle is current
+            results = {r.id: r for r in engine.build(graph, jobs=args.jobs, on_event=progress)}
+    except StageFailed as failure:
+        raise _located(failure, loaded, graph) from None
+    bundle = _publish(workspace, loaded, engine.output_path(results["bundle"]))
+    # The diffusers folder the bundle was made from: the source stage's output, or a local folder read in place.
+    pipeline = engine.output_path(results["source"]) if "source" in results else loaded.recipe.model.local.path
+    if args.candidates is not None and not args.candidates.is_file():
+        raise UserError(f"no candidates file {args.candidates}", hint="pass the JSON list `sdbuild analyze` wrote")
+    try:
+        report = write_report(
+            bundle, pipeline=pipeline, candidates=args.candidates,
+            prompts=args.prompts or DEFAULT_PROMPTS, seeds=args.seeds or DEFAULT_SEEDS, steps=args.steps,
+        )
+    except ValueError as problem:  # e.g. linear-quantized weights, which cannot be read back yet
+        raise UserError(f"cannot report on {bundle}: {problem}", hint="report on a float16 or palettized bundle") from None
+    console.print(f"[bold green]report[/] -> {report}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     from builder.stages.pipeline import build_graph
 
@@ -233,6 +263,15 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("recipe")
     explain.add_argument("stage", help="stage id, e.g. palettize:unet (see `sdbuild plan`)")
     explain.set_defaults(run=cmd_explain)
+
+    report = commands.add_parser("report", help="build if needed, then write artifacts/<name>/<version>/report/")
+    report.add_argument("recipe")
+    report.add_argument("--candidates", type=Path, default=None, help="JSON list of {name, average_bits, size_bytes, psnr_db} to plot")
+    report.add_argument("--prompt", dest="prompts", action="append", help="prompt for the side-by-side images (repeatable)")
+    report.add_argument("--seed", dest="seeds", type=int, action="append", help="seed for the images (repeatable)")
+    report.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
+    report.add_argument("--jobs", type=int, default=2, help="stages run at once if the bundle must be built")
+    report.set_defaults(run=cmd_report)
 
     commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)").set_defaults(run=cmd_schema)
 

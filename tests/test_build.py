@@ -35,7 +35,12 @@ def test_manifest_describes_the_bundle_truthfully(built):
     assert manifest["family"] == "sd" and manifest["latent_scale_factor"] == 0.18215
     assert manifest["latent_size"] == [16, 16] and manifest["image_size"] == [128, 128]
     assert manifest["unet_batch_size"] == 2 and manifest["compiled"] is False
-    assert manifest["models"]["Unet"]["compression"] == {"mode": "palettize", "nbits": 6}
+    assert manifest["models"]["Unet"]["compression"] == {
+        "mode": "palettize", "nbits": 6, "granularity": "per_tensor", "group_size": 32, "weight_threshold": 2048
+    }
+    unet = manifest["models"]["Unet"]
+    assert 6 < unet["bits_per_weight"] < 8 and 30 < unet["read_back_psnr_db"]["noise_pred"] < 60
+    assert manifest["models"]["TextEncoder"]["read_back_psnr_db"] is None
     assert set(manifest["tools"]) >= {"torch", "coremltools", "diffusers", "transformers", "numpy", "python"}
     resources = ws.bundle / "Resources"
     on_disk = {p.relative_to(resources).as_posix() for p in resources.rglob("*") if p.is_file()}
@@ -114,7 +119,7 @@ def test_nbits_change_makes_only_unet_palettize_and_dependants_stale(built, tmp_
     _with_nbits(copy, 4)
     plan = copy.plan_json()
     stale = {i for i, e in plan.items() if e["status"] == "stale"}
-    assert stale == {"palettize:unet", "bundle"}
+    assert stale == {"palettize:unet", "verify:unet", "bundle"}
     assert {i for i, e in plan.items() if e["status"] == "skipped"} == {i for i in plan if i.startswith("compile:")}
     reason = plan["palettize:unet"]["reason"]
     assert "nbits" in reason and "6 -> 4" in reason and "components.unet.compression.nbits" in reason
@@ -131,7 +136,7 @@ def test_attention_switch_rebuilds_the_unet_only(built, tmp_path):
     recipe.write_text(recipe.read_text().replace("attention: ORIGINAL", "attention: SPLIT_EINSUM"))
     plan = copy.plan_json()
     stale = {i for i, e in plan.items() if e["status"] == "stale"}
-    assert stale == {"rewrite:unet", "trace:unet", "convert:unet", "palettize:unet", "bundle"}
+    assert stale == {"rewrite:unet", "trace:unet", "convert:unet", "palettize:unet", "verify:unet", "bundle"}
     assert "params.attention changed \"ORIGINAL\" -> \"SPLIT_EINSUM\" (attention)" in plan["rewrite:unet"]["reason"]
 
 

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from builder.report.plot import Candidate, load_candidates, psnr_vs_size_figure, save_png
-from builder.report.read_back import ReadBackUnet, load_read_back_unet
+from builder.report.read_back import load_read_back_unet
+from builder.sd.read_back import ReadBack
 from builder.report.sampling import Sampler
 from builder.sd.components import ComponentShape, example_inputs, kind
 from builder.sd.manifest import Manifest, ModelEntry
@@ -34,7 +35,7 @@ def _manifest(bundle: Path) -> Manifest:
     return Manifest.model_validate_json((bundle / "manifest.json").read_text())
 
 
-def _unet_psnr(unet: ReadBackUnet, manifest: Manifest) -> float:
+def _unet_psnr(unet: ReadBack, manifest: Manifest) -> float:
     """Output PSNR of the compressed UNet against the float16 one on the rewrite stage's fixed inputs."""
     k = kind("unet")
     specs = k.inputs(unet.float16.unet, ComponentShape(latent_size=manifest.latent_size, batch_size=manifest.unet_batch_size))
@@ -80,7 +81,7 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def _write_images(
-    sampler: Sampler, unet: ReadBackUnet, prompts: Sequence[str], seeds: Sequence[int], steps: int, folder: Path
+    sampler: Sampler, unet: ReadBack, prompts: Sequence[str], seeds: Sequence[int], steps: int, folder: Path
 ) -> list[str]:
     """Side-by-side PNGs (float16 left, compressed right) and their report rows."""
     folder.mkdir()

@@ -29,7 +29,9 @@ class ModelEntry(ModelInfo):
     compression: dict
     size_bytes: int
     bits_per_weight: float | None  # average stored bits per weight (index + table share when palettized)
-    psnr_db: dict[str, float]
+    psnr_db: dict[str, float]  # traced conversion module vs the diffusers/transformers reference
+    # compressed weights read back from the saved program into torch, vs float16 weights (None: not compressed)
+    read_back_psnr_db: dict[str, float] | None
 
 
 class Manifest(BaseModel):

@@ -19,8 +19,8 @@ from builder.stages.tools import compile_unavailable, python_tools, xcode_versio
 
 GIB = 1024**3
 STAGE_VERSIONS = {
-    "source": "1", "rewrite": "1", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "compile": "1",
-    "bundle": "2",
+    "source": "1", "rewrite": "1", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
+    "bundle": "3",
 }
 MINIMUM_PSNR_DB = 35.0
 
@@ -133,6 +133,8 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             final = add(
                 compression.mode, {"model": final}, params, {name: f"{settings_path}.{name}" for name in params}
             )
+            if compression.mode == "palettize":
+                bundle_inputs[f"verify.{c}"] = add("verify", {"rewritten": rewrite, "model": final}, {})
         compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable)
         bundle_inputs |= {f"model.{c}": final, f"compiled.{c}": compiled, f"check.{c}": trace}
         components[c] = compression.model_dump(mode="json")
