@@ -12,7 +12,8 @@ import torch
 from builder.coreml.palettize import palettize_package, read_back_weights
 from builder.errors import RecipeError
 from builder.sd.mbp.analysis import Probe, ProbeSettings, measure_layers, search_candidates, write_probe_inputs
-from builder.sd.mbp.layers import conversion_layers, float_weight_ops, op_names
+from builder.coreml.palettize import float_weight_ops
+from builder.sd.mbp.layers import conversion_layers, op_names
 from builder.sd.mbp.recipe_file import (
     MbpRecipe,
     import_apple_preanalysis,

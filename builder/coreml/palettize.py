@@ -508,3 +508,27 @@ def reconstruction_errors(palettized: Path, reference: Path) -> dict[str, float]
         error = float(np.sum((approximations[name].astype(np.float64) - exact) ** 2))
         errors[name] = float(np.sqrt(error / energy)) if energy else 0.0
     return errors
+
+
+def palettize_array(weight: np.ndarray, nbits: int) -> np.ndarray:
+    """`weight` as this palettizer stores it per tensor (its k-means table looked up by index).
+
+    Used to predict compression in torch with exactly the clustering the real palettization uses.
+    """
+    flat = np.ascontiguousarray(weight, dtype=np.float16).reshape(-1)
+    histogram = _histogram(flat)
+    centres = _centroids(histogram.values, histogram.counts, 1 << nbits)
+    lut, assignment = _lut_and_assignment(histogram, centres, nbits, np.float16)
+    return lut[_indices(flat, histogram, assignment)].reshape(weight.shape)
+
+
+def float_weight_ops(package: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(op name, shape) of every float const stored in the package's weight file, in program order."""
+    spec = _read_spec(package)
+    return [
+        (_op_name(op), _shape(op))
+        for _, blocks in _function_blocks(spec.mlProgram)
+        for block in blocks
+        for op in block.operations
+        if _float_blob(op)
+    ]

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from builder.coreml.palettize import read_back_weights
+from builder.sd.mbp.layers import const_name
 
-_FLOAT16_SUFFIX = "_to_fp16"
 _CONSTEXPR_PREFIX = "constexpr_"
 _SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
 
@@ -63,10 +63,10 @@ def compressed_const_names(package: Path) -> frozenset[str]:
 
 def map_consts(consts: dict[str, np.ndarray], module: nn.Module) -> dict[str, str]:
     """Which torch parameter each const holds; consts holding none (reshaped norms, buffers) are left out."""
-    shapes = {name.replace(".", "_"): (name, tuple(p.shape)) for name, p in module.named_parameters()}
+    shapes = {const_name(name): (name, tuple(p.shape)) for name, p in module.named_parameters()}
     mapping = {}
     for const, value in consts.items():
-        parameter, shape = shapes.get(const.removesuffix(_FLOAT16_SUFFIX), (None, None))
+        parameter, shape = shapes.get(const, (None, None))
         if parameter is not None and shape == value.shape:
             mapping[const] = parameter
     return mapping

@@ -18,7 +18,7 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _conv_key(key: str) -> str:
+def conv_key(key: str) -> str:
     """The ConvTransformer2D key holding diffusers' `key`."""
     for old, new in _RENAMES:
         key = key.replace(old, new)
@@ -35,4 +35,4 @@ def _conv_weight(tensor: torch.Tensor) -> torch.Tensor:
 
 def conv_state_dict(transformer_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A Transformer2DModel's state dict, keyed and shaped for ConvTransformer2D."""
-    return {_conv_key(key): _conv_weight(tensor) for key, tensor in transformer_state.items()}
+    return {conv_key(key): _conv_weight(tensor) for key, tensor in transformer_state.items()}

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from builder.coreml.palettize import palettize_array
 from builder.sd.mbp.layers import Layer
 from builder.sd.psnr import psnr
 
@@ -86,17 +87,6 @@ def write_probe_inputs(pipeline: Path, latent_size: tuple[int, int], latent_chan
     (out / _SETTINGS_FILE).write_text(settings.model_dump_json(indent=2))
 
 
-def palettized(weight: np.ndarray, nbits: int) -> np.ndarray:
-    """`weight` (float16) as the palettizer stores it per tensor: its k-means LUT looked up by index."""
-    from builder.coreml.palettize import _centroids, _histogram, _indices, _lut_and_assignment
-
-    flat = np.ascontiguousarray(weight, dtype=np.float16).reshape(-1)
-    histogram = _histogram(flat)
-    centres = _centroids(histogram.values, histogram.counts, 1 << nbits)
-    lut, assignment = _lut_and_assignment(histogram, centres, nbits, np.float16)
-    return lut[_indices(flat, histogram, assignment)].reshape(weight.shape)
-
-
 class Probe:
     """The conversion module on the fixed workload, with chosen layers swapped for palettized weights.
 
@@ -134,7 +124,7 @@ class Probe:
                 continue
             original = self.originals[identity]
             bits = wanted.get(identity)
-            weight = original if bits is None else palettized(original, bits)
+            weight = original if bits is None else palettize_array(original, bits)
             with torch.no_grad():
                 self.module.get_parameter(identity).copy_(torch.from_numpy(weight.astype(np.float32)))
         self.applied = wanted

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from torch import nn
 
+from builder.coreml.palettize import float_weight_ops
+
 # Weights with more elements than this are palettized: the palettizer's default rule.
 DEFAULT_WEIGHT_THRESHOLD = 2048
 
@@ -59,20 +61,6 @@ def conversion_layers(rewritten: Path, weight_threshold: int = DEFAULT_WEIGHT_TH
 def const_name(identity: str) -> str:
     """The name ct.convert gives the const holding parameter `identity`."""
     return identity.replace(".", "_") + _CAST_SUFFIX
-
-
-def float_weight_ops(package: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(op name, shape) of every float const stored in the package's weight file, in program order."""
-    from builder.coreml.palettize import _float_blob, _function_blocks, _op_name, _read_spec, _shape
-
-    spec = _read_spec(package)
-    return [
-        (_op_name(op), _shape(op))
-        for _, blocks in _function_blocks(spec.mlProgram)
-        for block in blocks
-        for op in block.operations
-        if _float_blob(op)
-    ]
 
 
 def op_names(layers: list[Layer], package: Path) -> dict[str, str]:

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from builder.coreml.palettize import Nbits, PalettizeOptions
 from builder.errors import RecipeError
-from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD, Layer, float_weight_ops, op_names
+from builder.coreml.palettize import float_weight_ops
+from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD, Layer, op_names
 
 _APPLE_KEEP = 16  # Apple's recipes write 16 for a layer kept in float16
 _APPLE_RECIPE_KEY = re.compile(r"^recipe_(\d+(?:\.\d+)?)_bit_mixedpalette$")
@@ -105,7 +106,7 @@ def import_apple_preanalysis(json_path: Path, identities: Collection[str]) -> Ap
     rewritten module, so a name maps by the rewrite's renames (`builder.sd.ane.weights`) where the
     module paths agree. `psnr_db` is Apple's end-to-end figure for the recipe (its `baselines`).
     """
-    from builder.sd.ane.weights import _conv_key
+    from builder.sd.ane.weights import conv_key
 
     try:
         analysis = json.loads(json_path.read_text())
@@ -119,7 +120,7 @@ def import_apple_preanalysis(json_path: Path, identities: Collection[str]) -> Ap
     for key, layers in recipes.items():
         ours: dict[str, int | None] = {}
         for name, bits in layers.items():
-            identity = "unet." + _conv_key(f"{name}.weight")
+            identity = "unet." + conv_key(f"{name}.weight")
             if identity not in known:
                 unmapped.add(name)
                 continue
