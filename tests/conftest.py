@@ -57,6 +57,17 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
     return ws, ws.build_json()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models: a second torch thread only adds synchronisation, badly so on a busy 2-core CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def resource_bytes(bundle: Path) -> dict[str, bytes]:
     resources = bundle / "Resources"
     return {p.relative_to(resources).as_posix(): p.read_bytes() for p in sorted(resources.rglob("*")) if p.is_file()}

@@ -25,6 +25,8 @@ from builder.sd.presets import get_preset
 from builder.sd.psnr import psnr
 from builder.sd.synthetic import _randomize
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATTENTIONS = [a.value for a in Attention]
 VARIANTS = {
     "sd1": {},
@@ -55,14 +57,6 @@ def _reference(unet: UNet2DConditionModel, inputs: tuple[torch.Tensor, ...]) -> 
     with torch.no_grad():
         return unet(sample, timestep, text.squeeze(2).transpose(1, 2)).sample
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second torch thread only adds synchronisation, badly so on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

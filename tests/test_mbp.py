@@ -23,16 +23,11 @@ from builder.sd.mbp.recipe_file import (
 )
 from builder.stages.trace import load_conversion_module
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 THRESHOLD = 2048
 SETTINGS = ProbeSettings(prompts=("a red bicycle",), steps=1)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

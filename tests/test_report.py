@@ -50,8 +50,7 @@ def _build_in_process(recipe: Path, workspace: Path, outputs: dict, folder: Path
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    torch.set_num_threads(1)
+def bundles(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dict[str, Path]:
     ws = make_workspace(tmp_path_factory.mktemp("report"))
     default = (ws.root / "recipes" / "tiny-sd.yaml").read_text()
     assert UNET_COMPRESSION["6"] in default and "  vae_encoder: {}\n" in default

@@ -19,6 +19,15 @@ class WorkerRequest(BaseModel):
     python_path: list[str]
 
 
+# Exit status meaning "the stage reported a UserError, see user-error.json".
+USER_ERROR_EXIT = 3
+
+
+def user_error_path(result: Path) -> Path:
+    """Where a worker reports an expected failure, beside its result file."""
+    return result.with_name("user-error.json")
+
+
 class WorkerUserError(BaseModel):
     """A UserError raised by the stage function: an expected failure with a fix, not a crash."""
 

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.engine.hashing import FileDigest, NotRegularFile, digest_folder
-from builder.engine.protocol import WorkerRequest, WorkerResult, WorkerUserError
-from builder.engine.worker import USER_ERROR_EXIT, user_error_path
+from builder.engine.protocol import USER_ERROR_EXIT, WorkerRequest, WorkerResult, WorkerUserError, user_error_path
 from builder.engine.spec import StageSpec
 from builder.errors import StageFailed
 

@@ -18,11 +18,8 @@ from pathlib import Path
 
 from builder.engine.files import write_json_atomic
 from builder.engine.memory import own_peak_rss_bytes
-from builder.engine.protocol import WorkerRequest, WorkerResult, WorkerUserError
+from builder.engine.protocol import USER_ERROR_EXIT, WorkerRequest, WorkerResult, WorkerUserError, user_error_path
 from builder.errors import UserError
-
-# Exit status meaning "the stage reported a UserError, see user-error.json".
-USER_ERROR_EXIT = 3
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -45,11 +42,6 @@ def _die_with_parent(parent_pid: int) -> None:
 def _load(function: str):
     module_name, _, name = function.partition(":")
     return getattr(importlib.import_module(module_name), name)
-
-
-def user_error_path(result: Path) -> Path:
-    """Where a worker reports an expected failure, beside its result file."""
-    return result.with_name("user-error.json")
 
 
 def main(request_file: str) -> None:
