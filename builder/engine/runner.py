@@ -22,6 +22,7 @@ from builder.engine.spec import StageSpec
 from builder.errors import StageFailed
 
 _LOG_TAIL_LINES = 20
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # The folder holding the `builder` package, so `-m builder.engine.worker` works even when not installed.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -66,9 +67,19 @@ def work_folder(tmp: Path, stage_id: str) -> Path:
 
 
 def start(
-    spec: StageSpec, key: str, key_inputs: dict[str, Any], reason: str, inputs: dict[str, Path], folder: Path
+    spec: StageSpec,
+    key: str,
+    key_inputs: dict[str, Any],
+    reason: str,
+    inputs: dict[str, Path],
+    folder: Path,
+    threads: int,
 ) -> Job:
-    """Start the worker. Call from the thread that will outlive it: Linux's parent-death signal follows the thread."""
+    """Start the worker. Call from the thread that will outlive it: Linux's parent-death signal follows the thread.
+
+    `threads` caps the worker's OpenMP/BLAS pools (unless the user set them), so stages running side
+    by side share the cores instead of oversubscribing them.
+    """
     folder.mkdir(parents=True)
     (folder / "out").mkdir()
     request = WorkerRequest(
@@ -85,6 +96,8 @@ def start(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"  # so the log is complete even if the worker is killed
+    for name in _THREAD_VARIABLES:
+        env.setdefault(name, str(threads))
     with open(folder / "log.txt", "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "builder.engine.worker", str(request_file)],

@@ -3,6 +3,7 @@ job and memory limits, and publishes what they produce."""
 
 from __future__ import annotations
 
+import os
 import queue
 import time
 from collections import deque
@@ -37,6 +38,7 @@ class Scheduler:
         self.store = store
         self.target = target
         self.jobs = jobs
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
         self.budget = memory_budget_bytes
         self.emit = emit
         self.index = store.load_index(target)
@@ -130,7 +132,7 @@ class Scheduler:
             }
             inputs.update(external_paths(spec))
             folder = runner.work_folder(self.store.tmp, spec.id)
-            job = runner.start(spec, found.key, found.key_inputs, found.reason, inputs, folder)
+            job = runner.start(spec, found.key, found.key_inputs, found.reason, inputs, folder, self.threads)
             self.running[spec.id] = job
             runner.watch(job, self.outcomes)
             self.emit(
