@@ -190,6 +190,88 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Mixed-bit analysis of the recipe's UNet: candidate recipes at a series of PSNR targets."""
+    from builder.engine import Graph
+    from builder.engine.publish import publish_tree
+    from builder.stages.analyze import analysis_stages
+    from builder.stages.pipeline import build_graph, memory_estimate
+    from builder.stages.tools import python_tools
+
+    loaded = workspace.load(args.recipe)
+    full = build_graph(loaded)
+    needed = [full[stage_id] for stage_id in ("source", "rewrite:unet") if stage_id in full]
+    model = "source" if "source" in full else loaded.recipe.model.local.path
+    stages = analysis_stages(
+        rewritten="rewrite:unet", model=model, description=f"{loaded.recipe.name} UNet, {loaded.recipe.attention.value}",
+        tools=python_tools(), memory_estimate_bytes=memory_estimate(loaded, "unet"), chunks=args.chunks,
+    )
+    graph = Graph([*needed, *stages])
+    engine = workspace.engine(loaded)
+    progress = Progress(console)
+    try:
+        with progress.live:
+            results = {r.id: r for r in engine.build(graph, jobs=args.jobs, on_event=progress)}
+    except StageFailed as failure:
+        raise _located(failure, loaded, graph) from None
+    analysis = engine.output_path(results["analyze:unet"])
+    dest = workspace.artifacts / loaded.recipe.name / "mbp"
+    publish_tree(analysis, dest)
+    summary = json.loads((analysis / "analysis.json").read_text())
+    table = Table(title=f"mixed-bit candidates for {loaded.recipe.name} (UNet evaluations in the search: {summary['unet_evaluations']})")
+    for column in ("target dB", "measured dB", "bits/weight", "MB", "recipe file"):
+        table.add_column(column)
+    for candidate in summary["candidates"]:
+        name = f"{candidate['target_psnr_db']:g}db.yaml"
+        table.add_row(
+            f"{candidate['target_psnr_db']:g}", f"{candidate['psnr_db']:.2f}", f"{candidate['bits_per_weight']:.2f}",
+            f"{candidate['size_bytes'] / 1e6:.2f}", str(dest / "recipes" / name),
+        )
+    console.print(table)
+    return 0
+
+
+def _build_unet_rewrite(workspace: Workspace, loaded: LoadedRecipe, console: Console, jobs: int) -> Path:
+    """The recipe's rewritten UNet (and its source), built or taken from the cache."""
+    from builder.engine import Graph
+    from builder.stages.pipeline import build_graph
+
+    full = build_graph(loaded)
+    graph = Graph([full[stage_id] for stage_id in ("source", "rewrite:unet") if stage_id in full])
+    engine = workspace.engine(loaded)
+    progress = Progress(console)
+    try:
+        with progress.live:
+            results = {r.id: r for r in engine.build(graph, jobs=jobs, on_event=progress)}
+    except StageFailed as failure:
+        raise _located(failure, loaded, graph) from None
+    return engine.output_path(results["rewrite:unet"])
+
+
+def cmd_import_mbp(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Apple's published mixed-bit pre-analysis JSON as recipe files for this recipe's UNet."""
+    from builder.sd.mbp.layers import conversion_layers
+    from builder.sd.mbp.recipe_file import import_apple_preanalysis, write_recipe_file
+
+    loaded = workspace.load(args.recipe)
+    if not args.json_file.is_file():
+        raise UserError(f"no pre-analysis file {args.json_file}", hint="download Apple's JSON for this model first")
+    layers = conversion_layers(_build_unet_rewrite(workspace, loaded, console, args.jobs))
+    imported = import_apple_preanalysis(args.json_file, [layer.identity for layer in layers])
+    out = args.out or workspace.root / "recipes" / "mbp"
+    out.mkdir(parents=True, exist_ok=True)
+    for key, recipe in sorted(imported.recipes.items()):
+        path = out / f"{loaded.recipe.name}-{key}.yaml"
+        write_recipe_file(recipe, path)
+        console.print(f"wrote {path} ({recipe.bits_per_weight:.2f} bits/weight, {recipe.psnr_db:.2f} dB)")
+    if imported.unmapped:
+        console.print(
+            f"[yellow]{len(imported.unmapped)} layer name(s) of the JSON name no layer of this UNet[/], e.g. "
+            f"{imported.unmapped[0]}: they keep the recipe's default"
+        )
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     from builder.stages.pipeline import build_graph
 
@@ -272,6 +354,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
     report.add_argument("--jobs", type=int, default=2, help="stages run at once if the bundle must be built")
     report.set_defaults(run=cmd_report)
+
+    analyze = commands.add_parser("analyze", help="mixed-bit palettization analysis of the recipe's UNet")
+    analyze.add_argument("recipe")
+    analyze.add_argument("--chunks", type=int, default=16, help="layers are measured in this many cached chunks")
+    analyze.add_argument("--jobs", type=int, default=2)
+    analyze.set_defaults(run=cmd_analyze)
+
+    imported = commands.add_parser("import-mbp", help="convert Apple's mixed-bit pre-analysis JSON into recipe files")
+    imported.add_argument("recipe", help="the recipe whose UNet the JSON describes")
+    imported.add_argument("json_file", type=Path)
+    imported.add_argument("--out", type=Path, default=None, help="folder for the recipe files (default recipes/mbp)")
+    imported.add_argument("--jobs", type=int, default=2)
+    imported.set_defaults(run=cmd_import_mbp)
 
     commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)").set_defaults(run=cmd_schema)
 
