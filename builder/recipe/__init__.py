@@ -1,6 +1,6 @@
 """What the user wrote: recipe models, YAML loading with located errors, and the JSON Schema."""
 
-from .compression import Compression, Float16, Palettize, Quantize
+from .compression import Compression, Float16, MixedPalettize, Palettize, Quantize
 from .enums import Attention, Component, ComputeUnit, DeploymentTarget, Family
 from .load import LoadedRecipe, load_recipe
 from .model import Components, ComponentSettings, Recipe
@@ -20,6 +20,7 @@ __all__ = [
     "HubSource",
     "LoadedRecipe",
     "LocalSource",
+    "MixedPalettize",
     "ModelSource",
     "Palettize",
     "Quantize",

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, NonNegativeInt, PositiveInt
 
 from .base import RecipeModel
+from .paths import MixedBitRecipePath
 
 
 class Float16(RecipeModel):
@@ -46,4 +47,16 @@ class Quantize(RecipeModel):
     )
 
 
-Compression = Annotated[Union[Float16, Palettize, Quantize], Field(discriminator="mode")]
+class MixedPalettize(RecipeModel):
+    """Mixed-bit palettization: each layer's bit width from a recipe file (see `sdbuild analyze`)."""
+
+    mode: Literal["mixed"] = Field(description="Palettize each layer with the bits a mixed-bit recipe file gives it.")
+    recipe: MixedBitRecipePath = Field(
+        description="The mixed-bit recipe (YAML, e.g. recipes/mbp/tiny-sd-40db.yaml), relative to this recipe file."
+    )
+    weight_threshold: NonNegativeInt = Field(
+        default=2048, description="Weights with at most this many elements stay float16."
+    )
+
+
+Compression = Annotated[Union[Float16, Palettize, Quantize, MixedPalettize], Field(discriminator="mode")]

@@ -58,3 +58,22 @@ def _local_model_path(value: object, info: ValidationInfo) -> object:
 LocalModelPath = Annotated[Path, BeforeValidator(_local_model_path)]
 """A diffusers folder or .safetensors file, stored as a resolved absolute path. Inside the
 workspace given in the validation context as `workspace` (the loader always gives it)."""
+
+
+def _recipe_file_path(value: object, info: ValidationInfo) -> object:
+    if not isinstance(value, (str, Path)):
+        return value
+    folder = value.folder if isinstance(value, WrittenIn) else Path.cwd()
+    path = (folder / value).resolve()
+    reject(confinement(value, path, (info.context or {}).get("workspace")))
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        reject([Violation(
+            "",
+            f"'{value}' is not a YAML file (looked for {path})",
+            f"point to a mixed-bit recipe file such as recipes/mbp/<name>.yaml, relative to {folder}",
+        )])
+    return path
+
+
+MixedBitRecipePath = Annotated[Path, BeforeValidator(_recipe_file_path)]
+"""A mixed-bit palettization recipe (YAML), resolved like LocalModelPath and confined to the workspace."""

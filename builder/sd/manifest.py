@@ -32,6 +32,8 @@ class ModelEntry(ModelInfo):
     psnr_db: dict[str, float]  # traced conversion module vs the diffusers/transformers reference
     # compressed weights read back from the saved program into torch, vs float16 weights (None: not compressed)
     read_back_psnr_db: dict[str, float] | None
+    # mixed-bit recipes: the recipe file's target and predicted PSNR, and what the saved weights achieve
+    mixed_bit: dict[str, float] | None = None
 
 
 class Manifest(BaseModel):

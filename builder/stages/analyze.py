@@ -37,6 +37,18 @@ class CandidateParams(BaseModel):
     weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD
 
 
+def probe_stage(*, rewritten: str, model: str | Path, tools: dict[str, str], memory_estimate_bytes: int,
+                component: str = "unet", probe: ProbeSettings = ProbeSettings()) -> StageSpec:
+    """The fixed workload (latents, prompt embeddings, scheduler) compressions are scored on."""
+    return StageSpec(
+        id=f"analyze-inputs:{component}", stage="analyze-inputs", component=component, version=VERSION,
+        function="builder.stages.analyze:run_inputs", params=probe.model_dump(mode="json"),
+        inputs=({"model": model} if isinstance(model, str) else {}) | {"rewritten": rewritten},
+        external_inputs={"model": model} if isinstance(model, Path) else {},
+        tools=tools, memory_estimate_bytes=memory_estimate_bytes,
+    )
+
+
 def analysis_stages(*, rewritten: str, model: str | Path, description: str, tools: dict[str, str],
                     memory_estimate_bytes: int, component: str = "unet", chunks: int = 16,
                     probe: ProbeSettings = ProbeSettings(), nbits: tuple[int, ...] = NBITS,
@@ -44,14 +56,9 @@ def analysis_stages(*, rewritten: str, model: str | Path, description: str, tool
     """Stages of one analysis: `rewritten` is the rewrite stage id of the UNet; `model` the pipeline
     folder (text encoder, tokenizer, scheduler) as the source stage's id or a local folder's path.
     The last stage, `analyze:<component>`, holds `analysis.json` and `recipes/*.yaml`."""
-    model_inputs = {"model": model} if isinstance(model, str) else {}
-    model_external = {"model": model} if isinstance(model, Path) else {}
     common = {"component": component, "version": VERSION, "tools": tools, "memory_estimate_bytes": memory_estimate_bytes}
-    prepare = StageSpec(
-        id=f"analyze-inputs:{component}", stage="analyze-inputs", function="builder.stages.analyze:run_inputs",
-        params=probe.model_dump(mode="json"), inputs=model_inputs | {"rewritten": rewritten},
-        external_inputs=model_external, **common,
-    )
+    prepare = probe_stage(rewritten=rewritten, model=model, tools=tools, memory_estimate_bytes=memory_estimate_bytes,
+                          component=component, probe=probe)
     layer_stages = [
         StageSpec(
             id=f"analyze-layers:{component}:{chunk}", stage="analyze-layers", function="builder.stages.analyze:run_layers",
@@ -121,6 +128,10 @@ def run_candidates(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         write_recipe_file(recipe, out / "recipes" / f"{found.target_psnr_db:g}db.yaml")
     seconds = time.perf_counter() - start
     analysis = {"sensitivity": sensitivity, "candidates": [c.model_dump(exclude={"layers"}) for c in candidates],
-                "unet_evaluations": probe.evaluations, "seconds": round(seconds, 2)}
+                "unet_evaluations": probe.evaluations}
     (out / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    # The same candidates in the form `sdbuild report --candidates` plots.
+    plotted = [{"name": f"{c.target_psnr_db:g}db", "average_bits": c.bits_per_weight, "size_bytes": c.size_bytes,
+                "psnr_db": c.psnr_db} for c in candidates]
+    (out / "candidates.json").write_text(json.dumps(plotted, indent=1))
     return {"candidates": len(candidates), "unet_evaluations": probe.evaluations, "seconds": round(seconds, 2)}

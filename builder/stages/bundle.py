@@ -69,7 +69,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
         check = json.loads((inputs[f"check.{component}"] / "check.json").read_text())
         verified = inputs.get(f"verify.{component}")
-        read_back_psnr = json.loads((verified / "check.json").read_text())["read_back_psnr_db"] if verified else None
+        verification = json.loads((verified / "check.json").read_text()) if verified else {}
         models[resource_name] = ModelEntry(
             component=component,
             path=shipped.name,
@@ -80,7 +80,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             inputs=interface.inputs,
             outputs=interface.outputs,
             psnr_db=check["psnr_db"],
-            read_back_psnr_db=read_back_psnr,
+            read_back_psnr_db=verification.get("read_back_psnr_db"),
+            mixed_bit=verification.get("mixed_bit"),
         )
 
     problems = check_models(p.family, models, latent_size=p.latent_size, batch_size=p.unet_batch_size)

@@ -13,11 +13,19 @@ from builder.coreml.palettize import PalettizeOptions, palettize_package
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    options = PalettizeOptions.model_validate(params)
-    report = palettize_package(inputs["model"] / "model.mlpackage", out / "model.mlpackage", options)
+    package = inputs["model"] / "model.mlpackage"
+    if "mbp_recipe" in inputs:  # mixed-bit: each layer's width from the recipe file
+        from builder.sd.mbp.layers import conversion_layers
+        from builder.sd.mbp.recipe_file import to_palettize_options
+
+        threshold = params["weight_threshold"]
+        layers = conversion_layers(inputs["rewritten"], threshold)
+        options = to_palettize_options(inputs["mbp_recipe"], layers, package, threshold)
+    else:
+        options = PalettizeOptions.model_validate(params)
+    report = palettize_package(package, out / "model.mlpackage", options)
     (out / "report.json").write_text(report.model_dump_json(indent=2, exclude={"seconds"}) + "\n")
     return {
-        "nbits": options.nbits,
         "bits_per_weight": round(report.bits_per_weight, 4),
         "size_bytes": report.bytes_after,
         "seconds": round(report.seconds, 2),

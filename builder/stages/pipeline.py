@@ -52,11 +52,26 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 f"component {component.value} cannot be converted yet",
                 f"remove it; supported: {', '.join(COMPONENT_SETTINGS)}",
             )
+    for component, settings in recipe.components.enabled().items():
+        if settings.compression.mode == "mixed" and component.value != "unet":
+            raise _field_error(
+                loaded,
+                f"components.{component.value}.compression.mode",
+                "mixed-bit palettization is analysed for the UNet only",
+                "use mode: palettize with one nbits for this component",
+            )
     if recipe.model.vae is not None:
         raise _field_error(loaded, "model.vae", "a replacement VAE cannot be used yet", "remove model.vae")
 
 
-def _memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
+def _check_mixed_recipe(path: Path) -> None:
+    """Validate a mixed-bit recipe file before anything runs (its errors name its own lines)."""
+    from builder.sd.mbp.recipe_file import load_recipe_file
+
+    load_recipe_file(path)
+
+
+def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot."""
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
         return 1 * GIB
@@ -90,7 +105,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         stages.append(StageSpec(
             id="source", stage="source", version=STAGE_VERSIONS["source"], function="builder.stages.source:run",
             params=params, param_origins=origins, external_inputs=checkpoint, tools=tools,
-            memory_estimate_bytes=_memory_estimate(loaded, None),
+            memory_estimate_bytes=memory_estimate(loaded, None),
         ))
         model_inputs = {"model": "source"}
 
@@ -105,7 +120,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     components: dict[str, dict] = {}
     for component, component_settings in recipe.components.enabled().items():
         c = component.value
-        memory = _memory_estimate(loaded, c)
+        memory = memory_estimate(loaded, c)
         depends_on = COMPONENT_SETTINGS[c]
         rewrite_params = {"component": c} | {name: settings[name][0] for name in depends_on}
         rewrite_origins = {name: settings[name][1] for name in depends_on}
@@ -127,7 +142,25 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             {"deployment_target": "deployment_target"},
         )
         compression = component_settings.compression
-        if compression.mode in ("palettize", "quantize"):
+        if compression.mode == "mixed":
+            settings_path = f"components.{c}.compression"
+            _check_mixed_recipe(compression.recipe)
+            final = add(
+                "palettize", {"model": final, "rewritten": rewrite}, {"weight_threshold": compression.weight_threshold},
+                {"mbp_recipe": f"{settings_path}.recipe", "weight_threshold": f"{settings_path}.weight_threshold"},
+                external_inputs={"mbp_recipe": compression.recipe},
+            )
+            from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes
+
+            stages.append(probe_stage(
+                rewritten=rewrite, model=model_inputs.get("model") or model_external["model"], tools=tools,
+                memory_estimate_bytes=memory, component=c,
+            ))
+            bundle_inputs[f"verify.{c}"] = add(
+                "verify", {"rewritten": rewrite, "model": final, "probe": f"analyze-inputs:{c}"}, {},
+                external_inputs={"mbp_recipe": compression.recipe},
+            )
+        elif compression.mode in ("palettize", "quantize"):
             settings_path = f"components.{c}.compression"
             params = compression.model_dump(mode="json", exclude={"mode"})
             final = add(

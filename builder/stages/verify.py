@@ -31,5 +31,25 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     scores = {
         name: round(psnr(got, want), 2) for name, got, want in zip(architecture["outputs"], produced, expected)
     }
-    (out / "check.json").write_text(json.dumps({"read_back_psnr_db": scores}, indent=2, sort_keys=True))
-    return {"read_back_psnr_db": scores, "compressed_weights": len(models.compressed_consts)}
+    check: dict = {"read_back_psnr_db": scores}
+    if "probe" in inputs:  # mixed-bit: score the read-back weights on the workload the analysis used
+        check |= _mixed_bit_check(inputs, models)
+    (out / "check.json").write_text(json.dumps(check, indent=2, sort_keys=True))
+    return check | {"compressed_weights": len(models.compressed_consts)}
+
+
+def _mixed_bit_check(inputs: dict[str, Path], models) -> dict:
+    """The recipe file's target and predicted PSNR beside what the saved package achieves."""
+    from builder.sd.mbp.analysis import Probe
+    from builder.sd.mbp.recipe_file import load_recipe_file
+
+    recipe = load_recipe_file(inputs["mbp_recipe"])
+    probe = Probe(models.float16, inputs["probe"], [])
+    state = {name: p.detach().clone() for name, p in models.compressed.named_parameters()}
+    return {
+        "mixed_bit": {
+            "target_psnr_db": recipe.target_psnr_db,
+            "predicted_psnr_db": recipe.psnr_db,
+            "achieved_psnr_db": round(probe.psnr_with(state), 2),
+        }
+    }

@@ -107,6 +107,7 @@ class Probe:
         self.settings = ProbeSettings.model_validate_json((inputs / _SETTINGS_FILE).read_text())
         self.originals = {layer.identity: module.get_parameter(layer.identity).detach().half().numpy().copy()
                           for layer in layers}
+        self.float16_weights = {name: p.detach().half().numpy().copy() for name, p in module.named_parameters()}
         self.applied: Recipe = {}
         self.evaluations = 0
         self.reference = self._denoise()
@@ -115,6 +116,18 @@ class Probe:
         """Average PSNR over prompts of the final latents with `recipe` applied, against float16."""
         self._apply(recipe)
         produced = self._denoise()
+        return sum(psnr(p, r) for p, r in zip(produced, self.reference)) / len(self.reference)
+
+    def psnr_with(self, state: dict[str, torch.Tensor]) -> float:
+        """Average PSNR over prompts with the given weights loaded (e.g. read back from a package)."""
+        self._apply({})
+        with torch.no_grad():
+            for name, value in state.items():
+                self.module.get_parameter(name).copy_(value)
+        produced = self._denoise()
+        with torch.no_grad():
+            for name in state:
+                self.module.get_parameter(name).copy_(torch.from_numpy(self.float16_weights[name].astype(np.float32)))
         return sum(psnr(p, r) for p, r in zip(produced, self.reference)) / len(self.reference)
 
     def _apply(self, recipe: Recipe) -> None:
