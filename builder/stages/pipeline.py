@@ -7,6 +7,7 @@ came from, so the engine can say exactly which edit made a stage stale.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from builder import __version__
@@ -171,6 +172,8 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable)
         bundle_inputs |= {f"model.{c}": final, f"compiled.{c}": compiled, f"check.{c}": trace}
         components[c] = compression.model_dump(mode="json")
+        if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
+            components[c]["recipe"] = os.path.relpath(compression.recipe, loaded.path.parent)
 
     bundle_params = {
         "name": recipe.name,
