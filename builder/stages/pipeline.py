@@ -1,7 +1,7 @@
 """The stage graph of a recipe: which stages run for which component, on what, with which params.
 
-This is the one place that knows the order source -> rewrite -> trace -> convert -> [palettize] ->
-compile -> bundle. Params hold only what a stage's output depends on, each with the recipe field it
+This is the one place that knows the order source -> rewrite -> trace -> convert -> [palettize or
+quantize] -> [verify] -> compile -> bundle. Params hold only what a stage's output depends on, each with the recipe field it
 came from, so the engine can say exactly which edit made a stage stale.
 """
 
