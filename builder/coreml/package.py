@@ -51,6 +51,11 @@ def normalize_mlpackage(package: Path) -> None:
     _write_atomic(spec_path, spec.SerializeToString(deterministic=True))
 
 
+def package_size(path: Path) -> int:
+    """Bytes of all files under a saved model folder (`.mlpackage` or `.mlmodelc`)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 class FeatureInfo(BaseModel):
     """One input or output as the saved model declares it."""
 

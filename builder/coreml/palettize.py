@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 
 from builder.coreml.kmeans import weighted_kmeans_1d
-from builder.coreml.package import normalize_mlpackage
+from builder.coreml.package import normalize_mlpackage, package_size
 
 Nbits = Literal[1, 2, 3, 4, 6, 8]
 
@@ -419,10 +419,6 @@ def _rewrite(spec, jobs: dict, weights: list[WeightReport], ios18: bool, blobs: 
             block.outputs[:] = [renamed.get(name, name) for name in block.outputs]
 
 
-def _package_bytes(package: Path) -> int:
-    return sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
-
-
 def _average_bits(weights: list[WeightReport]) -> float:
     elements = sum(w.elements for w in weights)
     return sum(w.bits_per_weight * w.elements for w in weights) / elements if elements else 0.0
@@ -453,8 +449,8 @@ def palettize_package(src: Path, dst: Path, options: PalettizeOptions, *, worker
         weights=weights,
         palettized_bits_per_weight=_average_bits([w for w in weights if w.nbits is not None]),
         bits_per_weight=_average_bits(weights),
-        bytes_before=_package_bytes(src),
-        bytes_after=_package_bytes(dst),
+        bytes_before=package_size(src),
+        bytes_after=package_size(dst),
         seconds=time.perf_counter() - start,
     )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from builder.coreml.package import describe_mlpackage
+from builder.coreml.package import describe_mlpackage, package_size
 from builder.errors import UserError
 from builder.sd.contract import LATENT_SCALE_FACTOR, RESOURCE_NAMES, TEXT_LENGTH, TOKENIZER_FILES, check_models
 from builder.sd.manifest import FileEntry, Manifest, ModelEntry
@@ -38,10 +38,6 @@ class BundleParams(BaseModel):
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _tree_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
@@ -75,7 +71,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             path=shipped.name,
             compiled=compiled,
             compression=compression,
-            size_bytes=_tree_size(shipped),
+            size_bytes=package_size(shipped),
             bits_per_weight=bits,
             inputs=interface.inputs,
             outputs=interface.outputs,

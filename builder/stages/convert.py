@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from builder.coreml.package import normalize_mlpackage
+from builder.coreml.package import normalize_mlpackage, package_size
 
 
 class ConvertParams(BaseModel):
@@ -41,4 +41,4 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     package = out / "model.mlpackage"
     model.save(str(package))
     normalize_mlpackage(package)
-    return {"size_bytes": sum(f.stat().st_size for f in package.rglob("*") if f.is_file())}
+    return {"size_bytes": package_size(package)}

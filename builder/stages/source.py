@@ -62,14 +62,19 @@ def download_snapshot(repo_id: str, revision: str, out: Path) -> None:
             ignore_patterns=_HUB_EXCLUDED,
         )
     except Exception as error:  # network, auth, missing repo: all end the same way for the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise _cannot_fetch(repo_id, revision, f"{type(error).__name__}: {reason[:200]}") from None
+        raise _cannot_fetch(repo_id, revision, _first_line(error)) from None
     # The hub client leaves its own bookkeeping folder; it is not part of the model.
     cache_meta = out / ".cache"
     if cache_meta.exists():
         import shutil
 
         shutil.rmtree(cache_meta)
+
+
+def _first_line(error: Exception) -> str:
+    """The error's type and the first line of its message: one line for the user, not a trace."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def _cannot_fetch(repo_id: str, revision: str, why: str) -> UserError:
@@ -104,9 +109,8 @@ def import_single_file(checkpoint: Path, family: str, out: Path) -> None:
     try:
         pipeline = pipeline_class.from_single_file(str(checkpoint), use_safetensors=True)
     except Exception as error:  # offline, unknown architecture, corrupt file: all end the same way
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UserError(
-            f"cannot read the single-file checkpoint {checkpoint.name} ({type(error).__name__}: {reason})",
+            f"cannot read the single-file checkpoint {checkpoint.name} ({_first_line(error)})",
             hint="check that it is a Stable Diffusion checkpoint in safetensors format; diffusers also needs the base "
             "model's config files from the Hugging Face Hub once, so connect, or convert the checkpoint to a "
             "diffusers folder elsewhere and point model.local.path at that folder",
