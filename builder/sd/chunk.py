@@ -257,13 +257,11 @@ _STEP_RUNNERS: dict[str, Callable[[UnetChunk, Step, _State], None]] = {
 class Chunks:
     """The two chunks of a UNet conversion module and where it was cut."""
 
+    whole: nn.Module
     first: UnetChunk
     second: UnetChunk
     boundary: str  # name of chunk 2's first step
     parameter_bytes: tuple[int, int]
-
-    def __iter__(self):
-        return iter((self.first, self.second))
 
     def chain(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Chunk 1 then chunk 2, fed as the Swift package feeds them (by feature name)."""
@@ -282,4 +280,4 @@ def split_unet(module: nn.Module) -> Chunks:
     originals = [n for n in input_names if n == TEXT and any(s.reads_text for s in steps[boundary:])]
     second = UnetChunk(module, steps, boundary, len(steps), first.output_names + originals)
     sizes = [parameter_bytes(unet, s) for s in steps]
-    return Chunks(first, second, steps[boundary].name, (sum(sizes[:boundary]), sum(sizes[boundary:])))
+    return Chunks(module, first, second, steps[boundary].name, (sum(sizes[:boundary]), sum(sizes[boundary:])))

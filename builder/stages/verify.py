@@ -15,13 +15,21 @@ from safetensors.torch import load_file
 
 from builder.sd.psnr import psnr
 from builder.sd.read_back import read_back
+from builder.stages.chunk import split
 from builder.stages.trace import load_conversion_module
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    module, architecture = load_conversion_module(inputs["rewritten"])
-    references = load_file(inputs["rewritten"] / "reference.safetensors")
-    example = tuple(references[f"input.{spec['name']}"] for spec in architecture["inputs"])
+    chunk = params.get("chunk")
+    if chunk is None:
+        module, architecture = load_conversion_module(inputs["rewritten"])
+        references = load_file(inputs["rewritten"] / "reference.safetensors")
+        example = tuple(references[f"input.{spec['name']}"] for spec in architecture["inputs"])
+    else:  # a UNet chunk, on the inputs its chunk stage traced it with
+        chunks, _ = split(inputs["rewritten"])
+        module = chunks.first if chunk == 1 else chunks.second
+        architecture = json.loads((inputs["traced"] / "interface.json").read_text())
+        example = tuple(load_file(inputs["traced"] / "examples.safetensors")[name] for name in module.input_names)
     models = read_back(module, inputs["model"] / "model.mlpackage")
     with torch.no_grad():
         expected = models.float16(*example)
