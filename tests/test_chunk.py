@@ -169,7 +169,12 @@ def test_chunked_build_ships_palettized_chunks_and_toggles_cheaply(built, tmp_pa
     # Each chunk carries only its own weights: together they weigh what the whole UNet does.
     whole_weights = package_size(ws.bundle / "Resources" / "Unet.mlpackage" / WEIGHTS_DIR)
     assert abs(chunk_weights - whole_weights) < 0.02 * whole_weights
-    assert json.loads((ws.bundle / "manifest.json").read_text())["models"]["Unet"]["chunk"] is None
+    whole = json.loads((ws.bundle / "manifest.json").read_text())["models"]["Unet"]
+    assert whole["chunk"] is None
+    # Palettized chunk by chunk, the weights are those of the palettized whole UNet: same end-to-end PSNR.
+    chain = manifest["models"]["UnetChunk2"]["chunk"]["chain_read_back_psnr_db"]["noise_pred"]
+    assert chain == whole["read_back_psnr_db"]["noise_pred"]
+    assert manifest["models"]["UnetChunk1"]["chunk"]["chain_read_back_psnr_db"] is None
 
     _chunked(copy, False)  # back to the whole UNet: everything is still cached
     assert {e["status"] for e in copy.plan_json().values()} <= {"cached", "skipped"}

@@ -29,6 +29,8 @@ class ChunkEntry(BaseModel):
     weight_bytes: int  # this chunk's Core ML weight file(s), as shipped (compressed)
     whole_psnr_db: float  # chunk 1 -> chunk 2 vs the whole conversion module
     whole_max_abs_diff: float
+    # chunk 2 of a palettized UNet: both compressed chunks in sequence vs the whole UNet with float16 weights
+    chain_read_back_psnr_db: dict[str, float] | None = None
 
 
 class ModelEntry(ModelInfo):

@@ -63,7 +63,11 @@ def _ship(inputs: dict[str, Path], key: str, component: str, compression: dict, 
     verification = json.loads((verified / "check.json").read_text()) if verified else {}
     chunk = check.get("chunk")
     if chunk is not None:
-        chunk = ChunkEntry(**chunk, weight_bytes=package_size(package / WEIGHTS_DIR))
+        chunk = ChunkEntry(
+            **chunk,
+            weight_bytes=package_size(package / WEIGHTS_DIR),
+            chain_read_back_psnr_db=verification.get("chain_read_back_psnr_db"),
+        )
     return ModelEntry(
         component=component,
         path=shipped.name,

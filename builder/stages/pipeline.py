@@ -188,9 +188,12 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     part=part,
                 )
                 if compression.mode == "palettize":
+                    if chunk == 2:  # also checks chunk 1 -> chunk 2 as shipped
+                        verify_inputs["first"] = first_chunk
                     bundle_inputs[f"verify.{c}{part}"] = add(
                         "verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part
                     )
+                first_chunk = final
             compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable, part=part)
             bundle_inputs |= {f"model.{c}{part}": final, f"compiled.{c}{part}": compiled, f"check.{c}{part}": trace}
         if chunked:

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from builder.sd.psnr import psnr
-from builder.sd.read_back import read_back
+from builder.sd.chunk import Chunks
+from builder.sd.read_back import ReadBack, read_back
 from builder.stages.chunk import split
 from builder.stages.trace import load_conversion_module
 
@@ -40,10 +41,24 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         name: round(psnr(got, want), 2) for name, got, want in zip(architecture["outputs"], produced, expected)
     }
     check: dict = {"read_back_psnr_db": scores}
+    if "first" in inputs:  # chunk 2: both compressed chunks in sequence, as the app runs them
+        check["chain_read_back_psnr_db"] = _chain_check(inputs, chunks, models)
     if "probe" in inputs:  # mixed-bit: score the read-back weights on the workload the analysis used
         check |= _mixed_bit_check(inputs, models)
     (out / "check.json").write_text(json.dumps(check, indent=2, sort_keys=True))
     return check | {"compressed_weights": len(models.compressed_consts)}
+
+
+def _chain_check(inputs: dict[str, Path], chunks: Chunks, second: ReadBack) -> dict[str, float]:
+    """Compressed chunk 1 -> compressed chunk 2 against the whole module with float16 weights."""
+    first = read_back(chunks.first, inputs["first"] / "model.mlpackage")  # both halves of `whole` now float16
+    references = load_file(inputs["rewritten"] / "reference.safetensors")
+    example = {name: references[f"input.{name}"] for name in chunks.first.input_names}
+    with torch.no_grad():
+        expected = chunks.whole(*example.values())
+        handed = dict(zip(chunks.first.output_names, first.compressed(*example.values()))) | example
+        produced = second.compressed(*(handed[name] for name in chunks.second.input_names))[0]
+    return {"noise_pred": round(psnr(produced, expected), 2)}
 
 
 def _mixed_bit_check(inputs: dict[str, Path], models) -> dict:
