@@ -10,7 +10,6 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from builder.coreml.package import WEIGHTS_DIR, FeatureInfo, ModelInfo, describe_mlpackage, package_size
-from builder.errors import RecipeError
 from builder.recipe import load_recipe
 from builder.sd.ane import rewrite_unet
 from builder.sd.chunk import balanced_boundary, parameter_bytes, split_unet, unet_steps
@@ -115,15 +114,24 @@ def test_contract_checks_chunks():
     assert "missing required model Unet" in problems and any("must ship together" in p for p in problems)
 
 
-def test_chunked_mixed_bit_is_refused_at_the_recipe_line(tmp_path):
+def test_chunked_graph_runs_each_unet_stage_after_rewrite_per_chunk(tmp_path):
     shutil.copytree(PROJECT / "recipes", tmp_path / "recipes")
-    recipe = tmp_path / "recipes" / "tiny-sd.yaml"
-    text = recipe.read_text().replace("compression: {mode: palettize, nbits: 6}", "compression: {mode: mixed, recipe: x.yaml}")
-    recipe.write_text(text.replace("unet_batch_size: 2", "unet_batch_size: 2\nchunk_unet: true"))
-    (tmp_path / "recipes" / "x.yaml").write_text("")
-    with pytest.raises(RecipeError) as raised:
-        build_graph(load_recipe(recipe, workspace=tmp_path))
-    assert raised.value.field == "chunk_unet" and "mixed-bit" in raised.value.render()
+    recipe = tmp_path / "recipes" / "tiny-sd-mbp.yaml"
+    recipe.write_text(recipe.read_text().replace("unet_batch_size: 2", "unet_batch_size: 2\nchunk_unet: true"))
+    graph = {spec.id: spec for spec in build_graph(load_recipe(recipe, workspace=tmp_path))}
+    unet = {i for i in graph if i.startswith(("rewrite:unet", "trace:unet", "chunk:unet", "convert:unet",
+                                                "palettize:unet", "verify:unet", "compile:unet"))}
+    per_chunk = {f"{s}:unet.chunk{k}" for s in ("chunk", "convert", "palettize", "verify", "compile") for k in (1, 2)}
+    assert unet == per_chunk | {"rewrite:unet"}
+    assert graph["verify:unet.chunk2"].inputs == {
+        "rewritten": "rewrite:unet", "traced": "chunk:unet.chunk2", "first": "palettize:unet.chunk1",
+        "model": "palettize:unet.chunk2", "probe": "analyze-inputs:unet",
+    }
+    assert "probe" not in graph["verify:unet.chunk1"].inputs
+    assert {k for k in graph["bundle"].inputs if "unet" in k} == {
+        f"{kind}.unet.chunk{k}" for kind in ("model", "compiled", "check", "verify") for k in (1, 2)
+    }
+    assert graph["bundle"].params["chunked"] == ["unet"]
 
 
 def _chunked(ws: Workspace, on: bool) -> None:
@@ -178,3 +186,25 @@ def test_chunked_build_ships_palettized_chunks_and_toggles_cheaply(built, tmp_pa
 
     _chunked(copy, False)  # back to the whole UNet: everything is still cached
     assert {e["status"] for e in copy.plan_json().values()} <= {"cached", "skipped"}
+
+
+@pytest.mark.slow
+def test_chunked_mixed_bit_unet_meets_the_recipe_files_prediction(built, tmp_path):
+    ws, _ = built
+    copy = Workspace(root=tmp_path / "ws", cache=ws.cache)
+    shutil.copytree(ws.root / "recipes", copy.root / "recipes")
+    recipe = copy.root / "recipes" / "tiny-sd-mbp.yaml"
+    recipe.write_text(recipe.read_text().replace("unet_batch_size: 2", "unet_batch_size: 2\nchunk_unet: true"))
+    report = copy.build_json("recipes/tiny-sd-mbp.yaml")
+    status = {s["id"]: s["status"] for s in report["stages"]}
+    assert status["rewrite:unet"] == "hit" and "palettize:unet" not in status
+    manifest = json.loads((copy.root / "artifacts" / "tiny-sd-mbp" / "latest" / "manifest.json").read_text())
+    first, second = manifest["models"]["UnetChunk1"], manifest["models"]["UnetChunk2"]
+    for name in ("UnetChunk1", "UnetChunk2"):
+        package = copy.root / "artifacts" / "tiny-sd-mbp" / "latest" / "Resources" / f"{name}.mlpackage"
+        assert len(compressed_const_names(package)) > 0
+    # Scored once, with both chunks' read-back weights in the whole UNet, on the analysis workload.
+    assert first["mixed_bit"] is None
+    mixed = second["mixed_bit"]
+    assert mixed["achieved_psnr_db"] >= mixed["target_psnr_db"] - 0.5
+    assert abs(mixed["achieved_psnr_db"] - mixed["predicted_psnr_db"]) <= 0.5

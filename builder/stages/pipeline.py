@@ -14,7 +14,6 @@ from builder import __version__
 from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
 from builder.recipe import LoadedRecipe
-from builder.recipe.enums import Component
 from builder.sd.presets import PRESETS
 from builder.sd.settings import COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
@@ -44,12 +43,6 @@ def _check_supported(loaded: LoadedRecipe) -> None:
         )
     if recipe.family.value != "sd":
         raise _field_error(loaded, "family", f"family '{recipe.family.value}' cannot be built yet", "use family: sd")
-    unet = recipe.components.enabled().get(Component.UNET)
-    if recipe.chunk_unet and unet is not None and unet.compression.mode == "mixed":
-        raise _field_error(
-            loaded, "chunk_unet", "a chunked UNet cannot be mixed-bit palettized yet",
-            "use compression mode palettize with one nbits, or set chunk_unet: false",
-        )
     for component in recipe.components.enabled():
         if component.value not in COMPONENT_SETTINGS:
             raise _field_error(
@@ -144,6 +137,14 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
 
         rewrite = add("rewrite", model_inputs, rewrite_params, rewrite_origins, external_inputs=model_external)
         compression = component_settings.compression
+        if compression.mode == "mixed":
+            _check_mixed_recipe(compression.recipe)
+            from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes
+
+            stages.append(probe_stage(
+                rewritten=rewrite, model=model_inputs.get("model") or model_external["model"], tools=tools,
+                memory_estimate_bytes=memory, component=c,
+            ))
         chunked = recipe.chunk_unet and c == "unet"
         # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared.
         for chunk in (1, 2) if chunked else (None,):
@@ -160,40 +161,35 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                 {"component": c, "deployment_target": recipe.deployment_target.value} | chunk_params,
                 {"deployment_target": "deployment_target"} | chunk_origins, part=part,
             )
+            settings_path = f"components.{c}.compression"
+            # Chunk 2's verify also runs both compressed chunks in sequence (and scores a mixed-bit recipe).
             verify_inputs = {"rewritten": rewrite} | ({"traced": trace} if chunk else {})
+            verify_inputs |= {"first": first_chunk} if chunk == 2 else {}
             if compression.mode == "mixed":
-                settings_path = f"components.{c}.compression"
-                _check_mixed_recipe(compression.recipe)
                 final = add(
                     "palettize", {"model": final, "rewritten": rewrite},
-                    {"weight_threshold": compression.weight_threshold},
-                    {"mbp_recipe": f"{settings_path}.recipe", "weight_threshold": f"{settings_path}.weight_threshold"},
-                    external_inputs={"mbp_recipe": compression.recipe},
+                    {"weight_threshold": compression.weight_threshold} | chunk_params,
+                    {"mbp_recipe": f"{settings_path}.recipe", "weight_threshold": f"{settings_path}.weight_threshold"}
+                    | chunk_origins,
+                    external_inputs={"mbp_recipe": compression.recipe}, part=part,
                 )
-                from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes
-
-                stages.append(probe_stage(
-                    rewritten=rewrite, model=model_inputs.get("model") or model_external["model"], tools=tools,
-                    memory_estimate_bytes=memory, component=c,
-                ))
-                bundle_inputs[f"verify.{c}"] = add(
-                    "verify", {"rewritten": rewrite, "model": final, "probe": f"analyze-inputs:{c}"}, {},
-                    external_inputs={"mbp_recipe": compression.recipe},
+                scored = chunk != 1
+                bundle_inputs[f"verify.{c}{part}"] = add(
+                    "verify", verify_inputs | {"model": final} | ({"probe": f"analyze-inputs:{c}"} if scored else {}),
+                    chunk_params, chunk_origins, external_inputs={"mbp_recipe": compression.recipe} if scored else {},
+                    part=part,
                 )
             elif compression.mode in ("palettize", "quantize"):
-                settings_path = f"components.{c}.compression"
                 params = compression.model_dump(mode="json", exclude={"mode"})
                 final = add(
                     compression.mode, {"model": final}, params, {name: f"{settings_path}.{name}" for name in params},
                     part=part,
                 )
                 if compression.mode == "palettize":
-                    if chunk == 2:  # also checks chunk 1 -> chunk 2 as shipped
-                        verify_inputs["first"] = first_chunk
                     bundle_inputs[f"verify.{c}{part}"] = add(
                         "verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part
                     )
-                first_chunk = final
+            first_chunk = final
             compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable, part=part)
             bundle_inputs |= {f"model.{c}{part}": final, f"compiled.{c}{part}": compiled, f"check.{c}{part}": trace}
         if chunked:
