@@ -16,7 +16,7 @@ so parameter names, Core ML const names and mixed-bit recipe keys are the same a
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -118,7 +118,7 @@ class _State:
     inputs: dict[str, torch.Tensor]
     hidden: torch.Tensor | None = None
     emb: torch.Tensor | None = None
-    skips: list[tuple[int, torch.Tensor]] | None = None  # (push index, residual), oldest first
+    skips: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (push index, residual), oldest first
     pushed: int = 0  # skips pushed so far, chunk 1 included
 
 
