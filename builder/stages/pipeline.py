@@ -2,7 +2,8 @@
 
 This is the one place that knows the order source -> rewrite -> trace -> convert -> [palettize or
 quantize] -> [verify] -> compile -> bundle. Params hold only what a stage's output depends on, each with the recipe field it
-came from, so the engine can say exactly which edit made a stage stale.
+came from, so the engine can say exactly which edit made a stage stale. A chunked UNet replaces
+trace with one `chunk` stage per chunk and runs every later stage per chunk (`<stage>:unet.chunk<k>`).
 """
 
 from __future__ import annotations
