@@ -16,7 +16,7 @@ from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
 from builder.recipe import LoadedRecipe
 from builder.sd.presets import PRESETS
-from builder.sd.settings import COMPONENT_SETTINGS
+from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
@@ -146,7 +146,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                 rewritten=rewrite, model=model_inputs.get("model") or model_external["model"], tools=tools,
                 memory_estimate_bytes=memory, component=c,
             ))
-        chunked = recipe.chunk_unet and c == "unet"
+        chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
         # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared.
         for chunk in (1, 2) if chunked else (None,):
             part = f".chunk{chunk}" if chunk else ""
