@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 _SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
+WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")  # an ML Program package's weight file(s)
 _DROPPED_METADATA = ("com.github.apple.coremltools.conversion_date",)
 # Fixed namespace so item identifiers depend only on the item's path inside the package.
 _NAMESPACE = uuid.UUID("6f1d2c9e-5b7a-4e8f-9c3d-2a1b0e4f7d61")

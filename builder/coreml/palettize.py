@@ -26,12 +26,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 
 from builder.coreml.kmeans import weighted_kmeans_1d
-from builder.coreml.package import normalize_mlpackage, package_size
+from builder.coreml.package import WEIGHTS_DIR, normalize_mlpackage, package_size
 
 Nbits = Literal[1, 2, 3, 4, 6, 8]
 
 _SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
-_WEIGHTS_DIR = Path("Data/com.apple.CoreML/weights")
 _WEIGHT_FILE = "weight.bin"
 _SUFFIX = "_palettized"  # coremltools names the replacement op and its output this way
 _IOS16_SPEC_VERSION = 7  # first version with constexpr ops
@@ -113,7 +112,7 @@ def _value_reader(package: Path):
     """Decode any MIL proto value (immediate or in the weight file) with coremltools' own loader."""
     from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
 
-    context = TranscriptionContext(str(package / _WEIGHTS_DIR))
+    context = TranscriptionContext(str(package / WEIGHTS_DIR))
     return lambda value: _load_value(context, value)
 
 
@@ -242,7 +241,7 @@ class _BlobCopier:
         from coremltools.libmilstoragepython import _BlobStorageWriter
 
         self.read = _value_reader(source)
-        self.writer = _BlobStorageWriter(str(destination / _WEIGHTS_DIR / _WEIGHT_FILE))
+        self.writer = _BlobStorageWriter(str(destination / WEIGHTS_DIR / _WEIGHT_FILE))
         self.copied: dict[tuple[str, int], int] = {}
 
     def write(self, array: np.ndarray, dtype) -> int:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from builder.report.plot import Candidate, load_candidates, psnr_vs_size_figure, save_png
-from builder.report.read_back import load_read_back_unet
+from builder.report.read_back import load_read_back_unet, unet_entries
 from builder.sd.read_back import ReadBack
 from builder.report.sampling import Sampler
 from builder.sd.components import ComponentShape, example_inputs, kind
@@ -119,11 +119,13 @@ def write_report(
     folder.mkdir()
     unet = load_read_back_unet(bundle, pipeline)
     unet_psnr = _unet_psnr(unet, manifest)
-    entry = manifest.models["Unet"]
+    entries = unet_entries(manifest)  # chunks: their bits averaged by the weights each holds
+    weights = [entry.chunk.parameter_bytes[entry.chunk.index - 1] if entry.chunk else 1 for entry in entries]
+    bits = [entry.bits_per_weight for entry in entries]
     chosen = Candidate(
         name=f"{manifest.name} {manifest.version}",
-        average_bits=entry.bits_per_weight,
-        size_bytes=entry.size_bytes,
+        average_bits=None if None in bits else sum(b * w for b, w in zip(bits, weights)) / sum(weights),
+        size_bytes=sum(entry.size_bytes for entry in entries),
         psnr_db=unet_psnr,
     )
     save_png(psnr_vs_size_figure(load_candidates(candidates) if candidates else [], chosen), folder / "psnr_vs_size.png")
@@ -141,7 +143,8 @@ def write_report(
         "",
         "## Compressed UNet read back",
         "",
-        f"The UNet weights stored in `{entry.path}` ({len(unet.compressed_consts)} of them compressed), loaded into the "
+        f"The UNet weights stored in {' and '.join(f'`{e.path}`' for e in entries)} "
+        f"({len(unet.compressed_consts)} of them compressed), loaded into the "
         f"torch conversion module, against the same module with float16 weights on fixed inputs: **{unet_psnr:.2f} dB**.",
         "",
         "## PSNR against size",

@@ -12,3 +12,6 @@ COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
     "vae_decoder": ("latent_size",),
     "vae_encoder": ("latent_size",),
 }
+
+# Components `chunk_unet: true` ships as two chunks (builder/sd/chunk.py): every UNet the recipe builds.
+CHUNKED_BY_CHUNK_UNET: tuple[str, ...] = ("unet",)

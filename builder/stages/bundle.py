@@ -14,10 +14,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from builder.coreml.package import describe_mlpackage, package_size
+from builder.coreml.package import WEIGHTS_DIR, describe_mlpackage, package_size
 from builder.errors import UserError
-from builder.sd.contract import LATENT_SCALE_FACTOR, RESOURCE_NAMES, TEXT_LENGTH, TOKENIZER_FILES, check_models
-from builder.sd.manifest import FileEntry, Manifest, ModelEntry
+from builder.sd.contract import (
+    LATENT_SCALE_FACTOR, RESOURCE_NAMES, TEXT_LENGTH, TOKENIZER_FILES, check_models, chunk_names,
+)
+from builder.sd.manifest import ChunkEntry, FileEntry, Manifest, ModelEntry
 
 
 class BundleParams(BaseModel):
@@ -31,6 +33,7 @@ class BundleParams(BaseModel):
     compute_unit: str
     deployment_target: str
     components: dict[str, dict]  # component -> its compression settings
+    chunked: list[str] = []  # components shipped as two chunks
     tools: dict[str, str]
     sdbuild_version: str
 
@@ -38,6 +41,47 @@ class BundleParams(BaseModel):
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _ship(inputs: dict[str, Path], key: str, component: str, compression: dict, stem: Path) -> ModelEntry:
+    """Copy one model (`key`: component, or component.chunkN) into Resources and describe it."""
+    package = inputs[f"model.{key}"] / "model.mlpackage"
+    compiled = f"compiled.{key}" in inputs
+    if compiled:
+        shipped = stem.with_name(f"{stem.name}.mlmodelc")
+        shutil.copytree(inputs[f"compiled.{key}"] / "model.mlmodelc", shipped)
+    else:
+        shipped = stem.with_name(f"{stem.name}.mlpackage")
+        shutil.copytree(package, shipped)
+    interface = describe_mlpackage(package)
+    report = inputs[f"model.{key}"] / "report.json"
+    bits = {"float16": 16.0}.get(compression["mode"])
+    if report.is_file():
+        bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
+    check = json.loads((inputs[f"check.{key}"] / "check.json").read_text())
+    verified = inputs.get(f"verify.{key}")
+    verification = json.loads((verified / "check.json").read_text()) if verified else {}
+    chunk = check.get("chunk")
+    if chunk is not None:
+        chunk = ChunkEntry(
+            **chunk,
+            weight_bytes=package_size(package / WEIGHTS_DIR),
+            chain_read_back_psnr_db=verification.get("chain_read_back_psnr_db"),
+        )
+    return ModelEntry(
+        component=component,
+        path=shipped.name,
+        compiled=compiled,
+        compression=compression,
+        size_bytes=package_size(shipped),
+        bits_per_weight=bits,
+        inputs=interface.inputs,
+        outputs=interface.outputs,
+        psnr_db=check["psnr_db"],
+        read_back_psnr_db=verification.get("read_back_psnr_db"),
+        mixed_bit=verification.get("mixed_bit"),
+        chunk=chunk,
+    )
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
@@ -49,37 +93,12 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
 
     models: dict[str, ModelEntry] = {}
     for component, compression in p.components.items():
-        resource_name = RESOURCE_NAMES[component]
-        package = inputs[f"model.{component}"] / "model.mlpackage"
-        compiled = f"compiled.{component}" in inputs
-        if compiled:
-            shipped = resources / f"{resource_name}.mlmodelc"
-            shutil.copytree(inputs[f"compiled.{component}"] / "model.mlmodelc", shipped)
+        if component in p.chunked:
+            parts = zip((".chunk1", ".chunk2"), chunk_names(RESOURCE_NAMES[component]))
         else:
-            shipped = resources / f"{resource_name}.mlpackage"
-            shutil.copytree(package, shipped)
-        interface = describe_mlpackage(package)
-        report = inputs[f"model.{component}"] / "report.json"
-        bits = {"float16": 16.0}.get(compression["mode"])
-        if report.is_file():
-            bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
-        check = json.loads((inputs[f"check.{component}"] / "check.json").read_text())
-        verified = inputs.get(f"verify.{component}")
-        verification = json.loads((verified / "check.json").read_text()) if verified else {}
-        models[resource_name] = ModelEntry(
-            component=component,
-            path=shipped.name,
-            compiled=compiled,
-            compression=compression,
-            size_bytes=package_size(shipped),
-            bits_per_weight=bits,
-            inputs=interface.inputs,
-            outputs=interface.outputs,
-            psnr_db=check["psnr_db"],
-            read_back_psnr_db=verification.get("read_back_psnr_db"),
-            mixed_bit=verification.get("mixed_bit"),
-        )
-
+            parts = [("", RESOURCE_NAMES[component])]
+        for part, resource_name in parts:
+            models[resource_name] = _ship(inputs, f"{component}{part}", component, compression, resources / resource_name)
     problems = check_models(p.family, models, latent_size=p.latent_size, batch_size=p.unet_batch_size)
     if problems:
         raise UserError("the bundle breaks the Swift package's contract: " + "; ".join(problems))

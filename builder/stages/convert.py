@@ -12,6 +12,7 @@ from builder.coreml.package import normalize_mlpackage, package_size
 
 class ConvertParams(BaseModel):
     component: str
+    chunk: int | None = None  # a UNet chunk (the traced input says its interface); None: the whole component
     deployment_target: str
     precision: str = "float16"
 
@@ -23,7 +24,9 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
 
     p = ConvertParams.model_validate(params)
     traced = inputs["traced"]
-    architecture = json.loads((inputs["rewritten"] / "architecture.json").read_text())
+    # A UNet chunk carries its own interface; a whole component has the rewrite stage's.
+    interface = traced / "interface.json"
+    architecture = json.loads((interface if interface.is_file() else inputs["rewritten"] / "architecture.json").read_text())
     dtypes = {"float32": np.float32, "float16": np.float16}
     model = ct.convert(
         torch.jit.load(str(traced / "model.pt")),
@@ -37,7 +40,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         minimum_deployment_target=getattr(ct.target, p.deployment_target),
         skip_model_load=True,
     )
-    model.short_description = f"sdbuild {p.component}"
+    model.short_description = f"sdbuild {p.component}" + (f" chunk {p.chunk}" if p.chunk else "")
     package = out / "model.mlpackage"
     model.save(str(package))
     normalize_mlpackage(package)

@@ -20,7 +20,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
 
         threshold = params["weight_threshold"]
         layers = conversion_layers(inputs["rewritten"], threshold)
-        options = to_palettize_options(inputs["mbp_recipe"], layers, package, threshold)
+        options = to_palettize_options(inputs["mbp_recipe"], layers, package, threshold, chunk="chunk" in params)
     else:
         options = PalettizeOptions.model_validate(params)
     report = palettize_package(package, out / "model.mlpackage", options)

@@ -2,7 +2,8 @@
 
 This is the one place that knows the order source -> rewrite -> trace -> convert -> [palettize or
 quantize] -> [verify] -> compile -> bundle. Params hold only what a stage's output depends on, each with the recipe field it
-came from, so the engine can say exactly which edit made a stage stale.
+came from, so the engine can say exactly which edit made a stage stale. A chunked UNet replaces
+trace with one `chunk` stage per chunk and runs every later stage per chunk (`<stage>:unet.chunk<k>`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
 from builder.recipe import LoadedRecipe
 from builder.sd.presets import PRESETS
-from builder.sd.settings import COMPONENT_SETTINGS
+from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
 STAGE_VERSIONS = {
     "source": "1", "rewrite": "1", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
-    "bundle": "3",
+    "bundle": "4", "chunk": "1",
 }
 MINIMUM_PSNR_DB = 35.0
 
@@ -43,8 +44,6 @@ def _check_supported(loaded: LoadedRecipe) -> None:
         )
     if recipe.family.value != "sd":
         raise _field_error(loaded, "family", f"family '{recipe.family.value}' cannot be built yet", "use family: sd")
-    if recipe.chunk_unet:
-        raise _field_error(loaded, "chunk_unet", "UNet chunking cannot be built yet", "set chunk_unet: false")
     for component in recipe.components.enabled():
         if component.value not in COMPONENT_SETTINGS:
             raise _field_error(
@@ -119,6 +118,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     compile_tools = tools if unavailable else tools | {"xcode": xcode_version()}
     bundle_inputs: dict[str, str] = {}
     components: dict[str, dict] = {}
+    chunked_components: list[str] = []
     for component, component_settings in recipe.components.enabled().items():
         c = component.value
         memory = memory_estimate(loaded, c)
@@ -126,51 +126,75 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         rewrite_params = {"component": c} | {name: settings[name][0] for name in depends_on}
         rewrite_origins = {name: settings[name][1] for name in depends_on}
 
-        def add(stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, **extra) -> str:
-            stage_id = f"{stage}:{c}"
+        def add(stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, part: str = "",
+                **extra) -> str:
+            stage_id = f"{stage}:{c}{part}"
             stages.append(StageSpec(
-                id=stage_id, stage=stage, component=c, version=STAGE_VERSIONS[stage],
+                id=stage_id, stage=stage, component=f"{c}{part}", version=STAGE_VERSIONS[stage],
                 function=f"builder.stages.{stage}:run", params=params, param_origins=origins or {},
                 inputs=inputs, tools=extra.pop("tools", tools), memory_estimate_bytes=memory, **extra,
             ))
             return stage_id
 
         rewrite = add("rewrite", model_inputs, rewrite_params, rewrite_origins, external_inputs=model_external)
-        trace = add("trace", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB})
-        final = add(
-            "convert", {"traced": trace, "rewritten": rewrite},
-            {"component": c, "deployment_target": recipe.deployment_target.value},
-            {"deployment_target": "deployment_target"},
-        )
         compression = component_settings.compression
         if compression.mode == "mixed":
-            settings_path = f"components.{c}.compression"
             _check_mixed_recipe(compression.recipe)
-            final = add(
-                "palettize", {"model": final, "rewritten": rewrite}, {"weight_threshold": compression.weight_threshold},
-                {"mbp_recipe": f"{settings_path}.recipe", "weight_threshold": f"{settings_path}.weight_threshold"},
-                external_inputs={"mbp_recipe": compression.recipe},
-            )
             from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes
 
             stages.append(probe_stage(
                 rewritten=rewrite, model=model_inputs.get("model") or model_external["model"], tools=tools,
                 memory_estimate_bytes=memory, component=c,
             ))
-            bundle_inputs[f"verify.{c}"] = add(
-                "verify", {"rewritten": rewrite, "model": final, "probe": f"analyze-inputs:{c}"}, {},
-                external_inputs={"mbp_recipe": compression.recipe},
-            )
-        elif compression.mode in ("palettize", "quantize"):
-            settings_path = f"components.{c}.compression"
-            params = compression.model_dump(mode="json", exclude={"mode"})
+        chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
+        # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared.
+        for chunk in (1, 2) if chunked else (None,):
+            part = f".chunk{chunk}" if chunk else ""
+            chunk_params = {"chunk": chunk} if chunk else {}
+            chunk_origins = {"chunk": "chunk_unet"} if chunk else {}
+            if chunk:
+                trace = add("chunk", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB}
+                            | chunk_params, chunk_origins, part=part)
+            else:
+                trace = add("trace", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB})
             final = add(
-                compression.mode, {"model": final}, params, {name: f"{settings_path}.{name}" for name in params}
+                "convert", {"traced": trace, "rewritten": rewrite},
+                {"component": c, "deployment_target": recipe.deployment_target.value} | chunk_params,
+                {"deployment_target": "deployment_target"} | chunk_origins, part=part,
             )
-            if compression.mode == "palettize":
-                bundle_inputs[f"verify.{c}"] = add("verify", {"rewritten": rewrite, "model": final}, {})
-        compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable)
-        bundle_inputs |= {f"model.{c}": final, f"compiled.{c}": compiled, f"check.{c}": trace}
+            settings_path = f"components.{c}.compression"
+            # Chunk 2's verify also runs both compressed chunks in sequence (and scores a mixed-bit recipe).
+            verify_inputs = {"rewritten": rewrite} | ({"traced": trace} if chunk else {})
+            verify_inputs |= {"first": first_chunk} if chunk == 2 else {}
+            if compression.mode == "mixed":
+                final = add(
+                    "palettize", {"model": final, "rewritten": rewrite},
+                    {"weight_threshold": compression.weight_threshold} | chunk_params,
+                    {"mbp_recipe": f"{settings_path}.recipe", "weight_threshold": f"{settings_path}.weight_threshold"}
+                    | chunk_origins,
+                    external_inputs={"mbp_recipe": compression.recipe}, part=part,
+                )
+                scored = chunk != 1
+                bundle_inputs[f"verify.{c}{part}"] = add(
+                    "verify", verify_inputs | {"model": final} | ({"probe": f"analyze-inputs:{c}"} if scored else {}),
+                    chunk_params, chunk_origins, external_inputs={"mbp_recipe": compression.recipe} if scored else {},
+                    part=part,
+                )
+            elif compression.mode in ("palettize", "quantize"):
+                params = compression.model_dump(mode="json", exclude={"mode"})
+                final = add(
+                    compression.mode, {"model": final}, params, {name: f"{settings_path}.{name}" for name in params},
+                    part=part,
+                )
+                if compression.mode == "palettize":
+                    bundle_inputs[f"verify.{c}{part}"] = add(
+                        "verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part
+                    )
+            first_chunk = final
+            compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable, part=part)
+            bundle_inputs |= {f"model.{c}{part}": final, f"compiled.{c}{part}": compiled, f"check.{c}{part}": trace}
+        if chunked:
+            chunked_components.append(c)
         components[c] = compression.model_dump(mode="json")
         if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
             components[c]["recipe"] = os.path.relpath(compression.recipe, loaded.path.parent)
@@ -186,6 +210,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         "compute_unit": recipe.compute_unit.value,
         "deployment_target": recipe.deployment_target.value,
         "components": components,
+        "chunked": chunked_components,
         "tools": compile_tools,
         "sdbuild_version": __version__,
     }

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from builder.coreml.palettize import Nbits, PalettizeOptions
 from builder.errors import RecipeError
 from builder.coreml.palettize import float_weight_ops
-from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD, Layer, op_names
+from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD, Layer, const_name, op_names
 
 _APPLE_KEEP = 16  # Apple's recipes write 16 for a layer kept in float16
 _APPLE_RECIPE_KEY = re.compile(r"^recipe_(\d+(?:\.\d+)?)_bit_mixedpalette$")
@@ -77,12 +77,13 @@ def write_recipe_file(recipe: MbpRecipe, path: Path) -> None:
 
 
 def to_palettize_options(recipe_path: Path, layers: list[Layer], package: Path,
-                         weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD) -> PalettizeOptions:
+                         weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, *, chunk: bool = False) -> PalettizeOptions:
     """Palettizer options applying the recipe file to the converted UNet `package`.
 
     `layers` are the conversion module's palettizable layers (`conversion_layers`). Every float weight
     above the threshold gets an explicit width, so the options' own `nbits` never applies: the
-    recipe's width, else its `default_nbits`; weights that are no layer stay float16.
+    recipe's width, else its `default_nbits`; weights that are no layer stay float16. A UNet `chunk`
+    holds only some of the layers: the others are neither required nor unknown.
     """
     recipe = load_recipe_file(recipe_path)
     known = {layer.identity for layer in layers}
@@ -91,6 +92,9 @@ def to_palettize_options(recipe_path: Path, layers: list[Layer], package: Path,
         raise RecipeError(recipe_path, f"no layer '{unknown[0]}' in this UNet ({len(unknown)} unknown in all)",
                           field=f"layers.{unknown[0]}",
                           hint="the recipe was made for another architecture; run `sdbuild analyze` for this model")
+    if chunk:
+        present = {name for name, _ in float_weight_ops(package)}
+        layers = [layer for layer in layers if const_name(layer.identity) in present]
     ops = op_names(layers, package)
     by_op: dict[str, Nbits | None] = {name: None for name, shape in float_weight_ops(package)
                                      if len(shape) > 1 and math.prod(shape) > weight_threshold}
