@@ -31,6 +31,7 @@ class BundleParams(BaseModel):
     compute_unit: str
     deployment_target: str
     components: dict[str, dict]  # component -> its compression settings
+    precision: dict[str, str] = {}  # component -> Core ML compute precision
     tools: dict[str, str]
     sdbuild_version: str
 
@@ -38,6 +39,12 @@ class BundleParams(BaseModel):
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _time_ids_length(unet: ModelEntry | None) -> int | None:
+    """Length of the Unet's time_ids input (SDXL), read back from the saved model."""
+    time_ids = next((i for i in unet.inputs if i.name == "time_ids"), None) if unet else None
+    return time_ids.shape[-1] if time_ids else None
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
@@ -71,6 +78,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             path=shipped.name,
             compiled=compiled,
             compression=compression,
+            precision=p.precision.get(component, "float16"),
             size_bytes=package_size(shipped),
             bits_per_weight=bits,
             inputs=interface.inputs,
@@ -101,6 +109,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         unet_batch_size=p.unet_batch_size,
         latent_scale_factor=LATENT_SCALE_FACTOR[p.family],
         text_sequence_length=TEXT_LENGTH,
+        time_ids_length=_time_ids_length(models.get("Unet")),
+        refiner="UnetRefiner" in models,
         attention=p.attention,
         compute_unit=p.compute_unit,
         deployment_target=p.deployment_target,
