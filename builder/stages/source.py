@@ -83,7 +83,7 @@ def _cannot_fetch(repo_id: str, revision: str, why: str) -> UserError:
     return UserError(
         f"cannot fetch the weights of {repo_id}@{revision[:12]} from the Hugging Face Hub ({why})",
         hint="check the network and the id/revision, log in with `hf auth login` for gated models, "
-        "or download the model once and point model.local.path at the folder",
+        "or download it once and give that folder as the source's `local: {path: ...}` instead of `hub:`",
     )
 
 
