@@ -51,8 +51,16 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = BundleParams.model_validate(params)
     resources = out / "Resources"
     resources.mkdir()
+    # SDXL refiner checkpoints have only the second tokenizer (same vocabulary and merges).
+    folders = [inputs["tokenizer"] / t for t in ("tokenizer", "tokenizer_2") if (inputs["tokenizer"] / t).is_dir()]
+    if not folders:
+        raise UserError(
+            "the model has no tokenizer/ (or tokenizer_2/) folder to take vocab.json and merges.txt from",
+            hint="use a complete diffusers pipeline folder",
+        )
+    tokenizer = folders[0]
     for name in TOKENIZER_FILES:
-        shutil.copyfile(inputs["tokenizer"] / "tokenizer" / name, resources / name)
+        shutil.copyfile(tokenizer / name, resources / name)
 
     models: dict[str, ModelEntry] = {}
     for component, compression in p.components.items():
