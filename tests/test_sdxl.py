@@ -130,6 +130,27 @@ def test_legacy_eos_token_id_pools_like_transformers(one_torch_thread):
     torch.testing.assert_close(pooled, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_full_size_presets_have_the_real_parameter_counts():
+    """Built on the meta device (no memory): SDXL 1.0's published sizes, so benchmarks measure the real thing."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from builder.sd.presets import get_preset
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    base, refiner = get_preset("sdxl-base"), get_preset("sdxl-refiner")
+    with torch.device("meta"):
+        assert count(UNet2DConditionModel(**base.unet)) == 2_567_463_684
+        assert count(CLIPTextModelWithProjection(CLIPTextConfig(**base.text_encoder_2))) == 694_659_840
+        assert count(CLIPTextModel(CLIPTextConfig(**base.text_encoder))) == 123_060_480
+        assert count(UNet2DConditionModel(**refiner.unet)) == 2_259_526_660
+    assert refiner.text_encoder is None and refiner.requires_aesthetics_score
+    assert base.vae["scaling_factor"] == refiner.vae["scaling_factor"] == 0.13025
+
+
 # --- one full build of recipes/tiny-sdxl.yaml --------------------------------------------------
 
 
@@ -198,6 +219,7 @@ def _const_dtypes(package: Path) -> set[str]:
     return {MIL_pb2.DataType.Name(o.outputs[0].type.tensorType.dataType) for o in operations if o.type == "const"}
 
 
+@pytest.mark.slow  # a second (partial) build
 def test_a_local_replacement_vae_converts_in_float16_and_rebuilds_only_the_vae(sdxl_built):
     """model.vae (a local AutoencoderKL folder) replaces the VAE, converted in float16; the rest is reused."""
     from diffusers import AutoencoderKL

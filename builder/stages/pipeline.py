@@ -124,7 +124,9 @@ def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot."""
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
         return 1 * GIB
-    return 8 * GIB if component in ("unet", "unet_refiner") else 4 * GIB
+    if component in ("unet", "unet_refiner"):
+        return (16 if loaded.recipe.family.value == "sdxl" else 8) * GIB  # SDXL's UNets: 2.3-2.6B parameters
+    return 4 * GIB
 
 
 def build_graph(loaded: LoadedRecipe) -> Graph:
