@@ -67,6 +67,11 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "mixed-bit palettization is analysed for the UNet only",
                 "use mode: palettize with one nbits for this component",
             )
+    unet = recipe.components.unet
+    if recipe.family.value != "sd" and unet.compression.mode == "mixed":
+        raise _field_error(
+            loaded, "components.unet.compression.mode", *_SD_ONLY_ANALYSIS,
+        )
     for component in ("vae_decoder", "vae_encoder"):
         settings = getattr(recipe.components, component)
         if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
@@ -77,6 +82,19 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "use mode: float16 (the VAE then stays float32), or set model.vae to a float16-safe VAE "
                 "such as madebyollin/sdxl-vae-fp16-fix",
             )
+
+
+_SD_ONLY_ANALYSIS = (
+    "mixed-bit analysis and quality reports are built for family sd only (their workload has no "
+    "SDXL text_embeds/time_ids yet)",
+    "palettize the SDXL UNet with one nbits (6 is the safe default), e.g. {mode: palettize, nbits: 6}",
+)
+
+
+def check_sd_workload(loaded: LoadedRecipe) -> None:
+    """`sdbuild analyze` and `report` run an SD 1.x/2.x denoising workload; refuse other families."""
+    if loaded.recipe.family.value != "sd":
+        raise _field_error(loaded, "family", *_SD_ONLY_ANALYSIS)
 
 
 def vae_precision(loaded: LoadedRecipe) -> str:
