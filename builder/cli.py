@@ -163,9 +163,10 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
 def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     from builder.report import write_report
     from builder.report.report import DEFAULT_PROMPTS, DEFAULT_SEEDS
-    from builder.stages.pipeline import build_graph
+    from builder.stages.pipeline import build_graph, check_sd_workload
 
     loaded = workspace.load(args.recipe)
+    check_sd_workload(loaded)
     graph = build_graph(loaded)
     engine = workspace.engine(loaded)
     progress = Progress(console)
@@ -195,10 +196,11 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
     from builder.engine import Graph
     from builder.engine.publish import publish_tree
     from builder.stages.analyze import analysis_stages
-    from builder.stages.pipeline import build_graph, memory_estimate
+    from builder.stages.pipeline import build_graph, check_sd_workload, memory_estimate
     from builder.stages.tools import python_tools
 
     loaded = workspace.load(args.recipe)
+    check_sd_workload(loaded)
     full = build_graph(loaded)
     needed = [full[stage_id] for stage_id in ("source", "rewrite:unet") if stage_id in full]
     model = "source" if "source" in full else loaded.recipe.model.local.path

@@ -156,14 +156,7 @@ SIMPLE_CROSS_ATTENTION_DOWN = ["SimpleCrossAttnDownBlock2D"] + ["CrossAttnDownBl
         ({"class_embed_type": "timestep"}, "class_embed_type"),
         ({"time_cond_proj_dim": 8}, "time_cond_proj_dim"),
         ({"encoder_hid_dim_type": "text_proj", "encoder_hid_dim": 16}, "encoder_hid_dim_type"),
-        (
-            {
-                "addition_embed_type": "text_time",
-                "addition_time_embed_dim": 8,
-                "projection_class_embeddings_input_dim": 56,
-            },
-            "addition_embed_type",
-        ),
+        ({"addition_embed_type": "text"}, "addition_embed_type"),  # "text_time" (SDXL) is supported
         ({"down_block_types": SIMPLE_CROSS_ATTENTION_DOWN}, "down_block_types[0]"),
     ],
 )

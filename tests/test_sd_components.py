@@ -44,7 +44,7 @@ def test_pipeline_loads_with_diffusers(pipeline):
     assert len(ids) == 77 and ids[0] == pipe.tokenizer.bos_token_id
 
 
-@pytest.mark.parametrize("component", sorted(KINDS))
+@pytest.mark.parametrize("component", sorted(set(KINDS) - {"text_encoder_2", "unet_refiner"}))  # SDXL: test_sdxl.py
 def test_wrapper_matches_reference(pipeline, component):
     kind = KINDS[component]
     reference = kind.load(pipeline, kind.subfolder).eval()

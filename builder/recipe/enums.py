@@ -55,6 +55,7 @@ class Component(str, Enum):
     TEXT_ENCODER = "text_encoder"
     TEXT_ENCODER_2 = "text_encoder_2"
     UNET = "unet"
+    UNET_REFINER = "unet_refiner"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"

@@ -36,6 +36,10 @@ class Components(RecipeModel):
         default=None, description="SDXL's second text encoder, CLIP-G (TextEncoder2.mlmodelc); sdxl only, required there."
     )
     unet: ComponentSettings = Field(description="The denoising UNet (Unet.mlmodelc or UnetChunk1/2.mlmodelc).")
+    unet_refiner: ComponentSettings | None = Field(
+        default=None,
+        description="SDXL's refiner UNet (UnetRefiner.mlmodelc), converted from model.refiner; sdxl only.",
+    )
     vae_decoder: ComponentSettings = Field(description="VAE decoder, latents to image (VAEDecoder.mlmodelc).")
     vae_encoder: ComponentSettings | None = Field(
         default=None, description="VAE encoder for image-to-image (VAEEncoder.mlmodelc)."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .enums import Attention, Family
@@ -10,10 +11,37 @@ from .violations import Violation
 if TYPE_CHECKING:
     from .model import Recipe
 
-UNET_LEVELS = 4
-"""The SD UNet halves the latents 3 times, so it works at 4 resolutions."""
 SPLIT_EINSUM_V2_CHUNK = 512
 """SPLIT_EINSUM_V2 splits the attention queries in chunks of this length."""
+
+
+@dataclass(frozen=True)
+class UnetLayout:
+    """The resolutions a family's UNet works at, and which of them run attention."""
+
+    levels: int
+    """Resolutions: the latents are halved levels - 1 times, so they must divide by 2**(levels - 1)."""
+    attention_levels: tuple[int, ...]
+    """Levels with attention (the mid block's counts at the lowest level)."""
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (self.levels - 1)
+
+
+# SD 1.x/2.x: 4 levels, attention on the upper three and in the mid block.
+SD_UNET = UnetLayout(levels=4, attention_levels=(0, 1, 2, 3))
+# SDXL base: 3 levels, attention only on the lower two (mid block included).
+SDXL_UNET = UnetLayout(levels=3, attention_levels=(1, 2))
+# SDXL refiner: 4 levels, attention on levels 1 and 2 and in the mid block.
+SDXL_REFINER_UNET = UnetLayout(levels=4, attention_levels=(1, 2, 3))
+
+
+def unet_layouts(recipe: Recipe) -> list[UnetLayout]:
+    """The UNets the recipe builds, by family."""
+    if recipe.family is not Family.SDXL:
+        return [SD_UNET]
+    return [SDXL_UNET] + ([SDXL_REFINER_UNET] if recipe.components.unet_refiner is not None else [])
 
 
 def recipe_violations(recipe: Recipe) -> list[Violation]:
@@ -54,34 +82,40 @@ def _size_violations(recipe: Recipe) -> list[Violation]:
         return [Violation("latent_size", "no size given",
                           "add `latent_size: [64, 64]` (latents) or `image_size: [512, 512]` (pixels)")]
     field, scale, (height, width) = _written_size(recipe)
-    step = 8 * scale
+    multiple = max(layout.multiple for layout in unet_layouts(recipe))
+    halvings = multiple.bit_length() - 1
+    step = multiple * scale
     if height % step == 0 and width % step == 0:
         return []
     if scale == 8 and (height % 8 or width % 8):
         why = "is not a multiple of 8 (the VAE scales latents by 8)"
     elif scale == 8:
-        why = f"gives latents [{height // 8}, {width // 8}], not multiples of 8 (the UNet halves them 3 times)"
+        why = (f"gives latents [{height // 8}, {width // 8}], not multiples of {multiple} "
+               f"(the UNet halves them {halvings} times)")
     else:
-        why = "is not a multiple of 8 (the UNet halves it 3 times)"
+        why = f"is not a multiple of {multiple} (the UNet halves it {halvings} times)"
     below = [max(step, side // step * step) for side in (height, width)]
     above = [-(-side // step) * step for side in (height, width)]
     return [Violation(field, f"{field} [{height}, {width}] {why}",
                       f"use multiples of {step}, e.g. {below} or {above}")]
 
 
-def _long_unaligned_levels(height: int, width: int) -> list[tuple[int, int]]:
+def _long_unaligned_levels(height: int, width: int, layouts: list[UnetLayout]) -> list[tuple[int, int]]:
     """(level, attention sequence length) of UNet levels that SPLIT_EINSUM_V2 would truncate."""
-    lengths = [(level, (height >> level) * (width >> level)) for level in range(UNET_LEVELS)]
+    levels = sorted({level for layout in layouts for level in layout.attention_levels})
+    lengths = [(level, (height >> level) * (width >> level)) for level in levels]
     return [(lvl, n) for lvl, n in lengths if n >= SPLIT_EINSUM_V2_CHUNK and n % SPLIT_EINSUM_V2_CHUNK]
 
 
 def _split_einsum_v2_violations(recipe: Recipe) -> list[Violation]:
-    bad = _long_unaligned_levels(*recipe.latent_size)
+    layouts = unet_layouts(recipe)
+    bad = _long_unaligned_levels(*recipe.latent_size, layouts)
     if not bad:
         return []
     field, scale, (height, width) = _written_size(recipe)
     levels = ", ".join(f"level {lvl} has length {n}" for lvl, n in bad)
-    sizes = " or ".join(str([h * scale, w * scale]) for h, w in _nearby_split_einsum_v2_sizes(*recipe.latent_size))
+    nearby = _nearby_split_einsum_v2_sizes(*recipe.latent_size, layouts)
+    sizes = " or ".join(str([h * scale, w * scale]) for h, w in nearby)
     return [Violation(
         field,
         f"with attention SPLIT_EINSUM_V2 every UNet attention sequence must be shorter than "
@@ -90,10 +124,13 @@ def _split_einsum_v2_violations(recipe: Recipe) -> list[Violation]:
     )]
 
 
-def _nearby_split_einsum_v2_sizes(height: int, width: int, count: int = 3) -> list[tuple[int, int]]:
+def _nearby_split_einsum_v2_sizes(
+    height: int, width: int, layouts: list[UnetLayout], count: int = 3
+) -> list[tuple[int, int]]:
     """The latent sizes closest to (height, width) that SPLIT_EINSUM_V2 handles exactly."""
-    sides = range(8, 2 * max(height, width) + 9, 8)
-    fitting = [(h, w) for h in sides for w in sides if not _long_unaligned_levels(h, w)]
+    step = max(layout.multiple for layout in layouts)
+    sides = range(step, 2 * max(height, width) + step + 1, step)
+    fitting = [(h, w) for h in sides for w in sides if not _long_unaligned_levels(h, w, layouts)]
     fitting.sort(key=lambda hw: (abs(hw[0] - height) + abs(hw[1] - width), -hw[0] * hw[1]))
     return fitting[:count]
 
@@ -121,11 +158,29 @@ def _sdxl_violations(recipe: Recipe) -> list[Violation]:
             "components.text_encoder_2", "sdxl needs its second text encoder",
             "add `text_encoder_2: {}` under components",
         ))
+    if recipe.components.unet_refiner is not None and recipe.model.refiner is None:
+        violations.append(Violation(
+            "components.unet_refiner", "unet_refiner is converted from model.refiner, which is not given",
+            "add `refiner:` under model (hub, local or synthetic, like the model), or remove unet_refiner",
+        ))
+    if recipe.model.refiner is not None and recipe.components.unet_refiner is None:
+        violations.append(Violation(
+            "model.refiner", "model.refiner is given but components.unet_refiner is not built",
+            "add `unet_refiner: {}` under components, or remove model.refiner",
+        ))
     return violations
 
 
 def _sd_violations(recipe: Recipe) -> list[Violation]:
     violations = []
+    if recipe.model.refiner is not None:
+        violations.append(Violation(
+            "model.refiner", "only sdxl has a refiner", "remove `refiner:` or set `family: sdxl`",
+        ))
+    if recipe.components.unet_refiner is not None:
+        violations.append(Violation(
+            "components.unet_refiner", "only sdxl has a refiner UNet", "remove `unet_refiner:` or set `family: sdxl`",
+        ))
     if recipe.components.text_encoder_2 is not None:
         violations.append(Violation(
             "components.text_encoder_2", "only sdxl has a second text encoder",

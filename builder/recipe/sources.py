@@ -59,12 +59,36 @@ class SyntheticSource(RecipeModel):
 class VaeSource(RecipeModel):
     """A replacement VAE, e.g. a float16-safe VAE for SDXL whose own VAE overflows in float16."""
 
-    hub: HubSource | None = Field(default=None, description="Take the VAE from a hub repository.")
-    local: LocalSource | None = Field(default=None, description="Take the VAE from a local checkpoint.")
+    hub: HubSource | None = Field(
+        default=None, description="Take the VAE from a hub repository holding an AutoencoderKL (config.json at its root)."
+    )
+    local: LocalSource | None = Field(
+        default=None, description="Take the VAE from a local AutoencoderKL folder (config.json at its root, or a vae/ subfolder)."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> VaeSource:
-        reject(_exactly_one(self, ("hub", "local")))
+        violations = _exactly_one(self, ("hub", "local"))
+        if self.local is not None and not self.local.path.is_dir():
+            violations.append(Violation(
+                "local.path",
+                f"'{self.local.path.name}' is a file; a replacement VAE is read from a diffusers AutoencoderKL folder",
+                "point to the folder holding the VAE's config.json and diffusion_pytorch_model.safetensors",
+            ))
+        reject(violations)
+        return self
+
+
+class RefinerSource(RecipeModel):
+    """Where SDXL's refiner comes from: exactly one of hub, local or synthetic, like the model."""
+
+    hub: HubSource | None = Field(default=None, description="Download the refiner from the hub at a pinned commit.")
+    local: LocalSource | None = Field(default=None, description="Read a refiner diffusers folder inside the workspace.")
+    synthetic: SyntheticSource | None = Field(default=None, description="Generate a seeded random refiner.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RefinerSource:
+        reject(_exactly_one(self, ("hub", "local", "synthetic")))
         return self
 
 
@@ -76,6 +100,9 @@ class ModelSource(RecipeModel):
     synthetic: SyntheticSource | None = Field(default=None, description="Generate seeded random weights.")
     vae: VaeSource | None = Field(
         default=None, description="Replace the checkpoint's VAE (hub or local models only)."
+    )
+    refiner: RefinerSource | None = Field(
+        default=None, description="SDXL's refiner pipeline, converted as components.unet_refiner (sdxl only)."
     )
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ reference answers. Stages call these; they never special-case a component themse
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ from torch import nn
 
 from builder.errors import UserError
 from builder.sd.ane import rewrite_unet
-from builder.sd.modules import TextEncoderModule, VaeDecoderModule, VaeEncoderModule
+from builder.sd.modules import TextEncoderModule, TextEncoderXLModule, VaeDecoderModule, VaeEncoderModule
 
 TEXT_SEQUENCE_LENGTH = 77
 VAE_SCALE = 8
@@ -30,6 +31,19 @@ class ComponentShape(BaseModel):
 
     latent_size: tuple[int, int] = (0, 0)
     batch_size: int = 1
+    time_ids: int = 6  # SDXL UNets' micro-conditioning length: 6, or 5 for a refiner (see pipeline_time_ids)
+
+
+def pipeline_time_ids(folder: Path) -> int:
+    """Length of an SDXL pipeline's time_ids, as diffusers and Apple's converter decide it.
+
+    (original size, crop corner, target size) = 6 values; refiners (model_index.json
+    `requires_aesthetics_score: true`) replace the target size by an aesthetic score = 5 values.
+    """
+    index = folder / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("requires_aesthetics_score"):
+        return 5
+    return 6
 
 
 class TensorSpec(BaseModel):
@@ -65,6 +79,14 @@ def _load_clip(folder: Path, subfolder: str) -> nn.Module:
     return CLIPTextModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True, attn_implementation="eager")
 
 
+def _load_clip_with_projection(folder: Path, subfolder: str) -> nn.Module:
+    from transformers import CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection.from_pretrained(
+        folder, subfolder=subfolder, use_safetensors=True, attn_implementation="eager"
+    )
+
+
 def _load_unet(folder: Path, subfolder: str) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
@@ -74,13 +96,22 @@ def _load_unet(folder: Path, subfolder: str) -> nn.Module:
 def _load_vae(folder: Path, subfolder: str) -> nn.Module:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+    # A replacement VAE (model.vae) is an AutoencoderKL folder with its config at the root.
+    if not (folder / subfolder / "config.json").is_file() and (folder / "config.json").is_file():
+        subfolder = ""
+    return AutoencoderKL.from_pretrained(folder, subfolder=subfolder or None, use_safetensors=True)
 
 
 def _clip_from_config(config: dict) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel._from_config(CLIPTextConfig.from_dict(config), attn_implementation="eager")
+
+
+def _clip_with_projection_from_config(config: dict) -> nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection._from_config(CLIPTextConfig.from_dict(config), attn_implementation="eager")
 
 
 def _unet_from_config(config: dict) -> nn.Module:
@@ -102,7 +133,7 @@ def _text_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
 def _unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
     b = shape.batch_size
-    return [
+    specs = [
         TensorSpec(name="sample", shape=[b, model.config.in_channels, h, w], dtype="float16"),
         TensorSpec(name="timestep", shape=[b], dtype="float16"),
         TensorSpec(
@@ -111,6 +142,26 @@ def _unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
             dtype="float16",
         ),
     ]
+    if model.config.get("addition_embed_type") == "text_time":
+        specs += [
+            TensorSpec(name="text_embeds", shape=[b, _text_embeds_width(model.config, shape.time_ids)], dtype="float16"),
+            TensorSpec(name="time_ids", shape=[b, shape.time_ids], dtype="float16"),
+        ]
+    return specs
+
+
+def _text_embeds_width(config: dict, time_ids: int) -> int:
+    """Width of the pooled text input: what the add-embedding takes besides the time_ids' embedding."""
+    width = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+    if width <= 0:
+        raise UserError(
+            f"unet: config projection_class_embeddings_input_dim={config.projection_class_embeddings_input_dim} "
+            f"leaves no room for the pooled text embedding next to {time_ids} time_ids of "
+            f"addition_time_embed_dim={config.addition_time_embed_dim}",
+            hint="check that the checkpoint is an SDXL base (6 time_ids) or refiner (model_index.json "
+            "requires_aesthetics_score: true, 5 time_ids)",
+        )
+    return width
 
 
 def _vae_decoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
@@ -128,9 +179,16 @@ def _text_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[t
     return [out.last_hidden_state, out.pooler_output]
 
 
+def _xl_text_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    out = model(input_ids=inputs["input_ids"].long(), output_hidden_states=True)
+    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    return [out.hidden_states[-2], pooled]
+
+
 def _unet_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     text = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2)
-    return [model(inputs["sample"], inputs["timestep"], text).sample]
+    added = {name: inputs[name] for name in ("text_embeds", "time_ids") if name in inputs}
+    return [model(inputs["sample"], inputs["timestep"], text, added_cond_kwargs=added or None).sample]
 
 
 def _vae_decoder_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -140,6 +198,16 @@ def _vae_decoder_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) ->
 def _vae_encoder_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [model.encode(inputs["sample"]).latent_dist.parameters]
 
+
+_UNET = ComponentKind(
+    subfolder="unet",
+    output_names=("noise_pred",),
+    load=_load_unet,
+    from_config=_unet_from_config,
+    wrap=rewrite_unet,
+    inputs=_unet_inputs,
+    reference=_unet_reference,
+)
 
 KINDS: dict[str, ComponentKind] = {
     "text_encoder": ComponentKind(
@@ -151,15 +219,17 @@ KINDS: dict[str, ComponentKind] = {
         inputs=_text_inputs,
         reference=_text_reference,
     ),
-    "unet": ComponentKind(
-        subfolder="unet",
-        output_names=("noise_pred",),
-        load=_load_unet,
-        from_config=_unet_from_config,
-        wrap=rewrite_unet,
-        inputs=_unet_inputs,
-        reference=_unet_reference,
+    "text_encoder_2": ComponentKind(
+        subfolder="text_encoder_2",
+        output_names=("hidden_embeds", "pooled_outputs"),
+        load=_load_clip_with_projection,
+        from_config=_clip_with_projection_from_config,
+        wrap=_attention_free(TextEncoderXLModule),
+        inputs=_text_inputs,
+        reference=_xl_text_reference,
     ),
+    "unet": _UNET,
+    "unet_refiner": _UNET,  # loaded from the refiner's own pipeline folder
     "vae_decoder": ComponentKind(
         subfolder="vae",
         output_names=("image",),
@@ -181,10 +251,24 @@ KINDS: dict[str, ComponentKind] = {
 }
 
 
-def kind(component: str) -> ComponentKind:
-    """Conversion knowledge for `component`, or a clear error for one not supported yet."""
+# Components whose interface differs by pipeline family.
+FAMILY_KINDS: dict[tuple[str, str], ComponentKind] = {
+    ("sdxl", "text_encoder"): ComponentKind(
+        subfolder="text_encoder",
+        output_names=("hidden_embeds", "pooled_outputs"),
+        load=_load_clip,
+        from_config=_clip_from_config,
+        wrap=_attention_free(TextEncoderXLModule),
+        inputs=_text_inputs,
+        reference=_xl_text_reference,
+    ),
+}
+
+
+def kind(component: str, family: str = "sd") -> ComponentKind:
+    """Conversion knowledge for `component` in `family`, or a clear error for one not supported yet."""
     try:
-        return KINDS[component]
+        return FAMILY_KINDS.get((family, component)) or KINDS[component]
     except KeyError:
         raise UserError(
             f"component '{component}' cannot be converted yet",
@@ -206,8 +290,23 @@ def example_inputs(component: str, model: nn.Module, specs: list[TensorSpec], se
             inputs[spec.name] = ids.to(torch.float32)
         elif spec.name == "timestep":
             inputs[spec.name] = torch.full(spec.shape, 981.0)
+        elif spec.name == "time_ids":
+            inputs[spec.name] = _time_ids(spec.shape, specs)
         elif component == "vae_encoder":
             inputs[spec.name] = torch.rand(spec.shape, generator=generator) * 2 - 1
         else:
             inputs[spec.name] = torch.randn(spec.shape, generator=generator)
     return inputs
+
+
+def _time_ids(shape: list[int], specs: list[TensorSpec]) -> torch.Tensor:
+    """What the SDXL pipelines feed: (height, width, crop top, crop left) then the target size (base)
+    or an aesthetic score, 2.5 for the unconditional half and 6.0 for the prompt (refiner)."""
+    batch, length = shape
+    sample = next(s for s in specs if s.name == "sample")
+    height, width = VAE_SCALE * sample.shape[2], VAE_SCALE * sample.shape[3]
+    rows = []
+    for row in range(batch):
+        tail = [height, width] if length == 6 else [2.5 if row % 2 == 0 else 6.0]
+        rows.append([height, width, 0, 0, *tail])
+    return torch.tensor(rows, dtype=torch.float32)

@@ -13,12 +13,12 @@ RESOURCE_NAMES: dict[str, str] = {
     "text_encoder": "TextEncoder",
     "text_encoder_2": "TextEncoder2",
     "unet": "Unet",
+    "unet_refiner": "UnetRefiner",
     "vae_decoder": "VAEDecoder",
     "vae_encoder": "VAEEncoder",
     "safety_checker": "SafetyChecker",
 }
-UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
-UNET_MODELS = ("Unet",)  # Resources names of UNets, each shipped whole or as Chunk1 + Chunk2
+UNET_MODELS = ("Unet", "UnetRefiner")  # Resources names of UNets, each shipped whole or as Chunk1 + Chunk2
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
 REQUIRED_MODELS = {"sd": ("TextEncoder", "Unet", "VAEDecoder"), "sdxl": ("TextEncoder2", "Unet", "VAEDecoder")}
@@ -30,99 +30,137 @@ def chunk_names(model: str) -> tuple[str, str]:
     return f"{model}Chunk1", f"{model}Chunk2"
 
 
+def _present(models: dict[str, ModelInfo], name: str) -> bool:
+    """`name` ships, whole or as both chunks."""
+    return name in models or all(chunk in models for chunk in chunk_names(name))
+
+
+class _Checker:
+    """Collects contract problems of one bundle; one method per model type."""
+
+    def __init__(self, models: dict[str, ModelInfo], latent_size: tuple[int, int], batch_size: int):
+        self.models = models
+        self.latent_size = latent_size
+        self.batch_size = batch_size
+        self.problems: list[str] = []
+
+    def expect(self, model: str, what: str, actual: object, wanted: object) -> None:
+        if actual != wanted:
+            self.problems.append(f"{model}: {what} is {actual}, the Swift package needs {wanted}")
+
+    def text_encoder(self, name: str, hidden: str) -> tuple[int | None, int | None]:
+        """Check a text encoder; its (hidden width, pooled width), None where unreadable."""
+        info = self.models[name]
+        self.expect(name, "first input shape", info.inputs[0].shape, [1, TEXT_LENGTH])
+        self.expect(name, "first input dtype", info.inputs[0].dtype, "float32")
+        outputs = {o.name: o for o in info.outputs}
+        width = pooled = None
+        if hidden not in outputs:
+            self.problems.append(f"{name}: no output named {hidden}")
+        else:
+            shape = outputs[hidden].shape
+            width = shape[-1] if len(shape) == 3 else None
+            self.expect(name, f"{hidden} shape", shape, [1, TEXT_LENGTH, width or "C"])
+        if "pooled_outputs" in outputs:
+            shape = outputs["pooled_outputs"].shape
+            pooled = shape[-1] if len(shape) == 2 else None
+            self.expect(name, "pooled_outputs shape", shape, [1, pooled or "C"])
+        elif hidden == "hidden_embeds":  # SDXL reads both; SD 1.x/2.x only the hidden states
+            self.problems.append(f"{name}: no output named pooled_outputs")
+        return width, pooled
+
+    def unet(self, name: str, text_width: int | None, time_ids: int | None = None, pooled: int | None = None) -> None:
+        """Check a UNet, whole or chunked; SDXL ones (time_ids given) also take text_embeds (B, pooled)
+        and time_ids. A chunked UNet's inputs are chunk 1's and its noise prediction chunk 2's first output."""
+        first, second = chunk_names(name)
+        if name in self.models and (first in self.models or second in self.models):
+            self.problems.append(f"{name} and {first}/{second} are both present; ship the whole UNet or its chunks")
+        if (first in self.models) != (second in self.models):
+            self.problems.append(f"{first} and {second} must ship together")
+        if name in self.models:
+            shown, info, last = name, self.models[name], self.models[name]
+        elif first in self.models and second in self.models:
+            shown, info, last = first, self.models[first], self.models[second]
+            self.handover(first, second)
+        else:
+            return
+        b, (h, w) = self.batch_size, self.latent_size
+        inputs = {i.name: i for i in info.inputs}
+        required = ("sample", "timestep", "encoder_hidden_states") + (("text_embeds", "time_ids") if time_ids else ())
+        missing = [n for n in required if n not in inputs]
+        self.problems.extend(f"{shown}: no input named {n}" for n in missing)
+        if missing:
+            return
+        sample = inputs["sample"].shape
+        channels = sample[1] if len(sample) == 4 else "C"
+        self.expect(shown, "sample shape", sample, [b, channels, h, w])
+        self.expect(shown, "timestep shape", inputs["timestep"].shape, [b])
+        hidden = inputs["encoder_hidden_states"].shape
+        width = text_width if text_width is not None else (hidden[1] if len(hidden) == 4 else "C")
+        self.expect(shown, "encoder_hidden_states shape (B, C, 1, 77)", hidden, [b, width, 1, TEXT_LENGTH])
+        what = "first output shape" if last is info else f"noise prediction ({second}'s first output) shape"
+        self.expect(shown, what, last.outputs[0].shape, sample)
+        if time_ids:
+            embeds = inputs["text_embeds"].shape
+            self.expect(shown, "text_embeds shape", embeds, [b, pooled or (embeds[-1] if len(embeds) == 2 else "C")])
+            self.expect(shown, "time_ids shape", inputs["time_ids"].shape, [b, time_ids])
+
+    def handover(self, first_name: str, second_name: str) -> None:
+        """Every chunk 2 input must be a chunk 1 output or a UNet input of the same name and shape."""
+        first, second = self.models[first_name], self.models[second_name]
+        available = {i.name: i.shape for i in first.inputs} | {o.name: o.shape for o in first.outputs}
+        for feature in second.inputs:
+            if feature.name not in available:
+                self.problems.append(f"{second_name}: input {feature.name} is neither an output nor an input of {first_name}")
+            elif feature.shape != available[feature.name]:
+                self.problems.append(
+                    f"{second_name}: input {feature.name} has shape {feature.shape}, {first_name} gives "
+                    f"{available[feature.name]}"
+                )
+
+    def vae(self) -> None:
+        h, w = self.latent_size
+        latent_channels = None
+        if "VAEDecoder" in self.models:
+            info = self.models["VAEDecoder"]
+            self.expect("VAEDecoder", "first input name", info.inputs[0].name, "z")
+            z = info.inputs[0].shape
+            latent_channels = z[1] if len(z) == 4 else None
+            self.expect("VAEDecoder", "z shape", z, [1, latent_channels or "C", h, w])
+            self.expect("VAEDecoder", "first output shape", info.outputs[0].shape, [1, 3, 8 * h, 8 * w])
+        if "VAEEncoder" in self.models:
+            info = self.models["VAEEncoder"]
+            self.expect("VAEEncoder", "first input shape", info.inputs[0].shape, [1, 3, 8 * h, 8 * w])
+            out = info.outputs[0].shape
+            channels = 2 * latent_channels if latent_channels else (out[1] if len(out) == 4 else "2C")
+            self.expect("VAEEncoder", "first output shape (mean and logvar)", out, [1, channels, h, w])
+
+
 def check_models(
     family: str, models: dict[str, ModelInfo], *, latent_size: tuple[int, int], batch_size: int
 ) -> list[str]:
     """Every way `models` (keyed by Resources name) breaks the contract; empty when it holds."""
-    problems = [
-        f"missing required model {name}"
-        for name in REQUIRED_MODELS[family]
-        if name not in models and not all(chunk in models for chunk in chunk_names(name))
-    ]
-    h, w = latent_size
-
-    def expect(model: str, what: str, actual: object, wanted: object) -> None:
-        if actual != wanted:
-            problems.append(f"{model}: {what} is {actual}, the Swift package needs {wanted}")
-
-    text_width = None
-    if "TextEncoder" in models:
-        info = models["TextEncoder"]
-        expect("TextEncoder", "first input shape", info.inputs[0].shape, [1, TEXT_LENGTH])
-        expect("TextEncoder", "first input dtype", info.inputs[0].dtype, "float32")
-        outputs = {o.name: o for o in info.outputs}
-        if "last_hidden_state" not in outputs:
-            problems.append("TextEncoder: no output named last_hidden_state")
-        else:
-            shape = outputs["last_hidden_state"].shape
-            text_width = shape[-1] if len(shape) == 3 else None
-            expect("TextEncoder", "last_hidden_state shape", shape, [1, TEXT_LENGTH, text_width or "C"])
-    for unet in UNET_MODELS:
-        first, second = chunk_names(unet)
-        if unet in models and (first in models or second in models):
-            problems.append(f"{unet} and {first}/{second} are both present; ship the whole UNet or its chunks")
-        if (first in models) != (second in models):
-            problems.append(f"{first} and {second} must ship together")
-        if unet in models:
-            problems += _unet_problems(unet, models[unet], models[unet], text_width, latent_size, batch_size)
-        elif first in models and second in models:
-            problems += _unet_problems(first, models[first], models[second], text_width, latent_size, batch_size)
-            problems += _handover_problems(first, models[first], second, models[second])
-    latent_channels = None
-    if "VAEDecoder" in models:
-        info = models["VAEDecoder"]
-        expect("VAEDecoder", "first input name", info.inputs[0].name, "z")
-        z = info.inputs[0].shape
-        latent_channels = z[1] if len(z) == 4 else None
-        expect("VAEDecoder", "z shape", z, [1, latent_channels or "C", h, w])
-        expect("VAEDecoder", "first output shape", info.outputs[0].shape, [1, 3, 8 * h, 8 * w])
-    if "VAEEncoder" in models:
-        info = models["VAEEncoder"]
-        expect("VAEEncoder", "first input shape", info.inputs[0].shape, [1, 3, 8 * h, 8 * w])
-        out = info.outputs[0].shape
-        channels = 2 * latent_channels if latent_channels else (out[1] if len(out) == 4 else "2C")
-        expect("VAEEncoder", "first output shape (mean and logvar)", out, [1, channels, h, w])
-    return problems
+    check = _Checker(models, latent_size, batch_size)
+    check.problems += [f"missing required model {name}" for name in REQUIRED_MODELS[family] if not _present(models, name)]
+    if family == "sdxl":
+        _check_sdxl(check)
+    else:
+        text_width = check.text_encoder("TextEncoder", "last_hidden_state")[0] if "TextEncoder" in models else None
+        check.unet("Unet", text_width)
+    check.vae()
+    return check.problems
 
 
-def _unet_problems(
-    name: str, entry: ModelInfo, last: ModelInfo, text_width: int | None, latent_size: tuple[int, int], batch_size: int
-) -> list[str]:
-    """A UNet's inputs (`entry`: the whole UNet or chunk 1) and noise prediction (`last`'s first output)."""
-    problems: list[str] = []
-    h, w = latent_size
-
-    def expect(what: str, actual: object, wanted: object) -> None:
-        if actual != wanted:
-            problems.append(f"{name}: {what} is {actual}, the Swift package needs {wanted}")
-
-    inputs = {i.name: i for i in entry.inputs}
-    missing = [n for n in UNET_INPUTS if n not in inputs]
-    problems.extend(f"{name}: no input named {n}" for n in missing)
-    if missing:
-        return problems
-    sample = inputs["sample"].shape
-    channels = sample[1] if len(sample) == 4 else "C"
-    expect("sample shape", sample, [batch_size, channels, h, w])
-    expect("timestep shape", inputs["timestep"].shape, [batch_size])
-    hidden = inputs["encoder_hidden_states"].shape
-    width = text_width if text_width is not None else (hidden[1] if len(hidden) == 4 else "C")
-    expect("encoder_hidden_states shape (B, C, 1, 77)", hidden, [batch_size, width, 1, TEXT_LENGTH])
-    expect("first output shape" if last is entry else "noise prediction (chunk 2's first output) shape",
-           last.outputs[0].shape, sample)
-    return problems
-
-
-def _handover_problems(first_name: str, first: ModelInfo, second_name: str, second: ModelInfo) -> list[str]:
-    """Every chunk 2 input must be a chunk 1 output or a UNet input of the same name and shape."""
-    available = {i.name: i.shape for i in first.inputs} | {o.name: o.shape for o in first.outputs}
-    problems = []
-    for feature in second.inputs:
-        if feature.name not in available:
-            problems.append(f"{second_name}: input {feature.name} is neither an output nor an input of {first_name}")
-        elif feature.shape != available[feature.name]:
-            problems.append(
-                f"{second_name}: input {feature.name} has shape {feature.shape}, {first_name} gives "
-                f"{available[feature.name]}"
-            )
-    return problems
+def _check_sdxl(check: _Checker) -> None:
+    """SDXL: the base Unet reads both encoders' hidden states side by side and 6 time_ids; the refiner
+    (UnetRefiner, or a Unet without TextEncoder: the Swift pipeline then runs refiner-only) reads the
+    second encoder's alone and 5 time_ids. Both take the second encoder's pooled output as text_embeds."""
+    models = check.models
+    first = check.text_encoder("TextEncoder", "hidden_embeds") if "TextEncoder" in models else None
+    second_width, pooled = check.text_encoder("TextEncoder2", "hidden_embeds") if "TextEncoder2" in models else (None, None)
+    if first is not None:
+        base_width = first[0] + second_width if first[0] is not None and second_width is not None else None
+        check.unet("Unet", base_width, time_ids=6, pooled=pooled)
+    else:
+        check.unet("Unet", second_width, time_ids=5, pooled=pooled)
+    check.unet("UnetRefiner", second_width, time_ids=5, pooled=pooled)

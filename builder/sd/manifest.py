@@ -40,6 +40,7 @@ class ModelEntry(ModelInfo):
     path: str
     compiled: bool
     compression: dict
+    precision: Literal["float16", "float32"] = "float16"  # Core ML compute precision (SDXL's own VAE: float32)
     size_bytes: int
     bits_per_weight: float | None  # average stored bits per weight (index + table share when palettized)
     psnr_db: dict[str, float]  # traced conversion module vs the diffusers/transformers reference
@@ -65,6 +66,8 @@ class Manifest(BaseModel):
     unet_batch_size: int
     latent_scale_factor: float
     text_sequence_length: int
+    time_ids_length: int | None = None  # SDXL: entries of the base Unet's time_ids (6; 5 for a refiner-only Unet)
+    refiner: bool = False  # SDXL: whether UnetRefiner is in Resources
     attention: str
     compute_unit: str
     deployment_target: str

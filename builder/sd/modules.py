@@ -12,6 +12,20 @@ from torch import nn
 # Additive causal-mask value that stays finite in float16 (the dtype minimum overflows to -inf
 # there, and a fully masked row would turn into NaN after softmax).
 _FLOAT16_SAFE_MASK = -1e4
+# CLIP configs written before transformers fixed eos_token_id say 2; their end-of-text token is then
+# the highest id in the sequence, which is where transformers pools them too.
+_LEGACY_EOS_TOKEN_ID = 2
+
+
+def _causal_mask(sequence_length: int) -> torch.Tensor:
+    return torch.full((sequence_length, sequence_length), _FLOAT16_SAFE_MASK).triu(1)[None, None]
+
+
+def _eos_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Index of the end-of-text token per sequence, chosen as transformers' CLIP pooling does."""
+    if eos_token_id == _LEGACY_EOS_TOKEN_ID:
+        return ids.to(torch.int32).argmax(dim=-1)
+    return (ids == eos_token_id).to(torch.int32).argmax(dim=-1)
 
 
 class TextEncoderModule(nn.Module):
@@ -25,17 +39,46 @@ class TextEncoderModule(nn.Module):
         super().__init__()
         self.clip = clip
         self.eos_token_id = int(clip.config.eos_token_id)
-        mask = torch.full((sequence_length, sequence_length), _FLOAT16_SAFE_MASK).triu(1)
-        self.register_buffer("causal_mask", mask[None, None], persistent=False)
+        self.register_buffer("causal_mask", _causal_mask(sequence_length), persistent=False)
 
     def forward(self, input_ids: torch.Tensor):
         ids = input_ids.to(torch.int64)
         hidden = self.clip.embeddings(input_ids=ids)
         hidden = self.clip.encoder(inputs_embeds=hidden, attention_mask=self.causal_mask).last_hidden_state
         hidden = self.clip.final_layer_norm(hidden)
-        eos_position = (ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)
-        pooled = hidden[torch.arange(hidden.shape[0]), eos_position]
+        pooled = hidden[torch.arange(hidden.shape[0]), _eos_positions(ids, self.eos_token_id)]
         return hidden, pooled
+
+
+class TextEncoderXLModule(nn.Module):
+    """An SDXL text encoder: the penultimate layer's hidden states and the pooled state.
+
+    SDXL's pipeline conditions the UNet on `hidden_states[-2]` (before the last layer and the final
+    norm) of both encoders, and on the second encoder's projected pooled state (`text_embeds`).
+    `clip` is a CLIPTextModel (pooled = its pooler output) or a CLIPTextModelWithProjection
+    (pooled = the projection of it). Same float16-safe causal mask as TextEncoderModule.
+    """
+
+    def __init__(self, clip: nn.Module, sequence_length: int = 77):
+        super().__init__()
+        with_projection = hasattr(clip, "text_projection")
+        self.clip = clip.text_model if with_projection else clip
+        self.text_projection = clip.text_projection if with_projection else None
+        self.eos_token_id = int(self.clip.config.eos_token_id)
+        self.register_buffer("causal_mask", _causal_mask(sequence_length), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor):
+        ids = input_ids.to(torch.int64)
+        hidden = self.clip.embeddings(input_ids=ids)
+        *layers, last = self.clip.encoder.layers
+        for layer in layers:
+            hidden = layer(hidden, self.causal_mask)
+        penultimate = hidden
+        hidden = self.clip.final_layer_norm(last(hidden, self.causal_mask))
+        pooled = hidden[torch.arange(hidden.shape[0]), _eos_positions(ids, self.eos_token_id)]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled)
+        return penultimate, pooled
 
 
 class VaeDecoderModule(nn.Module):

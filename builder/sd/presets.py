@@ -21,10 +21,12 @@ class Preset(BaseModel):
 
     family: str
     description: str
-    text_encoder: dict[str, Any]
+    text_encoder: dict[str, Any] | None  # CLIPTextModel; None in SDXL refiners
     unet: dict[str, Any]
     vae: dict[str, Any]
     scheduler: dict[str, Any]
+    text_encoder_2: dict[str, Any] | None = None  # SDXL's CLIPTextModelWithProjection
+    requires_aesthetics_score: bool = False  # SDXL refiner: time_ids end with an aesthetic score (5, not 6)
 
 
 _SD_SCHEDULER = {
@@ -62,6 +64,80 @@ _SD_UNET = {
     "norm_num_groups": 32,
 }
 
+# diffusers' SDXL 1.0 configs (stabilityai/stable-diffusion-xl-base-1.0 and -refiner-1.0).
+_SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+}
+# Same architecture as SD's VAE; it overflows in float16 (hence force_upcast), and a smaller scale.
+_SDXL_VAE = _SD_VAE | {"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+_SDXL_TEXT_ENCODER = {  # CLIP ViT-L/14
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}
+_SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG/14, with its text projection
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+# text_time conditioning: projection_class_embeddings_input_dim = pooled text width (text_encoder_2's
+# projection_dim) + len(time_ids) * addition_time_embed_dim; time_ids has 6 entries (base) or 5 (refiner).
+_SDXL_UNET_COMMON = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "use_linear_projection": True,
+    "upcast_attention": None,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+}
+_TINY_TEXT_ENCODER_2 = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 48,  # differs from hidden_size so the pooled width is checked to come from the projection
+}
+_TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 128,
+}
+
 PRESETS: dict[str, Preset] = {
     "tiny-sd": Preset(
         family="sd",
@@ -87,18 +163,7 @@ PRESETS: dict[str, Preset] = {
             "attention_head_dim": 4,
             "norm_num_groups": 8,
         },
-        vae={
-            "in_channels": 3,
-            "out_channels": 3,
-            "down_block_types": ["DownEncoderBlock2D"] * 4,
-            "up_block_types": ["UpDecoderBlock2D"] * 4,
-            "block_out_channels": [16, 16, 32, 32],
-            "layers_per_block": 1,
-            "latent_channels": 4,
-            "norm_num_groups": 8,
-            "sample_size": 128,
-            "scaling_factor": 0.18215,
-        },
+        vae=_TINY_VAE | {"scaling_factor": 0.18215},
         scheduler=_SD_SCHEDULER,
     ),
     "sd-1-5": Preset(
@@ -135,6 +200,104 @@ PRESETS: dict[str, Preset] = {
         | {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True},
         vae=_SD_VAE,
         scheduler=_SD_SCHEDULER,
+    ),
+    "tiny-sdxl": Preset(
+        family="sdxl",
+        description="SDXL base architecture scaled down (two CLIP encoders, 3-level UNet with text_time "
+        "conditioning, attention on the lower two levels, 2-layer transformers at the bottom); converts in seconds",
+        text_encoder={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 32,
+        },
+        text_encoder_2=_TINY_TEXT_ENCODER_2,
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [32, 64, 64],
+            "layers_per_block": 1,
+            "transformer_layers_per_block": [1, 1, 2],
+            "attention_head_dim": [2, 4, 4],
+            "cross_attention_dim": 32 + 64,
+            "norm_num_groups": 8,
+            "use_linear_projection": True,
+            "upcast_attention": None,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 48 + 6 * 8,
+        },
+        vae=_TINY_VAE | {"scaling_factor": 0.13025, "force_upcast": True},
+        scheduler=_SDXL_SCHEDULER,
+    ),
+    "tiny-sdxl-refiner": Preset(
+        family="sdxl",
+        description="SDXL refiner architecture scaled down (second CLIP encoder only, 4-level UNet, "
+        "time_ids with an aesthetic score); converts in seconds",
+        text_encoder=None,
+        text_encoder_2=_TINY_TEXT_ENCODER_2,
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [32, 64, 64, 64],
+            "layers_per_block": 1,
+            "transformer_layers_per_block": 2,
+            "attention_head_dim": [2, 4, 4, 4],
+            "cross_attention_dim": 64,
+            "norm_num_groups": 8,
+            "use_linear_projection": True,
+            "upcast_attention": None,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 48 + 5 * 8,
+        },
+        vae=_TINY_VAE | {"scaling_factor": 0.13025, "force_upcast": True},
+        scheduler=_SDXL_SCHEDULER,
+        requires_aesthetics_score=True,
+    ),
+    "sdxl-base": Preset(
+        family="sdxl",
+        description="Full-size SDXL 1.0 base architecture (CLIP ViT-L + OpenCLIP ViT-bigG, 2.6B-parameter UNet)",
+        text_encoder=_SDXL_TEXT_ENCODER,
+        text_encoder_2=_SDXL_TEXT_ENCODER_2,
+        unet=_SDXL_UNET_COMMON | {
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280],
+            "transformer_layers_per_block": [1, 2, 10],
+            "attention_head_dim": [5, 10, 20],
+            "cross_attention_dim": 2048,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        vae=_SDXL_VAE,
+        scheduler=_SDXL_SCHEDULER,
+    ),
+    "sdxl-refiner": Preset(
+        family="sdxl",
+        description="Full-size SDXL 1.0 refiner architecture (OpenCLIP ViT-bigG only, 4-level UNet)",
+        text_encoder=None,
+        text_encoder_2=_SDXL_TEXT_ENCODER_2,
+        unet=_SDXL_UNET_COMMON | {
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [384, 768, 1536, 1536],
+            "transformer_layers_per_block": 4,
+            "attention_head_dim": [6, 12, 24, 24],
+            "cross_attention_dim": 1280,
+            "projection_class_embeddings_input_dim": 2560,
+        },
+        vae=_SDXL_VAE,
+        scheduler=_SDXL_SCHEDULER,
+        requires_aesthetics_score=True,
     ),
 }
 

@@ -7,11 +7,13 @@ here key a component's stages, so e.g. switching attention rebuilds the UNet alo
 from __future__ import annotations
 
 COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
-    "text_encoder": (),
+    "text_encoder": ("family",),  # SDXL's returns the penultimate hidden states (hidden_embeds)
+    "text_encoder_2": ("family",),
     "unet": ("attention", "latent_size", "batch_size"),
+    "unet_refiner": ("attention", "latent_size", "batch_size"),
     "vae_decoder": ("latent_size",),
     "vae_encoder": ("latent_size",),
 }
 
 # Components `chunk_unet: true` ships as two chunks (builder/sd/chunk.py): every UNet the recipe builds.
-CHUNKED_BY_CHUNK_UNET: tuple[str, ...] = ("unet",)
+CHUNKED_BY_CHUNK_UNET: tuple[str, ...] = ("unet", "unet_refiner")

@@ -465,18 +465,19 @@ def write_clip_tokenizer(folder: Path, *, merges: int = 2000) -> TokenizerInfo:
     return _info(len(vocab))
 
 
-def write_tokenizer_folder(folder: Path, *, merges: int = 2000) -> TokenizerInfo:
+def write_tokenizer_folder(folder: Path, *, merges: int = 2000, pad_token: str = EOS_TOKEN) -> TokenizerInfo:
     """Write a complete diffusers `tokenizer/` folder that `CLIPTokenizer.from_pretrained` loads offline.
 
     Adds `tokenizer_config.json` (class name, special tokens, 77-token context) and
     `special_tokens_map.json` next to the vocabulary files, as the hub's SD checkpoints have.
+    `pad_token` is end-of-text for CLIP, "!" for SDXL's second tokenizer (OpenCLIP pads with it).
     """
     folder = Path(folder)
     info = write_clip_tokenizer(folder, merges=merges)
     special = {
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
+        "pad_token": pad_token,
         "unk_token": EOS_TOKEN,
     }
     config = {

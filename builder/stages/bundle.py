@@ -34,6 +34,7 @@ class BundleParams(BaseModel):
     deployment_target: str
     components: dict[str, dict]  # component -> its compression settings
     chunked: list[str] = []  # components shipped as two chunks
+    precision: dict[str, str] = {}  # component -> Core ML compute precision
     tools: dict[str, str]
     sdbuild_version: str
 
@@ -43,7 +44,16 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _ship(inputs: dict[str, Path], key: str, component: str, compression: dict, stem: Path) -> ModelEntry:
+def _time_ids_length(models: dict[str, ModelEntry]) -> int | None:
+    """Length of the base UNet's time_ids input (SDXL), read back from the saved model."""
+    unet = models.get("Unet") or models.get(chunk_names("Unet")[0])
+    time_ids = next((i for i in unet.inputs if i.name == "time_ids"), None) if unet else None
+    return time_ids.shape[-1] if time_ids else None
+
+
+def _ship(
+    inputs: dict[str, Path], key: str, component: str, compression: dict, precision: str, stem: Path
+) -> ModelEntry:
     """Copy one model (`key`: component, or component.chunkN) into Resources and describe it."""
     package = inputs[f"model.{key}"] / "model.mlpackage"
     compiled = f"compiled.{key}" in inputs
@@ -73,6 +83,7 @@ def _ship(inputs: dict[str, Path], key: str, component: str, compression: dict, 
         path=shipped.name,
         compiled=compiled,
         compression=compression,
+        precision=precision,
         size_bytes=package_size(shipped),
         bits_per_weight=bits,
         inputs=interface.inputs,
@@ -88,8 +99,15 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = BundleParams.model_validate(params)
     resources = out / "Resources"
     resources.mkdir()
+    # SDXL refiner checkpoints have only the second tokenizer (same vocabulary and merges).
+    folders = [inputs["tokenizer"] / t for t in ("tokenizer", "tokenizer_2") if (inputs["tokenizer"] / t).is_dir()]
+    if not folders:
+        raise UserError(
+            "the model has no tokenizer/ (or tokenizer_2/) folder to take vocab.json and merges.txt from",
+            hint="use a complete diffusers pipeline folder",
+        )
     for name in TOKENIZER_FILES:
-        shutil.copyfile(inputs["tokenizer"] / "tokenizer" / name, resources / name)
+        shutil.copyfile(folders[0] / name, resources / name)
 
     models: dict[str, ModelEntry] = {}
     for component, compression in p.components.items():
@@ -98,7 +116,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         else:
             parts = [("", RESOURCE_NAMES[component])]
         for part, resource_name in parts:
-            models[resource_name] = _ship(inputs, f"{component}{part}", component, compression, resources / resource_name)
+            precision = p.precision.get(component, "float16")
+            models[resource_name] = _ship(
+                inputs, f"{component}{part}", component, compression, precision, resources / resource_name
+            )
     problems = check_models(p.family, models, latent_size=p.latent_size, batch_size=p.unet_batch_size)
     if problems:
         raise UserError("the bundle breaks the Swift package's contract: " + "; ".join(problems))
@@ -120,6 +141,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         unet_batch_size=p.unet_batch_size,
         latent_scale_factor=LATENT_SCALE_FACTOR[p.family],
         text_sequence_length=TEXT_LENGTH,
+        time_ids_length=_time_ids_length(models),
+        refiner=any(name in models for name in ("UnetRefiner", chunk_names("UnetRefiner")[0])),
         attention=p.attention,
         compute_unit=p.compute_unit,
         deployment_target=p.deployment_target,

@@ -28,12 +28,13 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     interface = traced / "interface.json"
     architecture = json.loads((interface if interface.is_file() else inputs["rewritten"] / "architecture.json").read_text())
     dtypes = {"float32": np.float32, "float16": np.float16}
+    # A float32 model takes float32 inputs: a float16 input would round the values before the first op.
+    def dtype(spec: dict):
+        return np.float32 if p.precision == "float32" else dtypes[spec["dtype"]]
+
     model = ct.convert(
         torch.jit.load(str(traced / "model.pt")),
-        inputs=[
-            ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtypes[spec["dtype"]])
-            for spec in architecture["inputs"]
-        ],
+        inputs=[ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtype(spec)) for spec in architecture["inputs"]],
         outputs=[ct.TensorType(name=name) for name in architecture["outputs"]],
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
@@ -44,4 +45,4 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     package = out / "model.mlpackage"
     model.save(str(package))
     normalize_mlpackage(package)
-    return {"size_bytes": package_size(package)}
+    return {"size_bytes": package_size(package), "precision": p.precision}

@@ -42,8 +42,14 @@ def _check_supported(loaded: LoadedRecipe) -> None:
             f"unknown synthetic preset '{recipe.model.synthetic.preset}'",
             f"use one of: {', '.join(sorted(PRESETS))}",
         )
-    if recipe.family.value != "sd":
-        raise _field_error(loaded, "family", f"family '{recipe.family.value}' cannot be built yet", "use family: sd")
+    refiner = recipe.model.refiner
+    if refiner is not None and refiner.synthetic is not None and refiner.synthetic.preset not in PRESETS:
+        raise _field_error(
+            loaded,
+            "model.refiner.synthetic.preset",
+            f"unknown synthetic preset '{refiner.synthetic.preset}'",
+            f"use one of: {', '.join(sorted(PRESETS))}",
+        )
     for component in recipe.components.enabled():
         if component.value not in COMPONENT_SETTINGS:
             raise _field_error(
@@ -60,8 +66,68 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "mixed-bit palettization is analysed for the UNet only",
                 "use mode: palettize with one nbits for this component",
             )
-    if recipe.model.vae is not None:
-        raise _field_error(loaded, "model.vae", "a replacement VAE cannot be used yet", "remove model.vae")
+    unet = recipe.components.unet
+    if recipe.family.value != "sd" and unet.compression.mode == "mixed":
+        raise _field_error(
+            loaded, "components.unet.compression.mode", *_SD_ONLY_ANALYSIS,
+        )
+    for component in ("vae_decoder", "vae_encoder"):
+        settings = getattr(recipe.components, component)
+        if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
+            raise _field_error(
+                loaded,
+                f"components.{component}.compression.mode",
+                "the SDXL VAE overflows in float16, so it is converted in float32 and cannot be compressed",
+                "use mode: float16 (the VAE then stays float32), or set model.vae to a float16-safe VAE "
+                "such as madebyollin/sdxl-vae-fp16-fix",
+            )
+
+
+_SD_ONLY_ANALYSIS = (
+    "mixed-bit analysis and quality reports are built for family sd only (their workload has no "
+    "SDXL text_embeds/time_ids yet)",
+    "palettize the SDXL UNet with one nbits (6 is the safe default), e.g. {mode: palettize, nbits: 6}",
+)
+
+
+def check_sd_workload(loaded: LoadedRecipe) -> None:
+    """`sdbuild analyze` and `report` run an SD 1.x/2.x denoising workload; refuse other families."""
+    if loaded.recipe.family.value != "sd":
+        raise _field_error(loaded, "family", *_SD_ONLY_ANALYSIS)
+
+
+def vae_precision(loaded: LoadedRecipe) -> str:
+    """SDXL's own VAE overflows in float16 and is converted in float32; a replacement VAE
+    (model.vae, e.g. a float16-safe one) and SD's VAE are converted in float16."""
+    recipe = loaded.recipe
+    return "float32" if recipe.family.value == "sdxl" and recipe.model.vae is None else "float16"
+
+
+def _source_stage(
+    loaded: LoadedRecipe, stage_id: str, field: str, source, tools: dict, *, pipeline: str, hub_kind: str = "hub"
+) -> tuple[list[StageSpec], dict[str, str], dict[str, Path]]:
+    """The stage that materialises one source (`field` names it in the recipe), as (stages, inputs,
+    external inputs) for the stages reading it. A local folder is read in place; `pipeline` is the
+    single-file checkpoint's pipeline (sd, sdxl, sdxl-refiner); `hub_kind` what a hub download fetches."""
+    if source.local is not None and source.local.path.is_dir():
+        return [], {}, {"model": source.local.path}
+    checkpoint: dict[str, Path] = {}
+    if getattr(source, "synthetic", None) is not None:
+        params = {"kind": "synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
+        origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
+    elif source.local is not None:
+        params = {"kind": "single_file", "family": pipeline}
+        origins = {"family": f"{field}.local.path"}
+        checkpoint = {"checkpoint": source.local.path}
+    else:
+        params = {"kind": hub_kind, "id": source.hub.id, "revision": source.hub.revision}
+        origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
+    stage = StageSpec(
+        id=stage_id, stage="source", version=STAGE_VERSIONS["source"], function="builder.stages.source:run",
+        params=params, param_origins=origins, external_inputs=checkpoint, tools=tools,
+        memory_estimate_bytes=memory_estimate(loaded, None),
+    )
+    return [stage], {"model": stage_id}, {}
 
 
 def _check_mixed_recipe(path: Path) -> None:
@@ -75,7 +141,9 @@ def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot."""
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
         return 1 * GIB
-    return 8 * GIB if component == "unet" else 4 * GIB
+    if component in ("unet", "unet_refiner"):
+        return (16 if loaded.recipe.family.value == "sdxl" else 8) * GIB  # SDXL's UNets: 2.3-2.6B parameters
+    return 4 * GIB
 
 
 def build_graph(loaded: LoadedRecipe) -> Graph:
@@ -85,31 +153,27 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     tools = python_tools()
     stages: list[StageSpec] = []
 
-    model_inputs: dict[str, str] = {}
-    model_external: dict[str, Path] = {}
-    source = recipe.model
-    if source.local is not None and source.local.path.is_dir():
-        model_external = {"model": source.local.path}
-    else:
-        checkpoint: dict[str, Path] = {}
-        if source.synthetic is not None:
-            params = {"kind": "synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
-            origins = {"preset": "model.synthetic.preset", "seed": "model.synthetic.seed"}
-        elif source.local is not None:
-            params = {"kind": "single_file", "family": recipe.family.value}
-            origins = {"family": "model.local.path"}
-            checkpoint = {"checkpoint": source.local.path}
-        else:
-            params = {"kind": "hub", "id": source.hub.id, "revision": source.hub.revision}
-            origins = {"id": "model.hub.id", "revision": "model.hub.revision"}
-        stages.append(StageSpec(
-            id="source", stage="source", version=STAGE_VERSIONS["source"], function="builder.stages.source:run",
-            params=params, param_origins=origins, external_inputs=checkpoint, tools=tools,
-            memory_estimate_bytes=memory_estimate(loaded, None),
-        ))
-        model_inputs = {"model": "source"}
+    source_stages, model_inputs, model_external = _source_stage(
+        loaded, "source", "model", recipe.model, tools, pipeline=recipe.family.value
+    )
+    stages += source_stages
+    # Per component: the source it converts from (the refiner's UNet and a replacement VAE have their own).
+    sources = {c.value: (model_inputs, model_external) for c in recipe.components.enabled()}
+    if recipe.model.refiner is not None:
+        refiner_stages, *refiner = _source_stage(
+            loaded, "source-refiner", "model.refiner", recipe.model.refiner, tools, pipeline="sdxl-refiner"
+        )
+        stages += refiner_stages
+        sources["unet_refiner"] = tuple(refiner)
+    if recipe.model.vae is not None:
+        vae_stages, *vae = _source_stage(
+            loaded, "source-vae", "model.vae", recipe.model.vae, tools, pipeline="vae", hub_kind="vae_hub"
+        )
+        stages += vae_stages
+        sources |= {c: tuple(vae) for c in ("vae_decoder", "vae_encoder") if c in sources}
 
     settings = {
+        "family": (recipe.family.value, "family"),
         "attention": (recipe.attention.value, "attention"),
         "latent_size": (list(recipe.latent_size), "latent_size" if recipe.written_latent_size else "image_size"),
         "batch_size": (recipe.unet_batch_size, "unet_batch_size"),
@@ -119,8 +183,11 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     bundle_inputs: dict[str, str] = {}
     components: dict[str, dict] = {}
     chunked_components: list[str] = []
+    precisions: dict[str, str] = {}
     for component, component_settings in recipe.components.enabled().items():
         c = component.value
+        component_inputs, component_external = sources[c]
+        precision = vae_precision(loaded) if c in ("vae_decoder", "vae_encoder") else "float16"
         memory = memory_estimate(loaded, c)
         depends_on = COMPONENT_SETTINGS[c]
         rewrite_params = {"component": c} | {name: settings[name][0] for name in depends_on}
@@ -136,14 +203,15 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             ))
             return stage_id
 
-        rewrite = add("rewrite", model_inputs, rewrite_params, rewrite_origins, external_inputs=model_external)
+        rewrite = add("rewrite", component_inputs, rewrite_params, rewrite_origins, external_inputs=component_external)
+        precisions[c] = precision
         compression = component_settings.compression
         if compression.mode == "mixed":
             _check_mixed_recipe(compression.recipe)
             from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes
 
             stages.append(probe_stage(
-                rewritten=rewrite, model=model_inputs.get("model") or model_external["model"], tools=tools,
+                rewritten=rewrite, model=component_inputs.get("model") or component_external["model"], tools=tools,
                 memory_estimate_bytes=memory, component=c,
             ))
         chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
@@ -157,11 +225,12 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                             | chunk_params, chunk_origins, part=part)
             else:
                 trace = add("trace", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB})
-            final = add(
-                "convert", {"traced": trace, "rewritten": rewrite},
-                {"component": c, "deployment_target": recipe.deployment_target.value} | chunk_params,
-                {"deployment_target": "deployment_target"} | chunk_origins, part=part,
-            )
+            convert_params = {"component": c, "deployment_target": recipe.deployment_target.value} | chunk_params
+            convert_origins = {"deployment_target": "deployment_target"} | chunk_origins
+            if precision != "float16":  # float16 is the default, so float16 components keep their keys
+                convert_params["precision"] = precision
+                convert_origins["precision"] = "family"
+            final = add("convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part)
             settings_path = f"components.{c}.compression"
             # Chunk 2's verify also runs both compressed chunks in sequence (and scores a mixed-bit recipe).
             verify_inputs = {"rewritten": rewrite} | ({"traced": trace} if chunk else {})
@@ -211,6 +280,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         "deployment_target": recipe.deployment_target.value,
         "components": components,
         "chunked": chunked_components,
+        "precision": precisions,
         "tools": compile_tools,
         "sdbuild_version": __version__,
     }

@@ -14,13 +14,14 @@ from pydantic import BaseModel
 from safetensors.torch import save_file
 
 from builder.errors import UserError
-from builder.sd.components import ComponentShape, example_inputs, kind
+from builder.sd.components import ComponentShape, example_inputs, kind, pipeline_time_ids
 
 
 class RewriteParams(BaseModel):
     """Only the settings the component depends on are given (see ComponentKind.depends_on)."""
 
     component: str
+    family: str = "sd"
     attention: str = "ORIGINAL"
     latent_size: tuple[int, int] = (0, 0)
     batch_size: int = 1
@@ -28,9 +29,10 @@ class RewriteParams(BaseModel):
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = RewriteParams.model_validate(params)
-    k = kind(p.component)
+    k = kind(p.component, p.family)
     reference = k.load(inputs["model"], k.subfolder).eval()
-    specs = k.inputs(reference, ComponentShape(latent_size=p.latent_size, batch_size=p.batch_size))
+    shape = ComponentShape(latent_size=p.latent_size, batch_size=p.batch_size, time_ids=pipeline_time_ids(inputs["model"]))
+    specs = k.inputs(reference, shape)
     examples = example_inputs(p.component, reference, specs)
     with torch.no_grad():
         outputs = k.reference(reference, examples)
@@ -45,6 +47,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     save_file(references, out / "reference.safetensors")
     architecture = {
         "component": p.component,
+        "family": p.family,
         "attention": p.attention,
         "config": reference.config.to_dict() if hasattr(reference.config, "to_dict") else dict(reference.config),
         "inputs": [s.model_dump() for s in specs],

@@ -14,6 +14,8 @@ from builder.sd.synthetic import write_synthetic_pipeline
 # Only what conversion needs, and never pickled weights: safetensors, configs and tokenizer files.
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "scheduler/*.json", "tokenizer*/*"]
 _HUB_EXCLUDED = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*.h5"]
+# A replacement VAE repository: one AutoencoderKL at the root (some also hold single-file copies).
+_VAE_HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json"]
 
 
 class SyntheticSourceParams(BaseModel):
@@ -28,7 +30,7 @@ class SingleFileSourceParams(BaseModel):
 
 
 class HubSourceParams(BaseModel):
-    kind: Literal["hub"]
+    kind: Literal["hub", "vae_hub"]  # a whole pipeline, or one replacement VAE
     id: str
     revision: str
 
@@ -43,11 +45,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         import_single_file(inputs["checkpoint"], single.family, out)
         return {"source": f"single_file:{inputs['checkpoint'].name}"}
     hub = HubSourceParams.model_validate(params)
-    download_snapshot(hub.id, hub.revision, out)
+    download_snapshot(hub.id, hub.revision, out, _VAE_HUB_PATTERNS if hub.kind == "vae_hub" else _HUB_PATTERNS)
     return {"source": f"hub:{hub.id}@{hub.revision}"}
 
 
-def download_snapshot(repo_id: str, revision: str, out: Path) -> None:
+def download_snapshot(repo_id: str, revision: str, out: Path, patterns: list[str] = _HUB_PATTERNS) -> None:
     """Download the convertible files of `repo_id` at `revision` into `out`, or fail in one line."""
     from huggingface_hub import constants, snapshot_download
 
@@ -58,7 +60,7 @@ def download_snapshot(repo_id: str, revision: str, out: Path) -> None:
             repo_id,
             revision=revision,
             local_dir=out,
-            allow_patterns=_HUB_PATTERNS,
+            allow_patterns=patterns,
             ignore_patterns=_HUB_EXCLUDED,
         )
     except Exception as error:  # network, auth, missing repo: all end the same way for the user
@@ -81,7 +83,7 @@ def _cannot_fetch(repo_id: str, revision: str, why: str) -> UserError:
     return UserError(
         f"cannot fetch the weights of {repo_id}@{revision[:12]} from the Hugging Face Hub ({why})",
         hint="check the network and the id/revision, log in with `hf auth login` for gated models, "
-        "or download the model once and point model.local.path at the folder",
+        "or download it once and give that folder as the source's `local: {path: ...}` instead of `hub:`",
     )
 
 
@@ -103,9 +105,11 @@ def import_single_file(checkpoint: Path, family: str, out: Path) -> None:
     diffusers recognises the architecture from the weights but takes the component configs from the
     base model's hub repository, so this needs the hub (or its local cache) once.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    pipeline_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipeline_class = {"sdxl": StableDiffusionXLPipeline, "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(
+        family, StableDiffusionPipeline
+    )
     try:
         pipeline = pipeline_class.from_single_file(str(checkpoint), use_safetensors=True)
     except Exception as error:  # offline, unknown architecture, corrupt file: all end the same way

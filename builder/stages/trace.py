@@ -26,7 +26,7 @@ class TraceParams(BaseModel):
 def load_conversion_module(rewritten: Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild the rewrite stage's module from its architecture and weights."""
     architecture = json.loads((rewritten / "architecture.json").read_text())
-    k = kind(architecture["component"])
+    k = kind(architecture["component"], architecture.get("family", "sd"))
     module = k.wrap(k.from_config(architecture["config"]), architecture["attention"])
     module.load_state_dict(load_file(rewritten / "weights.safetensors"), strict=True)
     return module.eval(), architecture

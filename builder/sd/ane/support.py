@@ -14,7 +14,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 # UNet config values the rewritten UNet's (sample, timestep, encoder_hidden_states) call supports.
 _UNET_REQUIRED: dict[str, Any] = {
     "encoder_hid_dim_type": None,  # projects the text states inside the UNet, in the (B, S, C) layout
-    "addition_embed_type": None,  # needs added_cond_kwargs (e.g. SDXL's text_embeds and time_ids)
+    # None, or SDXL's "text_time" (text_embeds and time_ids inputs); others need inputs not offered
+    "addition_embed_type": (None, "text_time"),
     "class_embed_type": None,  # needs class_labels
     "num_class_embeds": None,  # needs class_labels
     "time_cond_proj_dim": None,  # needs timestep_cond
@@ -36,6 +37,9 @@ _TRANSFORMER_REQUIRED: dict[str, Any] = {
     "out_channels": None,
 }
 
+# Boolean Transformer2DModel settings that diffusers treats as off when a config gives null.
+_NONE_MEANS_FALSE = {"upcast_attention", "only_cross_attention", "double_self_attention"}
+
 
 def _refuse(where: str, key: str, value: Any, expected: Any) -> ValueError:
     return ValueError(
@@ -46,8 +50,9 @@ def _refuse(where: str, key: str, value: Any, expected: Any) -> ValueError:
 def check_unet(unet: UNet2DConditionModel) -> None:
     """Refuse UNet-level settings whose inputs or text-state handling the rewrite does not offer."""
     for key, expected in _UNET_REQUIRED.items():
-        value = unet.config.get(key, expected)
-        if value != expected:
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        value = unet.config.get(key, allowed[0])
+        if value not in allowed:
             raise _refuse("UNet", key, value, expected)
 
 
@@ -55,7 +60,10 @@ def check_transformer(name: str, transformer: Transformer2DModel) -> None:
     """Refuse a Transformer2DModel whose configuration or attention processors change the math."""
     config = transformer.config
     for key, expected in _TRANSFORMER_REQUIRED.items():
-        if config.get(key, expected) != expected:
+        value = config.get(key, expected)
+        if key in _NONE_MEANS_FALSE and value is None:  # e.g. SDXL's config says upcast_attention: null
+            value = False
+        if value != expected:
             raise _refuse(name, key, config[key], expected)
     if config.cross_attention_dim is None:
         raise _refuse(name, "cross_attention_dim", None, "the text states' channel count")

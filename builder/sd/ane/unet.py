@@ -23,7 +23,9 @@ class NeuralEngineUnetModule(nn.Module):
     """UNet called as the Swift package calls it: text states (B, C, 1, S) in, noise prediction out.
 
     The diffusers UNet only forwards the text states to its transformers, which take them in this
-    layout, so they reach the attention without a transpose.
+    layout, so they reach the attention without a transpose. SDXL UNets (addition_embed_type
+    "text_time") also take the pooled text embedding `text_embeds` and the micro-conditioning
+    `time_ids`, which diffusers reads from added_cond_kwargs.
     """
 
     def __init__(self, unet: UNet2DConditionModel):
@@ -31,9 +33,15 @@ class NeuralEngineUnetModule(nn.Module):
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 def rewrite_unet(unet: UNet2DConditionModel, attention: str) -> nn.Module:

@@ -52,7 +52,7 @@ def conversion_layers(rewritten: Path, weight_threshold: int = DEFAULT_WEIGHT_TH
     from builder.sd.components import kind
 
     architecture = json.loads((rewritten / "architecture.json").read_text())
-    component = kind(architecture["component"])
+    component = kind(architecture["component"], architecture.get("family", "sd"))
     with torch.device("meta"):
         module = component.wrap(component.from_config(architecture["config"]), architecture["attention"])
     return palettizable_layers(module, weight_threshold)
