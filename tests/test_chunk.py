@@ -13,6 +13,7 @@ from builder.coreml.package import WEIGHTS_DIR, FeatureInfo, ModelInfo, describe
 from builder.recipe import load_recipe
 from builder.sd.ane import rewrite_unet
 from builder.sd.chunk import balanced_boundary, parameter_bytes, split_unet, unet_steps
+from builder.sd.components import ComponentShape, example_inputs, kind
 from builder.sd.contract import check_models
 from builder.sd.presets import get_preset
 from builder.sd.read_back import compressed_const_names
@@ -29,6 +30,9 @@ def _module(attention: str) -> torch.nn.Module:
     return rewrite_unet(unet, attention).eval()
 
 
+UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
+
+
 def _inputs() -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(1)
     return (torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([981.0, 981.0]),
@@ -38,7 +42,7 @@ def _inputs() -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("attention", ["ORIGINAL", "SPLIT_EINSUM"])
 def test_chunk_chain_equals_the_whole_module(attention):
     module = _module(attention)
-    chunks = split_unet(module)
+    chunks = split_unet(module, UNET_INPUTS)
     with torch.no_grad():
         whole = module(*_inputs())
         chained = chunks.chain(*_inputs())
@@ -50,9 +54,28 @@ def test_chunk_chain_equals_the_whole_module(attention):
     assert set(chunks.second.input_names) <= set(chunks.first.output_names) | set(chunks.first.input_names)
 
 
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sdxl-refiner"])
+def test_sdxl_chunk_chain_equals_the_whole_module(preset):
+    """SDXL's added conditioning (text_embeds, time_ids) is consumed by chunk 1's time embedding."""
+    unet = UNet2DConditionModel(**get_preset(preset).unet).eval()
+    _randomize(unet, torch.Generator().manual_seed(0))
+    unet_kind = kind("unet")
+    specs = unet_kind.inputs(unet, ComponentShape(latent_size=(16, 16), batch_size=2))
+    example = example_inputs("unet", unet, specs)
+    module = rewrite_unet(unet, "SPLIT_EINSUM").eval()
+    chunks = split_unet(module, [spec.name for spec in specs])
+    inputs = [example[spec.name] for spec in specs]
+    with torch.no_grad():
+        whole = module(*inputs)
+        chained = chunks.chain(*inputs)
+    torch.testing.assert_close(chained[0], whole, rtol=0, atol=1e-6)
+    assert {"text_embeds", "time_ids"} <= set(chunks.first.input_names)
+    assert not {"text_embeds", "time_ids"} & set(chunks.second.input_names)
+
+
 def test_chunks_split_the_parameters_under_their_original_names():
     module = _module("ORIGINAL")
-    chunks = split_unet(module)
+    chunks = split_unet(module, UNET_INPUTS)
     whole = dict(module.named_parameters())
     first, second = dict(chunks.first.named_parameters()), dict(chunks.second.named_parameters())
     assert not set(first) & set(second)
@@ -72,7 +95,7 @@ def test_cut_balances_parameter_bytes():
     boundary = balanced_boundary(unet, steps)
     imbalance = [abs(sum(sizes[k:]) - sum(sizes[:k])) for k in range(2, len(steps))]
     assert abs(sum(sizes[boundary:]) - sum(sizes[:boundary])) == min(imbalance)
-    first, second = split_unet(_module("ORIGINAL")).parameter_bytes
+    first, second = split_unet(_module("ORIGINAL"), UNET_INPUTS).parameter_bytes
     assert 0.45 < first / (first + second) < 0.55
 
 

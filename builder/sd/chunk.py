@@ -15,7 +15,6 @@ so parameter names, Core ML const names and mixed-bit recipe keys are the same a
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -270,12 +269,15 @@ class Chunks:
         return self.second(*(handed[name] for name in self.second.input_names))
 
 
-def split_unet(module: nn.Module) -> Chunks:
-    """Cut a UNet conversion module (`NeuralEngineUnetModule`-like: `.unet` plus forward inputs) in two."""
+def split_unet(module: nn.Module, input_names: list[str]) -> Chunks:
+    """Cut a UNet conversion module (`NeuralEngineUnetModule`-like: `.unet` plus forward inputs) in two.
+
+    `input_names` are the features the whole module is called with, in order (an SD UNet leaves the
+    wrapper's optional SDXL inputs out).
+    """
     unet = module.unet
     steps = unet_steps(unet)
     boundary = balanced_boundary(unet, steps)
-    input_names = list(inspect.signature(module.forward).parameters)
     first = UnetChunk(module, steps, 0, boundary, input_names)
     originals = [n for n in input_names if n == TEXT and any(s.reads_text for s in steps[boundary:])]
     second = UnetChunk(module, steps, boundary, len(steps), first.output_names + originals)

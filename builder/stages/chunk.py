@@ -32,7 +32,7 @@ class ChunkParams(BaseModel):
 def split(rewritten: Path) -> tuple[Chunks, dict]:
     """The rewrite stage's conversion module, cut in two; ValueError names what cannot be chunked."""
     module, architecture = load_conversion_module(rewritten)
-    return split_unet(module), architecture
+    return split_unet(module, [spec["name"] for spec in architecture["inputs"]]), architecture
 
 
 def chunk_examples(chunks: Chunks, example: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
