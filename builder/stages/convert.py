@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from builder.coreml.fp16_check import fast_fp16_overflow_check
 from builder.coreml.package import normalize_mlpackage, package_size
 
 
@@ -25,18 +26,19 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     traced = inputs["traced"]
     architecture = json.loads((inputs["rewritten"] / "architecture.json").read_text())
     dtypes = {"float32": np.float32, "float16": np.float16}
-    model = ct.convert(
-        torch.jit.load(str(traced / "model.pt")),
-        inputs=[
-            ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtypes[spec["dtype"]])
-            for spec in architecture["inputs"]
-        ],
-        outputs=[ct.TensorType(name=name) for name in architecture["outputs"]],
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
-        minimum_deployment_target=getattr(ct.target, p.deployment_target),
-        skip_model_load=True,
-    )
+    with fast_fp16_overflow_check():
+        model = ct.convert(
+            torch.jit.load(str(traced / "model.pt")),
+            inputs=[
+                ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtypes[spec["dtype"]])
+                for spec in architecture["inputs"]
+            ],
+            outputs=[ct.TensorType(name=name) for name in architecture["outputs"]],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
+            minimum_deployment_target=getattr(ct.target, p.deployment_target),
+            skip_model_load=True,
+        )
     model.short_description = f"sdbuild {p.component}"
     package = out / "model.mlpackage"
     model.save(str(package))
