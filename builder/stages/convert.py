@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from builder.coreml.fp16_check import fast_fp16_overflow_check
+from builder.coreml.speedups import faster_conversion
 from builder.coreml.package import normalize_mlpackage, package_size
 
 
@@ -26,7 +26,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     traced = inputs["traced"]
     architecture = json.loads((inputs["rewritten"] / "architecture.json").read_text())
     dtypes = {"float32": np.float32, "float16": np.float16}
-    with fast_fp16_overflow_check():
+    with faster_conversion():
         model = ct.convert(
             torch.jit.load(str(traced / "model.pt")),
             inputs=[
