@@ -1,15 +1,16 @@
-"""Wall time and peak memory of converting the full-size SD 2.1 base pipeline, per stage and component.
+"""Wall time, CPU time and peak memory of converting the full-size SD 2.1 base pipeline, per stage and component.
 
     .venv/bin/python bench/convert_bench.py [--cache /tmp/convert-bench] [--rerun rewrite,trace,convert]
                                             [--components unet,text_encoder,vae_decoder] [--json out.json]
 
 Builds a recipe (synthetic preset `sd-2-1-base`, attention SPLIT_EINSUM, latent 64x64, UNet batch 2,
 float16, no compression) through the real engine, one stage at a time (`--jobs 1`), so each stage's
-peak is its own worker process's resident set (the engine records it). Only source, rewrite, trace
-and convert run. The source stage stands in for a download and is reported apart from the
+peak is its own worker process's resident set (the engine records it) and its CPU seconds are its
+worker's user + system time, a figure other jobs on the machine disturb less than wall time. Only
+source, rewrite, trace and convert run. The source stage stands in for a download and is reported apart from the
 conversion total.
 
-With `--cache`, the cache outlives the run: the source stage (minutes of seeded weight generation)
+With `--cache`, the cache outlives the run: the source stage (about a minute of seeded weight generation, 5.6 GiB)
 is reused, and the stages named by `--rerun` run again anyway, because the bench gives them a
 run-unique version so their action keys change. Without `--cache`, everything runs cold in a
 temporary folder. Prints a table with totals and ratios against the reference converter measured
