@@ -1,7 +1,7 @@
 """Wall time, CPU time and peak memory of converting the full-size SD 2.1 base pipeline, per stage and component.
 
     .venv/bin/python bench/convert_bench.py [--cache /tmp/convert-bench] [--rerun rewrite,trace,convert]
-                                            [--components unet,text_encoder,vae_decoder] [--json out.json]
+                                            [--components unet,text_encoder,vae_decoder] [--json artifacts/convert_bench.json]
 
 Builds a recipe (synthetic preset `sd-2-1-base`, attention SPLIT_EINSUM, latent 64x64, UNet batch 2,
 float16, no compression) through the real engine, one stage at a time (`--jobs 1`), so each stage's
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--rerun", default=",".join(CONVERSION_STAGES),
                         help="stages run again even when cached (comma-separated; '' to reuse all)")
     parser.add_argument("--components", default="unet,text_encoder,vae_decoder")
-    parser.add_argument("--json", type=Path, default=Path("convert_bench.json"), help="where to write the results")
+    parser.add_argument("--json", type=Path, default=PROJECT / "artifacts" / "convert_bench.json", help="where to write the results")
     args = parser.parse_args()
     components = [c for c in args.components.split(",") if c]
     unknown = sorted(set(components) - set(REFERENCE))
