@@ -62,33 +62,10 @@ def test_library_functions_restored() -> None:
     from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
     from coremltools.converters.mil.mil.program import Program
 
-    overflow, validate, text = FP16ComputePrecision.__dict__["fp16_overflow"], Program.validate, Program.__str__
+    overflow, validate = FP16ComputePrecision.__dict__["fp16_overflow"], Program.validate
     with faster_conversion():
-        assert Program.validate is not validate and Program.__str__ is not text
-    assert FP16ComputePrecision.__dict__["fp16_overflow"] is overflow
-    assert Program.validate is validate and Program.__str__ is text
-
-
-def test_program_text_kept_when_debug_logging_is_on() -> None:
-    import logging
-
-    from coremltools import _logger
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil.program import Program
-
-    @mb.program(input_specs=[mb.TensorSpec(shape=(2,))])
-    def program(x):
-        return mb.relu(x=x)
-
-    level = _logger.level
-    try:
-        with faster_conversion():
-            assert "relu" not in str(program)
-            _logger.setLevel(logging.DEBUG)
-            assert "relu" in str(program)
-    finally:
-        _logger.setLevel(level)
-    assert "relu" in Program.__str__(program)
+        assert Program.validate is not validate
+    assert FP16ComputePrecision.__dict__["fp16_overflow"] is overflow and Program.validate is validate
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Faster coremltools conversions that produce the same program, byte for byte.
 
-Three things inside coremltools 9.0 take much of a full-size conversion without changing its result:
+Two checks inside coremltools 9.0 dominate the conversion of full-size models without changing it:
 
 - The float16 cast pass asks, per op, whether a float32 const fits float16 with
   `max(|v|[where(|v| < 1e38)]) > 65504`. `np.where` builds one int64 index array per dimension, so a
@@ -14,9 +14,6 @@ Three things inside coremltools 9.0 take much of a full-size conversion without 
   one; we keep it where it matters — at the start of each pipeline (so every pipeline's result is
   checked by the next one) and after each dead-code elimination, where coremltools also checks
   scope information — and skip the rest.
-- The pass manager formats the whole program for a debug log line before and after each pipeline
-  (an f-string, so even with debug logging off: 6% of a UNet conversion). While debug logging is
-  off, nothing prints that text, so a program's `str` is left out then.
 
 `tests/test_convert_speedups.py` converts the same module with and without these and compares the
 packages.
@@ -24,7 +21,6 @@ packages.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,14 +38,12 @@ def fits_fp16_for_certain(value: np.ndarray) -> bool:
 
 @contextmanager
 def faster_conversion() -> Iterator[None]:
-    """Within this block, coremltools converts with the three shortcuts above; restored on exit."""
-    from coremltools import _logger
+    """Within this block, coremltools converts with the two shortcuts above; restored on exit."""
     from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
     from coremltools.converters.mil.mil.program import Program
 
     library_overflow = FP16ComputePrecision.__dict__["fp16_overflow"]
     library_validate = Program.validate
-    library_str = Program.__str__
 
     def fp16_overflow(op) -> bool:
         for inputs in op.inputs.values():
@@ -65,17 +59,10 @@ def faster_conversion() -> Iterator[None]:
         if check_essential_scope is None or check_essential_scope:
             library_validate(program, check_essential_scope=bool(check_essential_scope))
 
-    def text(program, print_attr: bool = False) -> str:
-        if _logger.isEnabledFor(logging.DEBUG):
-            return library_str(program, print_attr=print_attr)
-        return "<program text left out: coremltools debug logging is off>"
-
     FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
     Program.validate = validate
-    Program.__str__ = text
     try:
         yield
     finally:
         FP16ComputePrecision.fp16_overflow = library_overflow
         Program.validate = library_validate
-        Program.__str__ = library_str
