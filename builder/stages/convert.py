@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from builder.coreml.package import normalize_mlpackage, package_size
+from builder.coreml.speedups import faster_conversion
 
 
 class ConvertParams(BaseModel):
@@ -32,15 +33,18 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     def dtype(spec: dict):
         return np.float32 if p.precision == "float32" else dtypes[spec["dtype"]]
 
-    model = ct.convert(
-        torch.jit.load(str(traced / "model.pt")),
-        inputs=[ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtype(spec)) for spec in architecture["inputs"]],
-        outputs=[ct.TensorType(name=name) for name in architecture["outputs"]],
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
-        minimum_deployment_target=getattr(ct.target, p.deployment_target),
-        skip_model_load=True,
-    )
+    with faster_conversion():
+        model = ct.convert(
+            torch.jit.load(str(traced / "model.pt")),
+            inputs=[
+                ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtype(spec)) for spec in architecture["inputs"]
+            ],
+            outputs=[ct.TensorType(name=name) for name in architecture["outputs"]],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
+            minimum_deployment_target=getattr(ct.target, p.deployment_target),
+            skip_model_load=True,
+        )
     model.short_description = f"sdbuild {p.component}" + (f" chunk {p.chunk}" if p.chunk else "")
     package = out / "model.mlpackage"
     model.save(str(package))

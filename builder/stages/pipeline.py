@@ -137,13 +137,21 @@ def _check_mixed_recipe(path: Path) -> None:
     load_recipe_file(path)
 
 
+# Largest stage peak per component at full size, rounded up: SD 2.1 base, bench/convert_bench.py
+# (UNet 5.6 GiB converting, when float32 and float16 weights coexist; text encoder 2.5 GiB; VAE
+# decoder 1.8 GiB; the synthetic source 5.6 GiB). Peaks grow with the weights: SDXL's UNet has 3x.
+_FULL_SIZE_PEAK_GIB = {None: 6, "unet": 6, "unet_refiner": 6, "text_encoder": 3, "text_encoder_2": 3, "vae_decoder": 2, "vae_encoder": 2}
+_SDXL_UNET_SCALE = 3
+
+
 def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot."""
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
         return 1 * GIB
-    if component in ("unet", "unet_refiner"):
-        return (16 if loaded.recipe.family.value == "sdxl" else 8) * GIB  # SDXL's UNets: 2.3-2.6B parameters
-    return 4 * GIB
+    estimate = _FULL_SIZE_PEAK_GIB.get(component, 4)
+    if component in ("unet", "unet_refiner") and loaded.recipe.family.value == "sdxl":
+        estimate *= _SDXL_UNET_SCALE
+    return estimate * GIB
 
 
 def build_graph(loaded: LoadedRecipe) -> Graph:

@@ -1,0 +1,173 @@
+"""Wall time, CPU time and peak memory of converting the full-size SD 2.1 base pipeline, per stage and component.
+
+    .venv/bin/python bench/convert_bench.py [--cache /tmp/convert-bench] [--rerun rewrite,trace,convert]
+                                            [--components unet,text_encoder,vae_decoder] [--json artifacts/convert_bench.json]
+
+Builds a recipe (synthetic preset `sd-2-1-base`, attention SPLIT_EINSUM, latent 64x64, UNet batch 2,
+float16, no compression) through the real engine, one stage at a time (`--jobs 1`), so each stage's
+peak is its own worker process's resident set (the engine records it) and its CPU seconds are its
+worker's user + system time, a figure other jobs on the machine disturb less than wall time. Only
+source, rewrite, trace and convert run. The source stage stands in for a download and is reported apart from the
+conversion total.
+
+With `--cache`, the cache outlives the run: the source stage (about a minute of seeded weight generation, 5.6 GiB)
+is reused, and the stages named by `--rerun` run again anyway, because the bench gives them a
+run-unique version so their action keys change. Without `--cache`, everything runs cold in a
+temporary folder. Prints a table with totals and ratios against the reference converter measured
+on the same 2-core machine, the load average, and writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT))
+
+from builder.engine import Engine  # noqa: E402
+from builder.engine.spec import Graph  # noqa: E402
+from builder.recipe import load_recipe  # noqa: E402
+from builder.stages.pipeline import build_graph  # noqa: E402
+
+GIB = 1 << 30
+CONVERSION_STAGES = ("rewrite", "trace", "convert")
+# apple/ml-stable-diffusion torch2coreml on this machine, same shapes: (seconds, peak bytes).
+REFERENCE = {
+    "unet": (197.5, 8.0 * GIB),
+    "text_encoder": (26.0, 3.4 * GIB),
+    "vae_decoder": (88.0, 2.1 * GIB),
+}
+TARGET_TIME_RATIO = 0.5
+TARGET_PEAK_BYTES = 5 * GIB
+
+RECIPE = """\
+name: convert-bench
+version: 0.1.0
+family: sd
+model:
+  synthetic: {{preset: sd-2-1-base, seed: 0}}
+latent_size: [64, 64]
+attention: SPLIT_EINSUM
+compute_unit: CPU_AND_NE
+deployment_target: iOS16
+unet_batch_size: 2
+components:
+{components}
+"""
+
+
+def bench_graph(workspace: Path, components: list[str], rerun: set[str]) -> Graph:
+    """The recipe's source and conversion stages; those in `rerun` get a version no cache holds."""
+    recipe = workspace / "convert-bench.yaml"
+    recipe.write_text(RECIPE.format(components="\n".join(f"  {c}: {{}}" for c in components)))
+    graph = build_graph(load_recipe(recipe, workspace))
+    run_id = f"bench-{time.time_ns()}"
+    return Graph(
+        spec.model_copy(update={"version": f"{spec.version}+{run_id}"}) if spec.stage in rerun else spec
+        for spec in graph
+        if spec.stage == "source" or spec.stage in CONVERSION_STAGES
+    )
+
+
+def measure(cache: Path, workspace: Path, components: list[str], rerun: set[str]) -> list[dict]:
+    """Build one stage at a time, so the CPU seconds of each stage's worker can be told apart.
+
+    CPU time (user + system of the worker process) moves less than wall time when other jobs share
+    the machine, so both are reported.
+    """
+    engine = Engine(cache, target="convert-bench")
+    order = bench_graph(workspace, components, rerun).order()
+    rows = []
+    for done in range(1, len(order) + 1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        result = engine.build(Graph(order[:done]), jobs=1)[-1]
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        rows.append({
+            "stage": result.stage,
+            "component": result.component,
+            "status": result.status,
+            "seconds": round(result.seconds, 2),
+            "cpu_seconds": round(cpu, 2) if result.status == "built" else None,
+            "peak_bytes": result.peak_memory_bytes,
+            "summary": result.summary,
+        })
+        print(f"  {result.id}: {result.status} {result.seconds:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def component_totals(rows: list[dict]) -> dict[str, dict]:
+    """Per component: conversion seconds (rewrite + trace + convert), largest stage peak, ratios."""
+    totals: dict[str, dict] = {}
+    for row in rows:
+        if row["stage"] not in CONVERSION_STAGES:
+            continue
+        t = totals.setdefault(row["component"], {"seconds": 0.0, "cpu_seconds": 0.0, "peak_bytes": 0, "fresh": True})
+        t["seconds"] = round(t["seconds"] + row["seconds"], 2)
+        t["cpu_seconds"] = round(t["cpu_seconds"] + (row["cpu_seconds"] or 0), 2)
+        t["peak_bytes"] = max(t["peak_bytes"], row["peak_bytes"] or 0)
+        t["fresh"] = t["fresh"] and row["status"] == "built"
+    for component, t in totals.items():
+        ref_seconds, ref_peak = REFERENCE[component]
+        t["time_ratio"] = round(t["seconds"] / ref_seconds, 3)
+        t["peak_ratio"] = round(t["peak_bytes"] / ref_peak, 3)
+        t["meets_target"] = t["time_ratio"] <= TARGET_TIME_RATIO and t["peak_bytes"] <= TARGET_PEAK_BYTES
+    return totals
+
+
+def print_table(rows: list[dict], totals: dict[str, dict], load: tuple[float, float, float]) -> None:
+    print(f"{'stage':<9} {'component':<13} {'status':<7} {'seconds':>8} {'cpu s':>8} {'peak GiB':>9}  summary")
+    for row in rows:
+        peak = f"{row['peak_bytes'] / GIB:9.2f}" if row["peak_bytes"] else f"{'-':>9}"
+        cpu = f"{row['cpu_seconds']:8.2f}" if row["cpu_seconds"] is not None else f"{'-':>8}"
+        summary = json.dumps(row["summary"], sort_keys=True) if row["summary"] else ""
+        print(f"{row['stage']:<9} {row['component'] or '-':<13} {row['status']:<7} {row['seconds']:8.2f} {cpu} {peak}  {summary[:70]}")
+    print()
+    print(f"{'component':<13} {'seconds':>8} {'cpu s':>8} {'ref s':>7} {'ratio':>6} {'peak GiB':>9} {'ref GiB':>8}  target (<= 0.5x time, <= 5 GiB)")
+    for component, t in totals.items():
+        ref_seconds, ref_peak = REFERENCE[component]
+        verdict = "met" if t["meets_target"] else "NOT met"
+        note = "" if t["fresh"] else "  (includes cached stages: figures from the run that built them)"
+        print(f"{component:<13} {t['seconds']:8.2f} {t['cpu_seconds']:8.2f} {ref_seconds:7.1f} {t['time_ratio']:6.3f} "
+              f"{t['peak_bytes'] / GIB:9.2f} {ref_peak / GIB:8.2f}  {verdict}{note}")
+    print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {os.cpu_count()} cores")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, help="cache folder kept between runs (default: a fresh temporary one)")
+    parser.add_argument("--rerun", default=",".join(CONVERSION_STAGES),
+                        help="stages run again even when cached (comma-separated; '' to reuse all)")
+    parser.add_argument("--components", default="unet,text_encoder,vae_decoder")
+    parser.add_argument("--json", type=Path, default=PROJECT / "artifacts" / "convert_bench.json", help="where to write the results")
+    args = parser.parse_args()
+    components = [c for c in args.components.split(",") if c]
+    unknown = sorted(set(components) - set(REFERENCE))
+    if unknown:
+        sys.exit(f"no reference figures for {', '.join(unknown)}; use some of {', '.join(REFERENCE)}")
+    rerun = {s for s in args.rerun.split(",") if s}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="sdbuild-convert-bench-") as folder:
+        workspace = Path(folder)
+        started = time.perf_counter()
+        rows = measure(args.cache or workspace / "cache", workspace, components, rerun)
+        wall = time.perf_counter() - started
+    load = os.getloadavg()
+    totals = component_totals(rows)
+    print_table(rows, totals, load)
+    print(f"wall {wall:.1f} s; load average at the start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    results = {"stages": rows, "components": totals, "wall_seconds": round(wall, 1),
+               "load_average_start": load_before, "load_average_end": load, "cores": os.cpu_count()}
+    args.json.write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
