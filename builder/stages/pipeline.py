@@ -140,7 +140,9 @@ def _check_mixed_recipe(path: Path) -> None:
 # Largest stage peak per component at full size, rounded up: SD 2.1 base, bench/convert_bench.py
 # (UNet 5.6 GiB converting, when float32 and float16 weights coexist; text encoder 2.5 GiB; VAE
 # decoder 1.8 GiB; the synthetic source 5.6 GiB). Peaks grow with the weights: SDXL's UNet has 3x.
-_FULL_SIZE_PEAK_GIB = {None: 6, "unet": 6, "unet_refiner": 6, "text_encoder": 3, "text_encoder_2": 3, "vae_decoder": 2, "vae_encoder": 2}
+_FULL_SIZE_PEAK_GIB = {
+    None: 6, "unet": 6, "unet_refiner": 6, "text_encoder": 3, "text_encoder_2": 3, "vae_decoder": 2, "vae_encoder": 2,
+}
 _SDXL_UNET_SCALE = 3
 
 
