@@ -11,4 +11,6 @@ COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
     "unet": ("attention", "latent_size", "batch_size"),
     "vae_decoder": ("latent_size",),
     "vae_encoder": ("latent_size",),
+    "controlnet": ("attention", "latent_size", "batch_size"),  # each ControlNet, rewritten like the UNet
+    "safety_checker": (),  # its image input is 512 x 512 whatever the latent size (see components.py)
 }

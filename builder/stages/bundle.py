@@ -16,7 +16,14 @@ from pydantic import BaseModel
 
 from builder.coreml.package import describe_mlpackage, package_size
 from builder.errors import UserError
-from builder.sd.contract import LATENT_SCALE_FACTOR, RESOURCE_NAMES, TEXT_LENGTH, TOKENIZER_FILES, check_models
+from builder.sd.contract import (
+    CONTROLNET_FOLDER,
+    LATENT_SCALE_FACTOR,
+    TEXT_LENGTH,
+    TOKENIZER_FILES,
+    check_models,
+    resource_name,
+)
 from builder.sd.manifest import FileEntry, Manifest, ModelEntry
 
 
@@ -48,15 +55,18 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         shutil.copyfile(inputs["tokenizer"] / "tokenizer" / name, resources / name)
 
     models: dict[str, ModelEntry] = {}
+    controlled = any(c.startswith(f"{CONTROLNET_FOLDER}.") for c in p.components)  # then the UNet is ControlledUnet
     for component, compression in p.components.items():
-        resource_name = RESOURCE_NAMES[component]
+        name = resource_name(component, controlled)
         package = inputs[f"model.{component}"] / "model.mlpackage"
         compiled = f"compiled.{component}" in inputs
         if compiled:
-            shipped = resources / f"{resource_name}.mlmodelc"
+            shipped = resources / f"{name}.mlmodelc"
+            shipped.parent.mkdir(exist_ok=True)
             shutil.copytree(inputs[f"compiled.{component}"] / "model.mlmodelc", shipped)
         else:
-            shipped = resources / f"{resource_name}.mlpackage"
+            shipped = resources / f"{name}.mlpackage"
+            shipped.parent.mkdir(exist_ok=True)
             shutil.copytree(package, shipped)
         interface = describe_mlpackage(package)
         report = inputs[f"model.{component}"] / "report.json"
@@ -66,9 +76,9 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         check = json.loads((inputs[f"check.{component}"] / "check.json").read_text())
         verified = inputs.get(f"verify.{component}")
         verification = json.loads((verified / "check.json").read_text()) if verified else {}
-        models[resource_name] = ModelEntry(
+        models[name] = ModelEntry(
             component=component,
-            path=shipped.name,
+            path=shipped.relative_to(resources).as_posix(),
             compiled=compiled,
             compression=compression,
             size_bytes=package_size(shipped),
@@ -76,6 +86,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             inputs=interface.inputs,
             outputs=interface.outputs,
             psnr_db=check["psnr_db"],
+            decisions_match=check.get("decisions_match"),
             read_back_psnr_db=verification.get("read_back_psnr_db"),
             mixed_bit=verification.get("mixed_bit"),
         )

@@ -31,7 +31,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtypes[spec["dtype"]])
             for spec in architecture["inputs"]
         ],
-        outputs=[ct.TensorType(name=name) for name in architecture["outputs"]],
+        outputs=[
+            ct.TensorType(name=name, dtype=dtypes[architecture["output_dtype"]]) if "output_dtype" in architecture
+            else ct.TensorType(name=name)
+            for name in architecture["outputs"]
+        ],
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
         minimum_deployment_target=getattr(ct.target, p.deployment_target),

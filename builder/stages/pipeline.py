@@ -8,20 +8,23 @@ came from, so the engine can say exactly which edit made a stage stale.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from builder import __version__
 from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
-from builder.recipe import LoadedRecipe
+from builder.recipe import Component, LoadedRecipe
+from builder.recipe.model import ComponentSettings
+from builder.recipe.sources import ControlNetSource
 from builder.sd.presets import PRESETS
 from builder.sd.settings import COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
 STAGE_VERSIONS = {
-    "source": "1", "rewrite": "1", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
-    "bundle": "3",
+    "source": "2", "rewrite": "1", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
+    "bundle": "4",
 }
 MINIMUM_PSNR_DB = 35.0
 
@@ -61,8 +64,49 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "mixed-bit palettization is analysed for the UNet only",
                 "use mode: palettize with one nbits for this component",
             )
+    if recipe.components.safety_checker is not None:
+        _check_has_safety_checker(loaded)
+    if recipe.model.controlnets:
+        _check_controlnets(loaded)
     if recipe.model.vae is not None:
         raise _field_error(loaded, "model.vae", "a replacement VAE cannot be used yet", "remove model.vae")
+
+
+def _check_controlnets(loaded: LoadedRecipe) -> None:
+    """Known synthetic presets, and names that stay apart in Resources/controlnet/."""
+    from builder.sd.presets import CONTROLNET_PRESETS
+
+    seen: dict[str, int] = {}
+    for index, source in enumerate(loaded.recipe.model.controlnets):
+        field = f"model.controlnets.{index}"
+        if source.synthetic is not None and source.synthetic.preset not in CONTROLNET_PRESETS:
+            raise _field_error(
+                loaded, f"{field}.synthetic.preset", f"unknown synthetic ControlNet preset '{source.synthetic.preset}'",
+                f"use one of: {', '.join(sorted(CONTROLNET_PRESETS))}",
+            )
+        name = controlnet_name(source)
+        if name in seen:
+            raise _field_error(
+                loaded, field, f"ControlNets {seen[name]} and {index} would both be controlnet/{name}",
+                "list each ControlNet once (a local folder is named after its folder: rename one)",
+            )
+        seen[name] = index
+
+
+def _check_has_safety_checker(loaded: LoadedRecipe) -> None:
+    """A safety checker must exist in the source; hub pipelines are checked when downloaded."""
+    source = loaded.recipe.model
+    if source.synthetic is not None and PRESETS[source.synthetic.preset].safety_checker is None:
+        missing = f"synthetic preset '{source.synthetic.preset}' has no safety checker"
+    elif source.local is not None and source.local.path.is_dir() and not (source.local.path / "safety_checker").is_dir():
+        missing = f"{source.local.path} has no safety_checker/ folder"
+    else:
+        return
+    with_checker = sorted(name for name, preset in PRESETS.items() if preset.safety_checker is not None)
+    raise _field_error(
+        loaded, "components.safety_checker", missing,
+        f"remove safety_checker from components (SD 2.x pipelines ship without one); presets with one: {', '.join(with_checker)}",
+    )
 
 
 def _check_mixed_recipe(path: Path) -> None:
@@ -77,6 +121,47 @@ def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
         return 1 * GIB
     return 8 * GIB if component == "unet" else 4 * GIB
+
+
+def controlnet_name(source: ControlNetSource) -> str:
+    """The ControlNet's file name under Resources/controlnet/: words title-cased and joined.
+
+    Hub: the repository id split on '/', '_' and '-' (lllyasviel/sd-controlnet-mlsd ->
+    LllyasvielSdControlnetMlsd), as Apple's converter names it. Local: the folder's name, the same way.
+    Synthetic: 'synthetic', the preset and 'seed<N>' (tiny-sd, seed 0 -> SyntheticTinySdSeed0).
+    """
+    if source.hub is not None:
+        text = source.hub.id
+    elif source.local is not None:
+        text = source.local.path.name
+    else:
+        text = f"synthetic-{source.synthetic.preset}-seed{source.synthetic.seed}"
+    return "".join(word.title() for word in re.split(r"[/_-]", text) if word)
+
+
+def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[str, str]) -> list[tuple]:
+    """A source stage per ControlNet (appended to `stages`) and its conversion job for build_graph."""
+    settings = loaded.recipe.components.controlnet or ComponentSettings()
+    jobs = []
+    for index, source in enumerate(loaded.recipe.model.controlnets):
+        label = f"controlnet.{controlnet_name(source)}"
+        field = f"model.controlnets.{index}"
+        if source.local is not None:
+            jobs.append((label, "controlnet", "controlnet", settings, {}, {"model": source.local.path}))
+            continue
+        if source.synthetic is not None:
+            params = {"kind": "controlnet_synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
+            origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
+        else:
+            params = {"kind": "controlnet_hub", "id": source.hub.id, "revision": source.hub.revision}
+            origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
+        stages.append(StageSpec(
+            id=f"source:{label}", stage="source", component=label, version=STAGE_VERSIONS["source"],
+            function="builder.stages.source:run", params=params, param_origins=origins, tools=tools,
+            memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
+        ))
+        jobs.append((label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
+    return jobs
 
 
 def build_graph(loaded: LoadedRecipe) -> Graph:
@@ -110,6 +195,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         ))
         model_inputs = {"model": "source"}
 
+    pipeline_inputs, pipeline_external = model_inputs, model_external
     settings = {
         "attention": (recipe.attention.value, "attention"),
         "latent_size": (list(recipe.latent_size), "latent_size" if recipe.written_latent_size else "image_size"),
@@ -119,11 +205,19 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     compile_tools = tools if unavailable else tools | {"xcode": xcode_version()}
     bundle_inputs: dict[str, str] = {}
     components: dict[str, dict] = {}
-    for component, component_settings in recipe.components.enabled().items():
-        c = component.value
-        memory = memory_estimate(loaded, c)
-        depends_on = COMPONENT_SETTINGS[c]
-        rewrite_params = {"component": c} | {name: settings[name][0] for name in depends_on}
+    # (stage component label, recipe component, conversion kind, settings, model stage inputs, model folders)
+    jobs = [
+        (c.value, c.value, c.value, s, model_inputs, model_external)
+        for c, s in recipe.components.enabled().items()
+        if c is not Component.CONTROLNET
+    ]
+    if recipe.model.controlnets:
+        jobs = [(c, r, "controlled_unet" if c == "unet" else k, s, i, e) for c, r, k, s, i, e in jobs]
+        jobs += _controlnet_jobs(loaded, stages, tools)
+    for c, recipe_component, conversion_kind, component_settings, model_inputs, model_external in jobs:
+        memory = memory_estimate(loaded, recipe_component)
+        depends_on = COMPONENT_SETTINGS[recipe_component]
+        rewrite_params = {"component": conversion_kind} | {name: settings[name][0] for name in depends_on}
         rewrite_origins = {name: settings[name][1] for name in depends_on}
 
         def add(stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, **extra) -> str:
@@ -192,8 +286,8 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     stages.append(StageSpec(
         id="bundle", stage="bundle", version=STAGE_VERSIONS["bundle"], function="builder.stages.bundle:run",
         params=bundle_params, param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
-        inputs=bundle_inputs | ({"tokenizer": "source"} if model_inputs else {}),
-        external_inputs={"tokenizer": model_external["model"]} if model_external else {},
+        inputs=bundle_inputs | ({"tokenizer": "source"} if pipeline_inputs else {}),
+        external_inputs={"tokenizer": pipeline_external["model"]} if pipeline_external else {},
         tools=tools, memory_estimate_bytes=1 * GIB,
     ))
     return Graph(stages)
