@@ -67,6 +67,9 @@ class ComponentKind:
     decision_outputs: tuple[str, ...] = ()
     # outputs' Core ML dtype; None: coremltools' choice (float16 for a float16 program)
     output_dtype: str | None = None
+    # coremltools passes to skip: a pass that folds arithmetic into a weight renames it, and the
+    # read-back of compressed weights finds each weight by its torch parameter's name
+    skipped_passes: tuple[str, ...] = ()
 
     def outputs_of(self, model: nn.Module) -> tuple[str, ...]:
         """The output names of the conversion module for `model`."""
@@ -293,6 +296,9 @@ KINDS: dict[str, ComponentKind] = {
         reference=controlnet_reference,
         # SwiftPM's ControlNet.swift sums several ControlNets' outputs reading them as Float32 buffers
         output_dtype="float32",
+        # diffusers multiplies every residual by conditioning_scale (1.0), which fuse_conv_scale folds
+        # into the zero-convolutions' weights under new names
+        skipped_passes=("common::fuse_conv_scale",),
     ),
     "vae_decoder": ComponentKind(
         subfolder="vae",

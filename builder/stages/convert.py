@@ -25,6 +25,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     traced = inputs["traced"]
     architecture = json.loads((inputs["rewritten"] / "architecture.json").read_text())
     dtypes = {"float32": np.float32, "float16": np.float16}
+    options = {}
+    if architecture.get("skipped_passes"):
+        options["pass_pipeline"] = ct.PassPipeline.DEFAULT
+        options["pass_pipeline"].remove_passes(architecture["skipped_passes"])
     model = ct.convert(
         torch.jit.load(str(traced / "model.pt")),
         inputs=[
@@ -40,6 +44,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
         minimum_deployment_target=getattr(ct.target, p.deployment_target),
         skip_model_load=True,
+        **options,
     )
     model.short_description = f"sdbuild {p.component}"
     package = out / "model.mlpackage"

@@ -53,6 +53,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     }
     if k.output_dtype is not None:
         architecture["output_dtype"] = k.output_dtype
+    if k.skipped_passes:
+        architecture["skipped_passes"] = list(k.skipped_passes)
     if k.decision_outputs:
         architecture["decision_outputs"] = list(k.decision_outputs)
     (out / "architecture.json").write_text(json.dumps(architecture, indent=2, sort_keys=True, default=str))
