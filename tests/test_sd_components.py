@@ -44,7 +44,7 @@ def test_pipeline_loads_with_diffusers(pipeline):
     assert len(ids) == 77 and ids[0] == pipe.tokenizer.bos_token_id
 
 
-@pytest.mark.parametrize("component", sorted(KINDS))
+@pytest.mark.parametrize("component", sorted(set(KINDS) - {"controlnet"}))  # a model of its own: test_controlnet.py
 def test_wrapper_matches_reference(pipeline, component):
     kind = KINDS[component]
     reference = kind.load(pipeline, kind.subfolder).eval()
@@ -55,8 +55,11 @@ def test_wrapper_matches_reference(pipeline, component):
         produced = kind.wrap(reference, "ORIGINAL")(*inputs.values())
     produced = produced if isinstance(produced, tuple) else (produced,)
     assert len(produced) == len(kind.outputs_of(reference))
-    for got, want in zip(produced, expected):
-        assert psnr(got, want) > 100
+    for name, got, want in zip(kind.outputs_of(reference), produced, expected):
+        if name in kind.decision_outputs:
+            assert torch.equal(got, want)
+        else:
+            assert psnr(got, want) > 100
 
 
 def test_text_encoder_mask_stays_finite_in_float16(pipeline):
@@ -102,7 +105,8 @@ def test_contract_check_names_each_violation():
 def test_every_convertible_component_declares_its_settings():
     from builder.sd.settings import COMPONENT_SETTINGS
 
-    assert set(COMPONENT_SETTINGS) == set(KINDS)
+    # controlled_unet is the UNet's conversion kind when the recipe has ControlNets: the unet's settings key it
+    assert set(COMPONENT_SETTINGS) == set(KINDS) - {"controlled_unet"}
 
 
 def test_planning_does_not_import_torch():

@@ -40,7 +40,11 @@ def _synthetic_safety_checker(config: dict, generator: torch.Generator) -> torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
-    checker = StableDiffusionSafetyChecker(CLIPConfig(**config)).eval()
+    # Its CLIP vision tower has a 1-D class embedding that `_randomize` leaves at its initial value,
+    # drawn from torch's global generator: seed that too, without disturbing the caller's.
+    with torch.random.fork_rng():
+        torch.manual_seed(generator.initial_seed())
+        checker = StableDiffusionSafetyChecker(CLIPConfig(**config)).eval()
     _randomize(checker, generator)
     low, high = (bound / config["projection_dim"] ** 0.5 for bound in (_CONCEPT_THRESHOLD_LOW, _CONCEPT_THRESHOLD_HIGH))
     with torch.no_grad():
