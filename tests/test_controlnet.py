@@ -216,3 +216,14 @@ def test_synthetic_controlnet_is_seeded(tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         write_synthetic_controlnet(get_controlnet_preset("tiny-sd"), seed, tmp_path / name)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+
+
+def test_analysis_and_mixed_bit_refuse_controlled_recipes(workspace: Workspace):
+    (workspace.root / "recipes" / "controlled.yaml").write_text(RECIPE)
+    done = workspace.run("analyze", "recipes/controlled.yaml")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "ControlledUnet" in done.stderr
+    mixed = RECIPE.replace("  unet: {}\n", "  unet:\n    compression: {mode: mixed, recipe: mbp/tiny-sd-40db.yaml}\n")
+    (workspace.root / "recipes" / "mixed.yaml").write_text(mixed)
+    done = workspace.run("plan", "recipes/mixed.yaml")
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "mixed.yaml:15" in message and "components.unet.compression.mode" in message

@@ -68,6 +68,12 @@ def _check_supported(loaded: LoadedRecipe) -> None:
         _check_has_safety_checker(loaded)
     if recipe.model.controlnets:
         _check_controlnets(loaded)
+        if recipe.components.unet.compression.mode == "mixed":
+            raise _field_error(
+                loaded, "components.unet.compression.mode",
+                "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
+                "use mode: palettize with one nbits, or remove model.controlnets",
+            )
     if recipe.model.vae is not None:
         raise _field_error(loaded, "model.vae", "a replacement VAE cannot be used yet", "remove model.vae")
 
