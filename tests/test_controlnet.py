@@ -11,11 +11,10 @@ import torch
 from builder.coreml.package import describe_mlpackage
 from builder.recipe.sources import ControlNetSource
 from builder.sd.components import KINDS, ComponentShape, examples_for
-from builder.sd.contract import check_models
+from builder.sd.contract import check_models, controlnet_name
 from builder.sd.presets import get_controlnet_preset, get_preset
 from builder.sd.psnr import psnr
 from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
-from builder.stages.pipeline import controlnet_name
 from conftest import Workspace, make_workspace
 
 RECIPE = """\

@@ -7,7 +7,10 @@ build error.
 
 from __future__ import annotations
 
+import re
+
 from builder.coreml.package import ModelInfo
+from builder.recipe.sources import ControlNetSource
 
 RESOURCE_NAMES: dict[str, str] = {
     "text_encoder": "TextEncoder",
@@ -26,6 +29,22 @@ LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
 REQUIRED_MODELS = {"sd": ("TextEncoder", "Unet", "VAEDecoder"), "sdxl": ("TextEncoder2", "Unet", "VAEDecoder")}
 TEXT_LENGTH = 77
 SAFETY_CHECKER_IMAGE_SIZE = 512  # hard-coded in SafetyChecker.swift
+
+
+def controlnet_name(source: ControlNetSource) -> str:
+    """The ControlNet's file name under Resources/controlnet/: words title-cased and joined.
+
+    Hub: the repository id split on '/', '_' and '-' (lllyasviel/sd-controlnet-mlsd ->
+    LllyasvielSdControlnetMlsd), as Apple's converter names it. Local: the folder's name, the same way.
+    Synthetic: 'synthetic', the preset and 'seed<N>' (tiny-sd, seed 0 -> SyntheticTinySdSeed0).
+    """
+    if source.hub is not None:
+        text = source.hub.id
+    elif source.local is not None:
+        text = source.local.path.name
+    else:
+        text = f"synthetic-{source.synthetic.preset}-seed{source.synthetic.seed}"
+    return "".join(word.title() for word in re.split(r"[/_-]", text) if word)
 
 
 def resource_name(component: str, controlled: bool) -> str:

@@ -8,15 +8,15 @@ came from, so the engine can say exactly which edit made a stage stale.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+from typing import NamedTuple
 
 from builder import __version__
 from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
 from builder.recipe import Component, LoadedRecipe
 from builder.recipe.model import ComponentSettings
-from builder.recipe.sources import ControlNetSource
+from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
 from builder.sd.settings import COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
@@ -129,23 +129,19 @@ def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     return 8 * GIB if component == "unet" else 4 * GIB
 
 
-def controlnet_name(source: ControlNetSource) -> str:
-    """The ControlNet's file name under Resources/controlnet/: words title-cased and joined.
+class _Job(NamedTuple):
+    """One model to convert: its stages' component label, the recipe component whose settings key
+    it, the conversion kind, its settings, and where its weights come from."""
 
-    Hub: the repository id split on '/', '_' and '-' (lllyasviel/sd-controlnet-mlsd ->
-    LllyasvielSdControlnetMlsd), as Apple's converter names it. Local: the folder's name, the same way.
-    Synthetic: 'synthetic', the preset and 'seed<N>' (tiny-sd, seed 0 -> SyntheticTinySdSeed0).
-    """
-    if source.hub is not None:
-        text = source.hub.id
-    elif source.local is not None:
-        text = source.local.path.name
-    else:
-        text = f"synthetic-{source.synthetic.preset}-seed{source.synthetic.seed}"
-    return "".join(word.title() for word in re.split(r"[/_-]", text) if word)
+    label: str
+    recipe_component: str
+    kind: str
+    settings: ComponentSettings
+    model_inputs: dict[str, str]  # upstream stage outputs
+    model_external: dict[str, Path]  # folders read in place
 
 
-def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[str, str]) -> list[tuple]:
+def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[str, str]) -> list[_Job]:
     """A source stage per ControlNet (appended to `stages`) and its conversion job for build_graph."""
     settings = loaded.recipe.components.controlnet or ComponentSettings()
     jobs = []
@@ -153,7 +149,7 @@ def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[
         label = f"controlnet.{controlnet_name(source)}"
         field = f"model.controlnets.{index}"
         if source.local is not None:
-            jobs.append((label, "controlnet", "controlnet", settings, {}, {"model": source.local.path}))
+            jobs.append(_Job(label, "controlnet", "controlnet", settings, {}, {"model": source.local.path}))
             continue
         if source.synthetic is not None:
             params = {"kind": "controlnet_synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
@@ -166,7 +162,7 @@ def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[
             function="builder.stages.source:run", params=params, param_origins=origins, tools=tools,
             memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
         ))
-        jobs.append((label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
+        jobs.append(_Job(label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
     return jobs
 
 
@@ -211,14 +207,13 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     compile_tools = tools if unavailable else tools | {"xcode": xcode_version()}
     bundle_inputs: dict[str, str] = {}
     components: dict[str, dict] = {}
-    # (stage component label, recipe component, conversion kind, settings, model stage inputs, model folders)
+    controlled = bool(recipe.model.controlnets)  # then the UNet takes the ControlNets' residuals
     jobs = [
-        (c.value, c.value, c.value, s, model_inputs, model_external)
+        _Job(c.value, c.value, "controlled_unet" if controlled and c is Component.UNET else c.value, s, model_inputs, model_external)
         for c, s in recipe.components.enabled().items()
         if c is not Component.CONTROLNET
     ]
-    if recipe.model.controlnets:
-        jobs = [(c, r, "controlled_unet" if c == "unet" else k, s, i, e) for c, r, k, s, i, e in jobs]
+    if controlled:
         jobs += _controlnet_jobs(loaded, stages, tools)
     for c, recipe_component, conversion_kind, component_settings, model_inputs, model_external in jobs:
         memory = memory_estimate(loaded, recipe_component)
