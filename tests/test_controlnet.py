@@ -226,3 +226,14 @@ def test_analysis_and_mixed_bit_refuse_controlled_recipes(workspace: Workspace):
     done = workspace.run("plan", "recipes/mixed.yaml")
     message = " ".join(done.stderr.split())
     assert done.returncode == 2 and "mixed.yaml:15" in message and "components.unet.compression.mode" in message
+
+
+@pytest.mark.parametrize(("key", "value"), [("global_pool_conditions", True), ("class_embed_type", "timestep")])
+def test_unsupported_controlnet_config_is_refused_by_key(key, value):
+    from diffusers import ControlNetModel
+
+    from builder.sd.ane.controlnet import rewrite_controlnet
+
+    controlnet = ControlNetModel(**get_controlnet_preset("tiny-sd") | {key: value})
+    with pytest.raises(ValueError, match=key):
+        rewrite_controlnet(controlnet, "SPLIT_EINSUM")
