@@ -133,3 +133,15 @@ def test_preset_without_a_safety_checker_is_a_located_error(workspace: Workspace
     message = " ".join(done.stderr.split())
     assert "bad.yaml:14" in message and "components.safety_checker" in message
     assert "synthetic preset 'sd-2-1-base' has no safety checker" in message and "fix:" in message
+
+
+def test_missing_feature_extractor_is_a_user_error(checker, tmp_path):
+    import shutil
+
+    from builder.errors import UserError
+
+    folder, reference, specs = checker
+    shutil.copytree(folder, tmp_path / "pipeline")
+    shutil.rmtree(tmp_path / "pipeline" / "feature_extractor")
+    with pytest.raises(UserError, match="feature_extractor"):
+        examples_for("safety_checker", tmp_path / "pipeline", reference, specs)
