@@ -160,6 +160,15 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
     return 0
 
 
+def _refuse_controlnets(loaded: LoadedRecipe, command: str) -> None:
+    """Analysis and reports run the plain UNet; a recipe with ControlNets builds the ControlledUnet."""
+    if loaded.recipe.model.controlnets:
+        raise UserError(
+            f"`sdbuild {command}` runs the plain UNet, but {loaded.path.name} builds a ControlledUnet (model.controlnets)",
+            hint="run it on a copy of the recipe without model.controlnets and components.controlnet",
+        )
+
+
 def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     from builder.report import write_report
     from builder.report.report import DEFAULT_PROMPTS, DEFAULT_SEEDS
@@ -167,6 +176,7 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
 
     loaded = workspace.load(args.recipe)
     check_sd_workload(loaded)
+    _refuse_controlnets(loaded, "report")
     graph = build_graph(loaded)
     engine = workspace.engine(loaded)
     progress = Progress(console)
@@ -201,6 +211,7 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
 
     loaded = workspace.load(args.recipe)
     check_sd_workload(loaded)
+    _refuse_controlnets(loaded, "analyze")
     full = build_graph(loaded)
     needed = [full[stage_id] for stage_id in ("source", "rewrite:unet") if stage_id in full]
     model = "source" if "source" in full else loaded.recipe.model.local.path

@@ -59,3 +59,4 @@ class Component(str, Enum):
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"
+    CONTROLNET = "controlnet"

@@ -47,6 +47,11 @@ class Components(RecipeModel):
     safety_checker: ComponentSettings | None = Field(
         default=None, description="Safety checker (SafetyChecker.mlmodelc); sd only."
     )
+    controlnet: ComponentSettings | None = Field(
+        default=None,
+        description="How every ControlNet of model.controlnets is built (controlnet/<Name>.mlmodelc); "
+        "defaults to float16 when model.controlnets is given.",
+    )
 
     def enabled(self) -> dict[Component, ComponentSettings]:
         """The components to build, with their settings."""

@@ -168,6 +168,34 @@ def _sdxl_violations(recipe: Recipe) -> list[Violation]:
             "model.refiner", "model.refiner is given but components.unet_refiner is not built",
             "add `unet_refiner: {}` under components, or remove model.refiner",
         ))
+    if recipe.model.controlnets:
+        violations.append(Violation(
+            "model.controlnets", "the sdxl pipeline of the Swift package runs no ControlNet",
+            "remove `controlnets:` from model, or use family: sd",
+        ))
+    if recipe.components.controlnet is not None:
+        violations.append(Violation(
+            "components.controlnet", "the sdxl pipeline of the Swift package runs no ControlNet",
+            "remove `controlnet:` from components",
+        ))
+    return violations
+
+
+def _controlnet_violations(recipe: Recipe) -> list[Violation]:
+    """ControlNets need a batch-2 UNet, and ControlNet settings need ControlNets."""
+    violations = []
+    if recipe.components.controlnet is not None and not recipe.model.controlnets:
+        violations.append(Violation(
+            "components.controlnet", "there is no ControlNet to build: model.controlnets is empty",
+            "add ControlNets under model.controlnets (hub, local or synthetic), or remove `controlnet:` from components",
+        ))
+    if recipe.model.controlnets and recipe.unet_batch_size != 2:
+        violations.append(Violation(
+            "unet_batch_size",
+            "ControlNets need a batch-2 UNet: the Swift package always runs them at batch 2 "
+            "and adds their outputs to the UNet's inputs",
+            "set `unet_batch_size: 2`, or remove model.controlnets",
+        ))
     return violations
 
 
@@ -186,6 +214,7 @@ def _sd_violations(recipe: Recipe) -> list[Violation]:
             "components.text_encoder_2", "only sdxl has a second text encoder",
             "remove `text_encoder_2:` or set `family: sdxl`",
         ))
+    violations.extend(_controlnet_violations(recipe))
     if recipe.components.text_encoder is None:
         violations.append(Violation(
             "components.text_encoder", "sd needs its text encoder",

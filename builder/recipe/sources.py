@@ -92,6 +92,21 @@ class RefinerSource(RecipeModel):
         return self
 
 
+class ControlNetSource(RecipeModel):
+    """One ControlNet: a diffusers ControlNetModel, from exactly one of hub, local or synthetic."""
+
+    hub: HubSource | None = Field(default=None, description="A ControlNet repository on the hub at a pinned commit.")
+    local: LocalSource | None = Field(default=None, description="A diffusers ControlNetModel folder inside the workspace.")
+    synthetic: SyntheticSource | None = Field(
+        default=None, description="Seeded random weights in a ControlNet preset matching the synthetic pipeline."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ControlNetSource:
+        reject(_exactly_one(self, ("hub", "local", "synthetic")))
+        return self
+
+
 class ModelSource(RecipeModel):
     """The checkpoint to convert: exactly one of hub, local or synthetic."""
 
@@ -104,10 +119,21 @@ class ModelSource(RecipeModel):
     refiner: RefinerSource | None = Field(
         default=None, description="SDXL's refiner pipeline, converted as components.unet_refiner (sdxl only)."
     )
+    controlnets: list[ControlNetSource] = Field(
+        default_factory=list,
+        description="ControlNets for this pipeline (sd only); each becomes controlnet/<Name> and the UNet ControlledUnet.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSource:
         violations = _exactly_one(self, ("hub", "local", "synthetic"))
+        for index, controlnet in enumerate(self.controlnets):
+            if controlnet.local is not None and not controlnet.local.path.is_dir():
+                violations.append(Violation(
+                    f"controlnets.{index}.local.path",
+                    f"a ControlNet is read from a diffusers folder, not the single file {controlnet.local.path.name}",
+                    "point to a folder holding the ControlNet's config.json and diffusion_pytorch_model.safetensors",
+                ))
         if self.synthetic is not None and self.vae is not None:
             violations.append(Violation(
                 "vae",

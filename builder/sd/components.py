@@ -18,7 +18,22 @@ from torch import nn
 
 from builder.errors import UserError
 from builder.sd.ane import rewrite_unet
-from builder.sd.modules import TextEncoderModule, TextEncoderXLModule, VaeDecoderModule, VaeEncoderModule
+from builder.sd.ane.controlnet import (
+    controlled_unet_reference,
+    controlnet_reference,
+    residual_names,
+    residual_shapes,
+    rewrite_controlled_unet,
+    rewrite_controlnet,
+)
+from builder.sd.contract import SAFETY_CHECKER_IMAGE_SIZE
+from builder.sd.modules import (
+    SafetyCheckerModule,
+    TextEncoderModule,
+    TextEncoderXLModule,
+    VaeDecoderModule,
+    VaeEncoderModule,
+)
 
 TEXT_SEQUENCE_LENGTH = 77
 VAE_SCALE = 8
@@ -58,13 +73,27 @@ class TensorSpec(BaseModel):
 class ComponentKind:
     """Conversion knowledge for one component type."""
 
-    subfolder: str
-    output_names: tuple[str, ...]
+    subfolder: str  # "" for a model folder of its own (a ControlNet)
+    output_names: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]]  # fixed, or read off the reference
     load: Callable[[Path, str], nn.Module]
     from_config: Callable[[dict], nn.Module]
     wrap: Callable[[nn.Module, str], nn.Module]  # (reference, attention) -> conversion module
     inputs: Callable[[nn.Module, ComponentShape], list[TensorSpec]]
     reference: Callable[[nn.Module, dict[str, torch.Tensor]], list[torch.Tensor]]
+    # (pipeline folder, reference, input specs) -> example inputs, where seeded random tensors would
+    # not exercise the component as the pipeline feeds it; None: `example_inputs`
+    examples: Callable[[Path, nn.Module, list[TensorSpec]], dict[str, torch.Tensor]] | None = None
+    # yes/no outputs (1.0 or 0.0): checked for agreement with the reference, not scored by PSNR
+    decision_outputs: tuple[str, ...] = ()
+    # outputs' Core ML dtype; None: coremltools' choice (float16 for a float16 program)
+    output_dtype: str | None = None
+    # coremltools passes to skip: a pass that folds arithmetic into a weight renames it, and the
+    # read-back of compressed weights finds each weight by its torch parameter's name
+    skipped_passes: tuple[str, ...] = ()
+
+    def outputs_of(self, model: nn.Module) -> tuple[str, ...]:
+        """The output names of the conversion module for `model`."""
+        return self.output_names(model) if callable(self.output_names) else self.output_names
 
 
 def _attention_free(wrapper: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
@@ -100,6 +129,43 @@ def _load_vae(folder: Path, subfolder: str) -> nn.Module:
     if not (folder / subfolder / "config.json").is_file() and (folder / "config.json").is_file():
         subfolder = ""
     return AutoencoderKL.from_pretrained(folder, subfolder=subfolder or None, use_safetensors=True)
+
+
+def _load_safety_checker(folder: Path, subfolder: str) -> nn.Module:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    if not (folder / subfolder / "config.json").is_file():
+        raise UserError(
+            f"this pipeline has no {subfolder}/ folder to convert",
+            hint="remove components.safety_checker (SD 2.x pipelines ship without one), or use a pipeline that has it",
+        )
+    return StableDiffusionSafetyChecker.from_pretrained(
+        folder, subfolder=subfolder, use_safetensors=True, attn_implementation="eager"
+    )
+
+
+def _safety_checker_from_config(config: dict) -> nn.Module:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    return StableDiffusionSafetyChecker._from_config(CLIPConfig.from_dict(config), attn_implementation="eager")
+
+
+def _load_controlnet(folder: Path, subfolder: str) -> nn.Module:
+    from diffusers import ControlNetModel
+
+    if not (folder / subfolder / "config.json").is_file():
+        raise UserError(
+            f"{folder.name} holds no ControlNet (no config.json)",
+            hint="point the ControlNet source at a diffusers ControlNetModel folder or repository",
+        )
+    return ControlNetModel.from_pretrained(folder / subfolder, use_safetensors=True)
+
+
+def _controlnet_from_config(config: dict) -> nn.Module:
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_config(config)
 
 
 def _clip_from_config(config: dict) -> nn.Module:
@@ -164,6 +230,24 @@ def _text_embeds_width(config: dict, time_ids: int) -> int:
     return width
 
 
+def _controlled_unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    shapes = residual_shapes(model, shape.batch_size, shape.latent_size)
+    residuals = [TensorSpec(name=n, shape=s, dtype="float16") for n, s in zip(residual_names(len(shapes)), shapes)]
+    return _unet_inputs(model, shape) + residuals
+
+
+def _controlnet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    h, w = shape.latent_size
+    b = shape.batch_size
+    return _unet_inputs(model, shape) + [
+        TensorSpec(name="controlnet_cond", shape=[b, model.config.conditioning_channels, VAE_SCALE * h, VAE_SCALE * w], dtype="float16")
+    ]
+
+
+def _residual_outputs(model: nn.Module) -> tuple[str, ...]:
+    return residual_names(len(residual_shapes(model, 1, (8, 8))))
+
+
 def _vae_decoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
     return [TensorSpec(name="z", shape=[1, model.config.latent_channels, h, w], dtype="float16")]
@@ -172,6 +256,50 @@ def _vae_decoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorS
 def _vae_encoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
     return [TensorSpec(name="sample", shape=[1, model.config.in_channels, VAE_SCALE * h, VAE_SCALE * w], dtype="float16")]
+
+
+def _safety_checker_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    # The Swift package always sends 512 x 512 images, whatever the pipeline's image size (it ignores
+    # the filtered images), so that input does not follow the recipe's size.
+    side = model.config.vision_config.image_size
+    image = SAFETY_CHECKER_IMAGE_SIZE
+    return [
+        TensorSpec(name="clip_input", shape=[1, 3, side, side], dtype="float32"),
+        TensorSpec(name="images", shape=[1, image, image, 3], dtype="float16"),
+        TensorSpec(name="adjustment", shape=[1], dtype="float32"),
+    ]
+
+
+def _safety_checker_examples(folder: Path, model: nn.Module, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """A seeded random image, preprocessed by the pipeline's own feature extractor, at adjustment 0."""
+    from transformers import CLIPImageProcessor
+
+    if not (folder / "feature_extractor" / "preprocessor_config.json").is_file():
+        raise UserError(
+            "this pipeline has a safety checker but no feature_extractor/preprocessor_config.json",
+            hint="add the pipeline's feature_extractor folder (CLIP's image preprocessing), or remove components.safety_checker",
+        )
+    processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+    shapes = {spec.name: spec.shape for spec in specs}
+    images = torch.rand(shapes["images"], generator=torch.Generator().manual_seed(0))
+    pixels = (images[0].numpy() * 255).round().astype("uint8")
+    clip_input = processor(images=[pixels], return_tensors="pt").pixel_values.to(torch.float32)
+    return {"clip_input": clip_input, "images": images, "adjustment": torch.zeros(shapes["adjustment"])}
+
+
+def _safety_checker_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """diffusers' forward_onnx (adjustment 0 is built into it), plus the concept scores it thresholds."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+    if inputs["adjustment"].abs().max() > 0:
+        raise ValueError("diffusers' safety checker reference is defined at adjustment 0 only")
+    clip_input = inputs["clip_input"]
+    images, flagged = model.forward_onnx(clip_input, inputs["images"].clone())
+    embeds = model.visual_projection(model.vision_model(clip_input)[1])
+    special = cosine_distance(embeds, model.special_care_embeds) - model.special_care_embeds_weights
+    boost = torch.any(special > 0, dim=1).to(embeds.dtype)[:, None] * 0.01
+    scores = cosine_distance(embeds, model.concept_embeds) - model.concept_embeds_weights + boost
+    return [images, flagged.to(embeds.dtype), scores]
 
 
 def _text_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -230,6 +358,29 @@ KINDS: dict[str, ComponentKind] = {
     ),
     "unet": _UNET,
     "unet_refiner": _UNET,  # loaded from the refiner's own pipeline folder
+    "controlled_unet": ComponentKind(
+        subfolder="unet",
+        output_names=("noise_pred",),
+        load=_load_unet,
+        from_config=_unet_from_config,
+        wrap=rewrite_controlled_unet,
+        inputs=_controlled_unet_inputs,
+        reference=controlled_unet_reference,
+    ),
+    "controlnet": ComponentKind(
+        subfolder="",
+        output_names=_residual_outputs,
+        load=_load_controlnet,
+        from_config=_controlnet_from_config,
+        wrap=rewrite_controlnet,
+        inputs=_controlnet_inputs,
+        reference=controlnet_reference,
+        # SwiftPM's ControlNet.swift sums several ControlNets' outputs reading them as Float32 buffers
+        output_dtype="float32",
+        # diffusers multiplies every residual by conditioning_scale (1.0), which fuse_conv_scale folds
+        # into the zero-convolutions' weights under new names
+        skipped_passes=("common::fuse_conv_scale",),
+    ),
     "vae_decoder": ComponentKind(
         subfolder="vae",
         output_names=("image",),
@@ -247,6 +398,17 @@ KINDS: dict[str, ComponentKind] = {
         wrap=_attention_free(VaeEncoderModule),
         inputs=_vae_encoder_inputs,
         reference=_vae_encoder_reference,
+    ),
+    "safety_checker": ComponentKind(
+        subfolder="safety_checker",
+        output_names=("filtered_images", "has_nsfw_concepts", "concept_scores"),
+        load=_load_safety_checker,
+        from_config=_safety_checker_from_config,
+        wrap=_attention_free(SafetyCheckerModule),
+        inputs=_safety_checker_inputs,
+        reference=_safety_checker_reference,
+        examples=_safety_checker_examples,
+        decision_outputs=("has_nsfw_concepts",),
     ),
 }
 
@@ -276,6 +438,12 @@ def kind(component: str, family: str = "sd") -> ComponentKind:
         ) from None
 
 
+def examples_for(component: str, folder: Path, model: nn.Module, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """The fixed inputs that exercise `component` (read from the pipeline `folder` where it must be)."""
+    custom = kind(component).examples
+    return custom(folder, model, specs) if custom is not None else example_inputs(component, model, specs)
+
+
 def example_inputs(component: str, model: nn.Module, specs: list[TensorSpec], seed: int = 0) -> dict[str, torch.Tensor]:
     """Fixed random inputs in the value ranges the pipeline really feeds each feature."""
     generator = torch.Generator().manual_seed(seed)
@@ -292,8 +460,10 @@ def example_inputs(component: str, model: nn.Module, specs: list[TensorSpec], se
             inputs[spec.name] = torch.full(spec.shape, 981.0)
         elif spec.name == "time_ids":
             inputs[spec.name] = _time_ids(spec.shape, specs)
-        elif component == "vae_encoder":
+        elif component == "vae_encoder":  # an image in [-1, 1]
             inputs[spec.name] = torch.rand(spec.shape, generator=generator) * 2 - 1
+        elif spec.name == "controlnet_cond":  # a conditioning image in [0, 1]
+            inputs[spec.name] = torch.rand(spec.shape, generator=generator)
         else:
             inputs[spec.name] = torch.randn(spec.shape, generator=generator)
     return inputs

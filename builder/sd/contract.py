@@ -7,7 +7,10 @@ build error.
 
 from __future__ import annotations
 
-from builder.coreml.package import ModelInfo
+import re
+
+from builder.coreml.package import FeatureInfo, ModelInfo
+from builder.recipe.sources import ControlNetSource
 
 RESOURCE_NAMES: dict[str, str] = {
     "text_encoder": "TextEncoder",
@@ -19,10 +22,40 @@ RESOURCE_NAMES: dict[str, str] = {
     "safety_checker": "SafetyChecker",
 }
 UNET_MODELS = ("Unet", "UnetRefiner")  # Resources names of UNets, each shipped whole or as Chunk1 + Chunk2
+CONTROLLED_UNET = "ControlledUnet"  # the UNet's name when the bundle has ControlNets
+CONTROLNET_FOLDER = "controlnet"
+RESIDUAL_PREFIX = "additional_residual_"
+CONTROLNET_BATCH = 2  # ControlNet.swift always passes a (2,) timestep
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
 REQUIRED_MODELS = {"sd": ("TextEncoder", "Unet", "VAEDecoder"), "sdxl": ("TextEncoder2", "Unet", "VAEDecoder")}
 TEXT_LENGTH = 77
+SAFETY_CHECKER_IMAGE_SIZE = 512  # hard-coded in SafetyChecker.swift
+
+
+def controlnet_name(source: ControlNetSource) -> str:
+    """The ControlNet's file name under Resources/controlnet/: words title-cased and joined.
+
+    Hub: the repository id split on '/', '_' and '-' (lllyasviel/sd-controlnet-mlsd ->
+    LllyasvielSdControlnetMlsd), as Apple's converter names it. Local: the folder's name, the same way.
+    Synthetic: 'synthetic', the preset and 'seed<N>' (tiny-sd, seed 0 -> SyntheticTinySdSeed0).
+    """
+    if source.hub is not None:
+        text = source.hub.id
+    elif source.local is not None:
+        text = source.local.path.name
+    else:
+        text = f"synthetic-{source.synthetic.preset}-seed{source.synthetic.seed}"
+    return "".join(word.title() for word in re.split(r"[/_-]", text) if word)
+
+
+def resource_name(component: str, controlled: bool) -> str:
+    """The Resources name of a built component; ControlNets are labelled `controlnet.<Name>`."""
+    if component.startswith(f"{CONTROLNET_FOLDER}."):
+        return f"{CONTROLNET_FOLDER}/{component.split('.', 1)[1]}"
+    if component == "unet" and controlled:
+        return CONTROLLED_UNET
+    return RESOURCE_NAMES[component]
 
 
 def chunk_names(model: str) -> tuple[str, str]:
@@ -141,13 +174,18 @@ def check_models(
 ) -> list[str]:
     """Every way `models` (keyed by Resources name) breaks the contract; empty when it holds."""
     check = _Checker(models, latent_size, batch_size)
-    check.problems += [f"missing required model {name}" for name in REQUIRED_MODELS[family] if not _present(models, name)]
+    unet = CONTROLLED_UNET if _present(models, CONTROLLED_UNET) else "Unet"
+    required = [unet if name == "Unet" else name for name in REQUIRED_MODELS[family]]
+    check.problems += [f"missing required model {name}" for name in required if not _present(models, name)]
     if family == "sdxl":
         _check_sdxl(check)
     else:
         text_width = check.text_encoder("TextEncoder", "last_hidden_state")[0] if "TextEncoder" in models else None
-        check.unet("Unet", text_width)
+        check.unet(unet, text_width)
+        _check_controlnets(check)
     check.vae()
+    if "SafetyChecker" in models:
+        check.problems += _safety_checker_problems(models["SafetyChecker"])
     return check.problems
 
 
@@ -164,3 +202,81 @@ def _check_sdxl(check: _Checker) -> None:
     else:
         check.unet("Unet", second_width, time_ids=5, pooled=pooled)
     check.unet("UnetRefiner", second_width, time_ids=5, pooled=pooled)
+
+
+def _check_controlnets(check: _Checker) -> None:
+    """ControlNets need the ControlledUnet (whole or chunked), whose residual inputs they feed."""
+    models = check.models
+    controlnets = {name: info for name, info in models.items() if name.startswith(f"{CONTROLNET_FOLDER}/")}
+    parts = [CONTROLLED_UNET] if CONTROLLED_UNET in models else [n for n in chunk_names(CONTROLLED_UNET) if n in models]
+    if controlnets and not parts:
+        check.problems.append(f"ControlNets {', '.join(sorted(controlnets))} need {CONTROLLED_UNET}, which is missing")
+    if parts:
+        inputs = {i.name: i for part in parts for i in models[part].inputs}
+        check.problems += _controlnet_problems(inputs, controlnets, check.latent_size)
+
+
+def _controlnet_problems(
+    unet_inputs: dict[str, FeatureInfo], controlnets: dict[str, ModelInfo], latent_size: tuple[int, int]
+) -> list[str]:
+    """ControlledUnet takes additional_residual_0..N-1; every ControlNet takes the UNet's sample, timestep
+    and text states plus controlnet_cond (B, 3, 8h, 8w), and returns exactly those residuals, shape for
+    shape, in float32 (ControlNet.swift sums several ControlNets' outputs as Float32 buffers)."""
+    problems: list[str] = []
+    h, w = latent_size
+    residuals = {name: i.shape for name, i in unet_inputs.items() if name.startswith(RESIDUAL_PREFIX)}
+    expected_names = {f"{RESIDUAL_PREFIX}{i}" for i in range(len(residuals))}
+    if not residuals:
+        problems.append(f"{CONTROLLED_UNET}: no {RESIDUAL_PREFIX}<i> inputs")
+    elif set(residuals) != expected_names:
+        problems.append(f"{CONTROLLED_UNET}: residual inputs {sorted(residuals)} are not numbered 0..{len(residuals) - 1}")
+    for name, info in sorted(controlnets.items()):
+        inputs = {i.name: i for i in info.inputs}
+        for feature in ("sample", "timestep", "encoder_hidden_states", "controlnet_cond"):
+            if feature not in inputs:
+                problems.append(f"{name}: no input named {feature}")
+            elif feature == "timestep" and inputs[feature].shape != [CONTROLNET_BATCH]:
+                problems.append(f"{name}: timestep shape is {inputs[feature].shape}, the Swift package needs [{CONTROLNET_BATCH}]")
+            elif feature == "controlnet_cond":
+                shape = inputs[feature].shape
+                wanted = [CONTROLNET_BATCH, shape[1] if len(shape) == 4 else "C", 8 * h, 8 * w]
+                if shape != wanted:
+                    problems.append(f"{name}: controlnet_cond shape is {shape}, the Swift package needs {wanted}")
+            elif feature in unet_inputs and inputs[feature].shape != unet_inputs[feature].shape:
+                problems.append(
+                    f"{name}: {feature} shape is {inputs[feature].shape}, {CONTROLLED_UNET} takes {unet_inputs[feature].shape}"
+                )
+        outputs = {o.name: o.shape for o in info.outputs}
+        if outputs != residuals:
+            problems.append(
+                f"{name}: outputs {sorted(outputs.items())} do not line up with {CONTROLLED_UNET}'s residual inputs "
+                f"{sorted(residuals.items())}"
+            )
+        not_float32 = sorted(o.name for o in info.outputs if o.dtype != "float32")
+        if not_float32:
+            problems.append(f"{name}: outputs {', '.join(not_float32)} are not float32, which the Swift package sums them as")
+    return problems
+
+
+def _safety_checker_problems(info: ModelInfo) -> list[str]:
+    """SafetyChecker.swift resizes the image to clip_input's (square) shape, always sends 512 x 512
+    float16 images and a (1,) adjustment, and reads has_nsfw_concepts[0] as a yes/no."""
+    inputs = {i.name: i for i in info.inputs}
+    problems = [f"SafetyChecker: no input named {name}" for name in ("clip_input", "images", "adjustment") if name not in inputs]
+
+    def expect(model: str, what: str, actual: object, wanted: object) -> None:
+        if actual != wanted:
+            problems.append(f"{model}: {what} is {actual}, the Swift package needs {wanted}")
+    if "clip_input" in inputs:
+        shape = inputs["clip_input"].shape
+        side = shape[2] if len(shape) == 4 else "S"
+        expect("SafetyChecker", "clip_input shape", shape, [1, 3, side, side])
+    if "images" in inputs:
+        expect("SafetyChecker", "images shape", inputs["images"].shape, [1, SAFETY_CHECKER_IMAGE_SIZE, SAFETY_CHECKER_IMAGE_SIZE, 3])
+        expect("SafetyChecker", "images dtype", inputs["images"].dtype, "float16")
+    if "adjustment" in inputs:
+        expect("SafetyChecker", "adjustment shape", inputs["adjustment"].shape, [1])
+    outputs = {o.name: o for o in info.outputs}
+    if "has_nsfw_concepts" not in outputs:
+        problems.append("SafetyChecker: no output named has_nsfw_concepts")
+    return problems

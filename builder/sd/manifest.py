@@ -44,6 +44,8 @@ class ModelEntry(ModelInfo):
     size_bytes: int
     bits_per_weight: float | None  # average stored bits per weight (index + table share when palettized)
     psnr_db: dict[str, float]  # traced conversion module vs the diffusers/transformers reference
+    # yes/no outputs (the safety checker's has_nsfw_concepts): traced module agrees with the reference
+    decisions_match: dict[str, bool] | None = None
     # compressed weights read back from the saved program into torch, vs float16 weights (None: not compressed)
     read_back_psnr_db: dict[str, float] | None
     # mixed-bit recipes: the recipe file's target and predicted PSNR, and what the saved weights achieve

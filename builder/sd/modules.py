@@ -103,3 +103,40 @@ class VaeEncoderModule(nn.Module):
 
     def forward(self, sample: torch.Tensor):
         return self.quant_conv(self.encoder(sample))
+
+
+class SafetyCheckerModule(nn.Module):
+    """diffusers' StableDiffusionSafetyChecker as one branch-free graph with the Swift package's features.
+
+    Inputs: `clip_input` (1, 3, S, S) CLIP-normalised pixels, `images` (1, H, W, 3) the decoded images,
+    `adjustment` (1,) added to every score (the Swift package sends 0; positive values flag more).
+    Outputs: `filtered_images` (the images, zeroed where flagged), `has_nsfw_concepts` (1.0 flagged,
+    0.0 not; what the Swift package reads) and `concept_scores` (the scores the flag thresholds at
+    zero). With adjustment 0 this is diffusers' `forward_onnx`: a special-care concept above its
+    threshold raises every concept score by 0.01, and any concept score above zero flags the image.
+    Apple's converter adds `adjustment` to the special-care scores only; here it shifts both, as the
+    `adjustment` variable does in diffusers' own forward.
+    """
+
+    _SPECIAL_CARE_BOOST = 0.01
+
+    def __init__(self, checker: nn.Module):
+        super().__init__()
+        self.checker = checker
+
+    @staticmethod
+    def _cosine(embeds: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(embeds, dim=-1) @ torch.nn.functional.normalize(concepts, dim=-1).T
+
+    def forward(self, clip_input: torch.Tensor, images: torch.Tensor, adjustment: torch.Tensor):
+        c = self.checker
+        embeds = c.visual_projection(c.vision_model(clip_input)[1])
+        special = self._cosine(embeds, c.special_care_embeds) - c.special_care_embeds_weights + adjustment
+        special_care = (special > 0).to(embeds.dtype).amax(dim=1, keepdim=True)
+        concept_scores = (
+            self._cosine(embeds, c.concept_embeds) - c.concept_embeds_weights + adjustment
+            + special_care * self._SPECIAL_CARE_BOOST
+        )
+        flagged = (concept_scores > 0).to(embeds.dtype).amax(dim=1)
+        filtered = images * (1 - flagged).to(images.dtype)[:, None, None, None]
+        return filtered, flagged, concept_scores

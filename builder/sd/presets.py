@@ -27,6 +27,9 @@ class Preset(BaseModel):
     scheduler: dict[str, Any]
     text_encoder_2: dict[str, Any] | None = None  # SDXL's CLIPTextModelWithProjection
     requires_aesthetics_score: bool = False  # SDXL refiner: time_ids end with an aesthetic score (5, not 6)
+    # StableDiffusionSafetyChecker's CLIPConfig (text_config, vision_config, projection_dim); None: the
+    # pipeline ships without one, as SD 2.x does
+    safety_checker: dict[str, Any] | None = None
 
 
 _SD_SCHEDULER = {
@@ -137,6 +140,20 @@ _TINY_VAE = {
     "norm_num_groups": 8,
     "sample_size": 128,
 }
+# The safety checker's CLIP text tower is never run (only the vision tower, its projection and the
+# concept embeddings are), but its config is part of the saved CLIPConfig.
+_SD_SAFETY_CHECKER = {
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+    "vision_config": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 224,
+        "patch_size": 14,
+    },
+    "projection_dim": 768,
+}
 
 PRESETS: dict[str, Preset] = {
     "tiny-sd": Preset(
@@ -165,6 +182,19 @@ PRESETS: dict[str, Preset] = {
         },
         vae=_TINY_VAE | {"scaling_factor": 0.18215},
         scheduler=_SD_SCHEDULER,
+        # 224-pixel input as the Swift package expects, in 32-pixel patches (50 tokens) to stay small
+        safety_checker={
+            "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4},
+            "vision_config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 224,
+                "patch_size": 32,
+            },
+            "projection_dim": 32,
+        },
     ),
     "sd-1-5": Preset(
         family="sd",
@@ -182,6 +212,7 @@ PRESETS: dict[str, Preset] = {
         unet=_SD_UNET | {"cross_attention_dim": 768, "attention_head_dim": 8},
         vae=_SD_VAE,
         scheduler=_SD_SCHEDULER,
+        safety_checker=_SD_SAFETY_CHECKER,
     ),
     "sd-2-1-base": Preset(
         family="sd",
@@ -309,4 +340,29 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         raise UserError(
             f"unknown synthetic preset '{name}'", hint=f"use one of: {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+# ControlNetModel configs for the synthetic pipelines' UNets: the UNet's down half and mid block, plus
+# the conditioning image encoder (its 4 widths mean 3 stride-2 steps: the image's 8x down to latents).
+_CONTROLNET_KEYS = (
+    "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+    "attention_head_dim", "norm_num_groups", "use_linear_projection",
+)
+CONTROLNET_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-sd": {k: v for k, v in PRESETS["tiny-sd"].unet.items() if k in _CONTROLNET_KEYS}
+    | {"conditioning_embedding_out_channels": [8, 8, 16, 16]},
+    "sd-1-5": {k: v for k, v in PRESETS["sd-1-5"].unet.items() if k in _CONTROLNET_KEYS}
+    | {"conditioning_embedding_out_channels": [16, 32, 96, 256]},
+}
+"""Synthetic ControlNets, named after the synthetic pipeline whose UNet each one fits."""
+
+
+def get_controlnet_preset(name: str) -> dict[str, Any]:
+    """A ControlNet preset by name, failing with the list of known ones."""
+    try:
+        return CONTROLNET_PRESETS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown synthetic ControlNet preset '{name}'", hint=f"use one of: {', '.join(sorted(CONTROLNET_PRESETS))}"
         ) from None

@@ -13,6 +13,8 @@ COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
     "unet_refiner": ("attention", "latent_size", "batch_size"),
     "vae_decoder": ("latent_size",),
     "vae_encoder": ("latent_size",),
+    "controlnet": ("attention", "latent_size", "batch_size"),  # each ControlNet, rewritten like the UNet
+    "safety_checker": (),  # its image input is 512 x 512 whatever the latent size (see components.py)
 }
 
 # Components `chunk_unet: true` ships as two chunks (builder/sd/chunk.py): every UNet the recipe builds.

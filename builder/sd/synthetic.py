@@ -29,6 +29,37 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * _WEIGHT_STD)
 
 
+# A random vision tower maps every image to nearly the same embedding, at cosine distances of about
+# 1/sqrt(projection_dim) from random concept embeddings. Thresholds of 2-3 times that flag nothing at
+# adjustment 0, so a synthetic pipeline behaves like a real one on ordinary images; a positive
+# `adjustment` input (about +0.5 for tiny-sd) makes it flag, which the tests use for the other answer.
+_CONCEPT_THRESHOLD_LOW, _CONCEPT_THRESHOLD_HIGH = 2.0, 3.0
+
+
+def _synthetic_safety_checker(config: dict, generator: torch.Generator) -> torch.nn.Module:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    # Its CLIP vision tower has a 1-D class embedding that `_randomize` leaves at its initial value,
+    # drawn from torch's global generator: seed that too, without disturbing the caller's.
+    with torch.random.fork_rng():
+        torch.manual_seed(generator.initial_seed())
+        checker = StableDiffusionSafetyChecker(CLIPConfig(**config)).eval()
+    _randomize(checker, generator)
+    low, high = (bound / config["projection_dim"] ** 0.5 for bound in (_CONCEPT_THRESHOLD_LOW, _CONCEPT_THRESHOLD_HIGH))
+    with torch.no_grad():
+        for weights in (checker.concept_embeds_weights, checker.special_care_embeds_weights):
+            weights.copy_(low + torch.rand(weights.shape, generator=generator) * (high - low))
+    return checker
+
+
+def _write_feature_extractor(folder: Path, image_size: int) -> None:
+    """CLIP's preprocessing (resize, centre crop, normalise) for the safety checker's input."""
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+
+
 def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
     """Create `folder` as a diffusers folder its family's pipeline loads (SD, SDXL base or refiner)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -60,6 +91,10 @@ def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
         module.save_pretrained(folder / name, safe_serialization=True)
     if preset.text_encoder_2 is not None:
         write_tokenizer_folder(folder / "tokenizer_2", pad_token="!")
+    if preset.safety_checker is not None:  # drawn after the other components, so their weights do not move
+        checker = _synthetic_safety_checker(preset.safety_checker, generator)
+        checker.save_pretrained(folder / "safety_checker", safe_serialization=True)
+        _write_feature_extractor(folder / "feature_extractor", checker.config.vision_config.image_size)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(preset.scheduler, indent=2, sort_keys=True))
     (folder / "model_index.json").write_text(json.dumps(_model_index(preset), indent=2, sort_keys=True))
@@ -73,11 +108,12 @@ def _model_index(preset: Preset) -> dict:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     if preset.family == "sd":
+        has_checker = preset.safety_checker is not None
         return common | {
             "_class_name": "StableDiffusionPipeline",
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
+            "feature_extractor": ["transformers", "CLIPImageProcessor"] if has_checker else [None, None],
+            "requires_safety_checker": has_checker,
+            "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"] if has_checker else [None, None],
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"],
         }
@@ -92,3 +128,15 @@ def _model_index(preset: Preset) -> dict:
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
     }
+
+
+def write_synthetic_controlnet(config: dict, seed: int, folder: Path) -> None:
+    """Create `folder` as a diffusers ControlNetModel folder with seeded random weights.
+
+    Its zero-initialised output convolutions are randomised too, so its residuals are not all zero.
+    """
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel(**config).eval()
+    _randomize(controlnet, torch.Generator().manual_seed(seed))
+    controlnet.save_pretrained(folder, safe_serialization=True)

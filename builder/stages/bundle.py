@@ -17,7 +17,13 @@ from pydantic import BaseModel
 from builder.coreml.package import WEIGHTS_DIR, describe_mlpackage, package_size
 from builder.errors import UserError
 from builder.sd.contract import (
-    LATENT_SCALE_FACTOR, RESOURCE_NAMES, TEXT_LENGTH, TOKENIZER_FILES, check_models, chunk_names,
+    CONTROLNET_FOLDER,
+    LATENT_SCALE_FACTOR,
+    TEXT_LENGTH,
+    TOKENIZER_FILES,
+    check_models,
+    chunk_names,
+    resource_name,
 )
 from builder.sd.manifest import ChunkEntry, FileEntry, Manifest, ModelEntry
 
@@ -52,17 +58,14 @@ def _time_ids_length(models: dict[str, ModelEntry]) -> int | None:
 
 
 def _ship(
-    inputs: dict[str, Path], key: str, component: str, compression: dict, precision: str, stem: Path
+    inputs: dict[str, Path], key: str, component: str, compression: dict, precision: str, resources: Path, name: str
 ) -> ModelEntry:
     """Copy one model (`key`: component, or component.chunkN) into Resources and describe it."""
     package = inputs[f"model.{key}"] / "model.mlpackage"
     compiled = f"compiled.{key}" in inputs
-    if compiled:
-        shipped = stem.with_name(f"{stem.name}.mlmodelc")
-        shutil.copytree(inputs[f"compiled.{key}"] / "model.mlmodelc", shipped)
-    else:
-        shipped = stem.with_name(f"{stem.name}.mlpackage")
-        shutil.copytree(package, shipped)
+    shipped = resources / f"{name}.{'mlmodelc' if compiled else 'mlpackage'}"
+    shipped.parent.mkdir(exist_ok=True)  # controlnet/<Name>
+    shutil.copytree(inputs[f"compiled.{key}"] / "model.mlmodelc" if compiled else package, shipped)
     interface = describe_mlpackage(package)
     report = inputs[f"model.{key}"] / "report.json"
     bits = {"float16": 16.0}.get(compression["mode"])
@@ -80,7 +83,7 @@ def _ship(
         )
     return ModelEntry(
         component=component,
-        path=shipped.name,
+        path=shipped.relative_to(resources).as_posix(),
         compiled=compiled,
         compression=compression,
         precision=precision,
@@ -89,6 +92,7 @@ def _ship(
         inputs=interface.inputs,
         outputs=interface.outputs,
         psnr_db=check["psnr_db"],
+        decisions_match=check.get("decisions_match"),
         read_back_psnr_db=verification.get("read_back_psnr_db"),
         mixed_bit=verification.get("mixed_bit"),
         chunk=chunk,
@@ -110,15 +114,14 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         shutil.copyfile(folders[0] / name, resources / name)
 
     models: dict[str, ModelEntry] = {}
+    controlled = any(c.startswith(f"{CONTROLNET_FOLDER}.") for c in p.components)  # then the UNet is ControlledUnet
     for component, compression in p.components.items():
-        if component in p.chunked:
-            parts = zip((".chunk1", ".chunk2"), chunk_names(RESOURCE_NAMES[component]))
-        else:
-            parts = [("", RESOURCE_NAMES[component])]
-        for part, resource_name in parts:
+        name = resource_name(component, controlled)
+        parts = zip((".chunk1", ".chunk2"), chunk_names(name)) if component in p.chunked else [("", name)]
+        for part, shipped_name in parts:
             precision = p.precision.get(component, "float16")
-            models[resource_name] = _ship(
-                inputs, f"{component}{part}", component, compression, precision, resources / resource_name
+            models[shipped_name] = _ship(
+                inputs, f"{component}{part}", component, compression, precision, resources, shipped_name
             )
     problems = check_models(p.family, models, latent_size=p.latent_size, batch_size=p.unet_batch_size)
     if problems:

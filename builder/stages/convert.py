@@ -33,17 +33,26 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     def dtype(spec: dict):
         return np.float32 if p.precision == "float32" else dtypes[spec["dtype"]]
 
+    options = {}
+    if architecture.get("skipped_passes"):
+        options["pass_pipeline"] = ct.PassPipeline.DEFAULT
+        options["pass_pipeline"].remove_passes(architecture["skipped_passes"])
     with faster_conversion():
         model = ct.convert(
             torch.jit.load(str(traced / "model.pt")),
             inputs=[
                 ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtype(spec)) for spec in architecture["inputs"]
             ],
-            outputs=[ct.TensorType(name=name) for name in architecture["outputs"]],
+            outputs=[
+                ct.TensorType(name=name, dtype=dtypes[architecture["output_dtype"]]) if "output_dtype" in architecture
+                else ct.TensorType(name=name)
+                for name in architecture["outputs"]
+            ],
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
             minimum_deployment_target=getattr(ct.target, p.deployment_target),
             skip_model_load=True,
+            **options,
         )
     model.short_description = f"sdbuild {p.component}" + (f" chunk {p.chunk}" if p.chunk else "")
     package = out / "model.mlpackage"

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from builder import __version__
 from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
-from builder.recipe import LoadedRecipe
+from builder.recipe import Component, LoadedRecipe
+from builder.recipe.model import ComponentSettings
+from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
 from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
 STAGE_VERSIONS = {
-    "source": "1", "rewrite": "1", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
-    "bundle": "4", "chunk": "1",
+    "source": "2", "rewrite": "2", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
+    "bundle": "5", "chunk": "1",
 }
 MINIMUM_PSNR_DB = 35.0
 
@@ -81,6 +84,16 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "use mode: float16 (the VAE then stays float32), or set model.vae to a float16-safe VAE "
                 "such as madebyollin/sdxl-vae-fp16-fix",
             )
+    if recipe.components.safety_checker is not None:
+        _check_has_safety_checker(loaded)
+    if recipe.model.controlnets:
+        _check_controlnets(loaded)
+        if recipe.components.unet.compression.mode == "mixed":
+            raise _field_error(
+                loaded, "components.unet.compression.mode",
+                "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
+                "use mode: palettize with one nbits, or remove model.controlnets",
+            )
 
 
 _SD_ONLY_ANALYSIS = (
@@ -130,6 +143,43 @@ def _source_stage(
     return [stage], {"model": stage_id}, {}
 
 
+def _check_controlnets(loaded: LoadedRecipe) -> None:
+    """Known synthetic presets, and names that stay apart in Resources/controlnet/."""
+    from builder.sd.presets import CONTROLNET_PRESETS
+
+    seen: dict[str, int] = {}
+    for index, source in enumerate(loaded.recipe.model.controlnets):
+        field = f"model.controlnets.{index}"
+        if source.synthetic is not None and source.synthetic.preset not in CONTROLNET_PRESETS:
+            raise _field_error(
+                loaded, f"{field}.synthetic.preset", f"unknown synthetic ControlNet preset '{source.synthetic.preset}'",
+                f"use one of: {', '.join(sorted(CONTROLNET_PRESETS))}",
+            )
+        name = controlnet_name(source)
+        if name in seen:
+            raise _field_error(
+                loaded, field, f"ControlNets {seen[name]} and {index} would both be controlnet/{name}",
+                "list each ControlNet once (a local folder is named after its folder: rename one)",
+            )
+        seen[name] = index
+
+
+def _check_has_safety_checker(loaded: LoadedRecipe) -> None:
+    """A safety checker must exist in the source; hub pipelines are checked when downloaded."""
+    source = loaded.recipe.model
+    if source.synthetic is not None and PRESETS[source.synthetic.preset].safety_checker is None:
+        missing = f"synthetic preset '{source.synthetic.preset}' has no safety checker"
+    elif source.local is not None and source.local.path.is_dir() and not (source.local.path / "safety_checker").is_dir():
+        missing = f"{source.local.path} has no safety_checker/ folder"
+    else:
+        return
+    with_checker = sorted(name for name, preset in PRESETS.items() if preset.safety_checker is not None)
+    raise _field_error(
+        loaded, "components.safety_checker", missing,
+        f"remove safety_checker from components (SD 2.x pipelines ship without one); presets with one: {', '.join(with_checker)}",
+    )
+
+
 def _check_mixed_recipe(path: Path) -> None:
     """Validate a mixed-bit recipe file before anything runs (its errors name its own lines)."""
     from builder.sd.mbp.recipe_file import load_recipe_file
@@ -154,6 +204,43 @@ def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     if component in ("unet", "unet_refiner") and loaded.recipe.family.value == "sdxl":
         estimate *= _SDXL_UNET_SCALE
     return estimate * GIB
+
+
+class _Job(NamedTuple):
+    """One model to convert: its stages' component label, the recipe component whose settings key
+    it, the conversion kind, its settings, and where its weights come from."""
+
+    label: str
+    recipe_component: str
+    kind: str
+    settings: ComponentSettings
+    model_inputs: dict[str, str]  # upstream stage outputs
+    model_external: dict[str, Path]  # folders read in place
+
+
+def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[str, str]) -> list[_Job]:
+    """A source stage per ControlNet (appended to `stages`) and its conversion job for build_graph."""
+    settings = loaded.recipe.components.controlnet or ComponentSettings()
+    jobs = []
+    for index, source in enumerate(loaded.recipe.model.controlnets):
+        label = f"controlnet.{controlnet_name(source)}"
+        field = f"model.controlnets.{index}"
+        if source.local is not None:
+            jobs.append(_Job(label, "controlnet", "controlnet", settings, {}, {"model": source.local.path}))
+            continue
+        if source.synthetic is not None:
+            params = {"kind": "controlnet_synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
+            origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
+        else:
+            params = {"kind": "controlnet_hub", "id": source.hub.id, "revision": source.hub.revision}
+            origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
+        stages.append(StageSpec(
+            id=f"source:{label}", stage="source", component=label, version=STAGE_VERSIONS["source"],
+            function="builder.stages.source:run", params=params, param_origins=origins, tools=tools,
+            memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
+        ))
+        jobs.append(_Job(label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
+    return jobs
 
 
 def build_graph(loaded: LoadedRecipe) -> Graph:
@@ -182,6 +269,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         stages += vae_stages
         sources |= {c: tuple(vae) for c in ("vae_decoder", "vae_encoder") if c in sources}
 
+    pipeline_inputs, pipeline_external = model_inputs, model_external
     settings = {
         "family": (recipe.family.value, "family"),
         "attention": (recipe.attention.value, "attention"),
@@ -194,13 +282,19 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     components: dict[str, dict] = {}
     chunked_components: list[str] = []
     precisions: dict[str, str] = {}
-    for component, component_settings in recipe.components.enabled().items():
-        c = component.value
-        component_inputs, component_external = sources[c]
+    controlled = bool(recipe.model.controlnets)  # then the UNet takes the ControlNets' residuals
+    jobs = [
+        _Job(c.value, c.value, "controlled_unet" if controlled and c is Component.UNET else c.value, s, *sources[c.value])
+        for c, s in recipe.components.enabled().items()
+        if c is not Component.CONTROLNET
+    ]
+    if controlled:
+        jobs += _controlnet_jobs(loaded, stages, tools)
+    for c, recipe_component, conversion_kind, component_settings, component_inputs, component_external in jobs:
         precision = vae_precision(loaded) if c in ("vae_decoder", "vae_encoder") else "float16"
-        memory = memory_estimate(loaded, c)
-        depends_on = COMPONENT_SETTINGS[c]
-        rewrite_params = {"component": c} | {name: settings[name][0] for name in depends_on}
+        memory = memory_estimate(loaded, recipe_component)
+        depends_on = COMPONENT_SETTINGS[recipe_component]
+        rewrite_params = {"component": conversion_kind} | {name: settings[name][0] for name in depends_on}
         rewrite_origins = {name: settings[name][1] for name in depends_on}
 
         def add(stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, part: str = "",
@@ -297,8 +391,8 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     stages.append(StageSpec(
         id="bundle", stage="bundle", version=STAGE_VERSIONS["bundle"], function="builder.stages.bundle:run",
         params=bundle_params, param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
-        inputs=bundle_inputs | ({"tokenizer": "source"} if model_inputs else {}),
-        external_inputs={"tokenizer": model_external["model"]} if model_external else {},
+        inputs=bundle_inputs | ({"tokenizer": "source"} if pipeline_inputs else {}),
+        external_inputs={"tokenizer": pipeline_external["model"]} if pipeline_external else {},
         tools=tools, memory_estimate_bytes=1 * GIB,
     ))
     return Graph(stages)

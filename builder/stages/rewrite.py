@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from safetensors.torch import save_file
 
 from builder.errors import UserError
-from builder.sd.components import ComponentShape, example_inputs, kind, pipeline_time_ids
+from builder.sd.components import ComponentShape, examples_for, kind, pipeline_time_ids
 
 
 class RewriteParams(BaseModel):
@@ -33,7 +33,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     reference = k.load(inputs["model"], k.subfolder).eval()
     shape = ComponentShape(latent_size=p.latent_size, batch_size=p.batch_size, time_ids=pipeline_time_ids(inputs["model"]))
     specs = k.inputs(reference, shape)
-    examples = example_inputs(p.component, reference, specs)
+    output_names = k.outputs_of(reference)
+    examples = examples_for(p.component, inputs["model"], reference, specs)
     with torch.no_grad():
         outputs = k.reference(reference, examples)
     try:
@@ -43,7 +44,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
 
     save_file({name: t.contiguous() for name, t in module.state_dict().items()}, out / "weights.safetensors")
     references = {f"input.{n}": t.contiguous() for n, t in examples.items()}
-    references |= {f"output.{n}": t.contiguous() for n, t in zip(k.output_names, outputs)}
+    references |= {f"output.{n}": t.contiguous() for n, t in zip(output_names, outputs, strict=True)}
     save_file(references, out / "reference.safetensors")
     architecture = {
         "component": p.component,
@@ -51,7 +52,13 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         "attention": p.attention,
         "config": reference.config.to_dict() if hasattr(reference.config, "to_dict") else dict(reference.config),
         "inputs": [s.model_dump() for s in specs],
-        "outputs": list(k.output_names),
+        "outputs": list(output_names),
     }
+    if k.output_dtype is not None:
+        architecture["output_dtype"] = k.output_dtype
+    if k.skipped_passes:
+        architecture["skipped_passes"] = list(k.skipped_passes)
+    if k.decision_outputs:
+        architecture["decision_outputs"] = list(k.decision_outputs)
     (out / "architecture.json").write_text(json.dumps(architecture, indent=2, sort_keys=True, default=str))
     return {"parameters": sum(t.numel() for t in module.state_dict().values())}

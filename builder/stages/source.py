@@ -8,11 +8,12 @@ from typing import Literal
 from pydantic import BaseModel
 
 from builder.errors import UserError
-from builder.sd.presets import get_preset
-from builder.sd.synthetic import write_synthetic_pipeline
+from builder.sd.presets import get_controlnet_preset, get_preset
+from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
 
 # Only what conversion needs, and never pickled weights: safetensors, configs and tokenizer files.
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "scheduler/*.json", "tokenizer*/*"]
+_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "scheduler/*.json", "tokenizer*/*",
+                 "feature_extractor/*.json"]
 _HUB_EXCLUDED = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*.h5"]
 # A replacement VAE repository: one AutoencoderKL at the root (some also hold single-file copies).
 _VAE_HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json"]
@@ -35,7 +36,31 @@ class HubSourceParams(BaseModel):
     revision: str
 
 
+class SyntheticControlNetParams(BaseModel):
+    kind: Literal["controlnet_synthetic"]
+    preset: str
+    seed: int
+
+
+class HubControlNetParams(BaseModel):
+    kind: Literal["controlnet_hub"]
+    id: str
+    revision: str
+
+
+# A ControlNet repository holds one diffusers model at its root.
+_CONTROLNET_HUB_PATTERNS = ["config.json", "*.safetensors"]
+
+
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
+    if params["kind"] == "controlnet_synthetic":
+        synthetic = SyntheticControlNetParams.model_validate(params)
+        write_synthetic_controlnet(get_controlnet_preset(synthetic.preset), synthetic.seed, out)
+        return {"source": f"synthetic-controlnet:{synthetic.preset}@{synthetic.seed}"}
+    if params["kind"] == "controlnet_hub":
+        hub = HubControlNetParams.model_validate(params)
+        download_snapshot(hub.id, hub.revision, out, _CONTROLNET_HUB_PATTERNS)
+        return {"source": f"hub:{hub.id}@{hub.revision}"}
     if params["kind"] == "synthetic":
         synthetic = SyntheticSourceParams.model_validate(params)
         write_synthetic_pipeline(get_preset(synthetic.preset), synthetic.seed, out)

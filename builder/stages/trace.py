@@ -64,12 +64,26 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     references = load_file(inputs["rewritten"] / "reference.safetensors")
     example = tuple(references[f"input.{spec['name']}"] for spec in architecture["inputs"])
     traced, produced = trace_capturing_outputs(module, example)
+    decisions = set(architecture.get("decision_outputs", ()))
     scores = {
         name: round(psnr(value, references[f"output.{name}"]), 2)
         for name, value in zip(architecture["outputs"], produced)
+        if name not in decisions
+    }
+    agreement = {
+        name: bool(torch.equal(value, references[f"output.{name}"]))
+        for name, value in zip(architecture["outputs"], produced)
+        if name in decisions
     }
     torch.jit.save(traced, str(out / "model.pt"))
-    (out / "check.json").write_text(json.dumps({"psnr_db": scores}, indent=2, sort_keys=True))
+    check = {"psnr_db": scores} | ({"decisions_match": agreement} if agreement else {})
+    (out / "check.json").write_text(json.dumps(check, indent=2, sort_keys=True))
+    disagreeing = sorted(name for name, same in agreement.items() if not same)
+    if disagreeing:
+        raise UserError(
+            f"{p.component}: traced output '{disagreeing[0]}' decides differently from the reference",
+            hint="the conversion module changed the model's decision; report the recipe",
+        )
     worst = min(scores, key=scores.get)
     if scores[worst] < p.minimum_psnr_db:
         raise UserError(
@@ -77,4 +91,4 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             f"(floor {p.minimum_psnr_db} dB)",
             hint="the rewrite changed the model's numbers; try attention: ORIGINAL and report the recipe",
         )
-    return {"psnr_db": scores}
+    return check
