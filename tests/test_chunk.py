@@ -12,6 +12,7 @@ from diffusers import UNet2DConditionModel
 from builder.coreml.package import WEIGHTS_DIR, FeatureInfo, ModelInfo, describe_mlpackage, package_size
 from builder.recipe import load_recipe
 from builder.sd.ane import rewrite_unet
+from builder.sd.ane.controlnet import residual_names, residual_shapes, rewrite_controlled_unet
 from builder.sd.chunk import balanced_boundary, parameter_bytes, split_unet, unet_steps
 from builder.sd.components import ComponentShape, example_inputs, kind
 from builder.sd.contract import check_models
@@ -71,6 +72,26 @@ def test_sdxl_chunk_chain_equals_the_whole_module(preset):
     torch.testing.assert_close(chained[0], whole, rtol=0, atol=1e-6)
     assert {"text_embeds", "time_ids"} <= set(chunks.first.input_names)
     assert not {"text_embeds", "time_ids"} & set(chunks.second.input_names)
+
+
+def test_controlled_unet_chunk_chain_adds_the_controlnet_residuals():
+    """A chunked ControlledUnet adds every additional_residual_<i> where the whole one does."""
+    unet = UNet2DConditionModel(**get_preset("tiny-sd").unet).eval()
+    _randomize(unet, torch.Generator().manual_seed(0))
+    shapes = residual_shapes(unet, 2, (16, 16))
+    names = list(residual_names(len(shapes)))
+    generator = torch.Generator().manual_seed(2)
+    residuals = [torch.randn(shape, generator=generator) for shape in shapes]
+    module = rewrite_controlled_unet(unet, "SPLIT_EINSUM").eval()
+    chunks = split_unet(module, UNET_INPUTS + names)
+    with torch.no_grad():
+        whole = module(*_inputs(), *residuals)
+        plain = module(*_inputs(), *(torch.zeros_like(r) for r in residuals))
+        chained = chunks.chain(*_inputs(), *residuals)
+    torch.testing.assert_close(chained[0], whole, rtol=0, atol=1e-6)
+    assert not torch.allclose(whole, plain), "the residuals must change the prediction for this test to mean anything"
+    taken = set(chunks.first.input_names[3:]) | {n for n in chunks.second.input_names if n in names}
+    assert taken == set(names)
 
 
 def test_chunks_split_the_parameters_under_their_original_names():

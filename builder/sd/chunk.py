@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from builder.sd.contract import RESIDUAL_PREFIX
+
 # Block classes whose forward the steps below reproduce (the ones the Neural Engine rewrite accepts).
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _MID_BLOCKS = ("UNetMidBlock2DCrossAttn",)
@@ -32,6 +34,12 @@ _BODY = ("conv_in", "down_blocks", "mid_block", "up_blocks", "conv_norm_out", "c
 HIDDEN_STATES = "hidden_states"
 TIME_EMBEDDING = "time_embedding"
 SAMPLE, TIMESTEP, TEXT = "sample", "timestep", "encoder_hidden_states"
+MID_RESIDUAL_STEP = "mid_block.control"  # where a ControlledUnet adds the mid-block residual
+
+
+def residual_name(index: int) -> str:
+    """A ControlledUnet's input added to the `index`-th skip residual (the mid block's: index = skip count)."""
+    return f"{RESIDUAL_PREFIX}{index}"
 
 
 def skip_name(index: int) -> str:
@@ -74,6 +82,7 @@ def unet_steps(unet: nn.Module) -> list[Step]:
         for j in range(len(unet.mid_block.attentions)):
             steps.append(Step(f"mid_block.attentions.{j}", "attention", (f"mid_block.attentions.{j}",)))
             steps.append(Step(f"mid_block.resnets.{j + 1}", "resnet", (f"mid_block.resnets.{j + 1}",)))
+        steps.append(Step(MID_RESIDUAL_STEP, "mid_residual", ()))
     for i, block in enumerate(unet.up_blocks):
         _check_block(block, _UP_BLOCKS, f"up_block_types[{i}]")
         prefix = f"up_blocks.{i}"
@@ -205,8 +214,17 @@ def _conv_in(chunk: UnetChunk, step: Step, state: _State) -> None:
 
 
 def _push(state: _State) -> None:
-    state.skips.append((state.pushed, state.hidden))
+    """Keep the hidden state as the next skip residual, plus its ControlNet residual when given
+    (diffusers adds down_block_additional_residuals to the stored skips, not to the running state)."""
+    control = state.inputs.get(residual_name(state.pushed))
+    state.skips.append((state.pushed, state.hidden if control is None else state.hidden + control))
     state.pushed += 1
+
+
+def _mid_residual(chunk: UnetChunk, step: Step, state: _State) -> None:
+    control = state.inputs.get(residual_name(state.pushed))
+    if control is not None:
+        state.hidden = state.hidden + control
 
 
 def _resnet(chunk: UnetChunk, step: Step, state: _State) -> None:
@@ -248,6 +266,7 @@ _STEP_RUNNERS: dict[str, Callable[[UnetChunk, Step, _State], None]] = {
     "attention": _attention,
     "downsampler": _downsampler,
     "upsampler": _upsampler,
+    "mid_residual": _mid_residual,
     "out": _out,
 }
 
@@ -279,7 +298,12 @@ def split_unet(module: nn.Module, input_names: list[str]) -> Chunks:
     steps = unet_steps(unet)
     boundary = balanced_boundary(unet, steps)
     first = UnetChunk(module, steps, 0, boundary, input_names)
-    originals = [n for n in input_names if n == TEXT and any(s.reads_text for s in steps[boundary:])]
+    rest = steps[boundary:]
+    pushed = sum(step.push for step in steps[:boundary])
+    # ControlNet residuals of skips pushed in chunk 2, and of the mid block when chunk 2 adds it
+    controls = {residual_name(i) for i in range(pushed, sum(step.push for step in steps))}
+    controls |= {residual_name(pushed)} if any(step.kind == "mid_residual" for step in rest) else set()
+    originals = [n for n in input_names if (n == TEXT and any(s.reads_text for s in rest)) or n in controls]
     second = UnetChunk(module, steps, boundary, len(steps), first.output_names + originals)
     sizes = [parameter_bytes(unet, s) for s in steps]
     return Chunks(module, first, second, steps[boundary].name, (sum(sizes[:boundary]), sum(sizes[boundary:])))
