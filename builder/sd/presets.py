@@ -232,6 +232,35 @@ PRESETS: dict[str, Preset] = {
         vae=_SD_VAE,
         scheduler=_SD_SCHEDULER,
     ),
+    "tiny-sd2": Preset(
+        family="sd",
+        description="SD 2.x architecture scaled down (linear projections, per-level head counts, gelu CLIP); "
+        "converts in seconds",
+        text_encoder={
+            "hidden_size": 48,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "projection_dim": 32,
+        },
+        unet={
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "block_out_channels": [32, 32, 64, 64],
+            "layers_per_block": 1,
+            "cross_attention_dim": 48,
+            "attention_head_dim": [2, 4, 8, 8],  # SD 2.x configs give head counts per level here
+            "use_linear_projection": True,
+            "norm_num_groups": 8,
+        },
+        vae=_TINY_VAE | {"scaling_factor": 0.18215},
+        scheduler=_SD_SCHEDULER,
+    ),
     "tiny-sdxl": Preset(
         family="sdxl",
         description="SDXL base architecture scaled down (two CLIP encoders, 3-level UNet with text_time "
