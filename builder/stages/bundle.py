@@ -75,7 +75,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             shutil.copytree(package, shipped)
         interface = describe_mlpackage(package)
         report = inputs[f"model.{component}"] / "report.json"
-        bits = {"float16": 16.0}.get(compression["mode"])
+        precision = p.precision.get(component, "float16")
+        bits = {"float16": 32.0 if precision == "float32" else 16.0}.get(compression["mode"])  # uncompressed
         if report.is_file():
             bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
         check = json.loads((inputs[f"check.{component}"] / "check.json").read_text())
@@ -86,7 +87,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             path=shipped.name,
             compiled=compiled,
             compression=compression,
-            precision=p.precision.get(component, "float16"),
+            precision=precision,
             size_bytes=package_size(shipped),
             bits_per_weight=bits,
             inputs=interface.inputs,
