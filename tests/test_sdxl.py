@@ -203,6 +203,7 @@ def test_tiny_sdxl_manifest(sdxl_built):
         "VAEDecoder": "float32", "VAEEncoder": "float32",
     }
     assert models["VAEDecoder"]["inputs"][0]["dtype"] == "float32"
+    assert models["VAEDecoder"]["bits_per_weight"] == 32.0 and models["TextEncoder2"]["bits_per_weight"] == 16.0
     resources = _bundle(ws) / "Resources"
     assert _const_dtypes(resources / "VAEDecoder.mlpackage") & {"FLOAT16"} == set()
     assert "FLOAT16" in _const_dtypes(resources / "UnetRefiner.mlpackage")
@@ -248,6 +249,7 @@ def test_a_local_replacement_vae_converts_in_float16_and_rebuilds_only_the_vae(s
     assert manifest["models"]["VAEDecoder"]["precision"] == "float16"
     assert manifest["models"]["VAEEncoder"]["precision"] == "float16"
     assert manifest["models"]["VAEDecoder"]["inputs"][0]["dtype"] == "float16"
+    assert manifest["models"]["VAEDecoder"]["bits_per_weight"] == 16.0
     assert "FLOAT16" in _const_dtypes(_bundle(ws, "tiny-sdxl-vae") / "Resources" / "VAEDecoder.mlpackage")
 
 

@@ -68,7 +68,7 @@ def _ship(
     shutil.copytree(inputs[f"compiled.{key}"] / "model.mlmodelc" if compiled else package, shipped)
     interface = describe_mlpackage(package)
     report = inputs[f"model.{key}"] / "report.json"
-    bits = {"float16": 16.0}.get(compression["mode"])
+    bits = {"float16": 32.0 if precision == "float32" else 16.0}.get(compression["mode"])  # uncompressed
     if report.is_file():
         bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
     check = json.loads((inputs[f"check.{key}"] / "check.json").read_text())
