@@ -66,13 +66,15 @@ components:
 def bench_graph(workspace: Path, components: list[str], rerun: set[str]) -> Graph:
     """The recipe's source and conversion stages; those in `rerun` get a version no cache holds."""
     recipe = workspace / "convert-bench.yaml"
-    recipe.write_text(RECIPE.format(components="\n".join(f"  {c}: {{}}" for c in components)))
+    # The recipe always names the required components; only the asked-for ones are built.
+    listed = [*components, *(c for c in ("unet", "text_encoder", "vae_decoder") if c not in components)]
+    recipe.write_text(RECIPE.format(components="\n".join(f"  {c}: {{}}" for c in listed)))
     graph = build_graph(load_recipe(recipe, workspace))
     run_id = f"bench-{time.time_ns()}"
     return Graph(
         spec.model_copy(update={"version": f"{spec.version}+{run_id}"}) if spec.stage in rerun else spec
         for spec in graph
-        if spec.stage == "source" or spec.stage in CONVERSION_STAGES
+        if spec.stage == "source" or (spec.stage in CONVERSION_STAGES and spec.component in components)
     )
 
 

@@ -81,3 +81,44 @@ def test_library_functions_restored() -> None:
 )
 def test_fits_fp16_for_certain(values: list[float], certain: bool) -> None:
     assert fits_fp16_for_certain(np.array(values, dtype=np.float32)) is certain
+
+
+def test_torch_weights_released_once_read(tmp_path: Path) -> None:
+    """The TorchScript module's float32 parameters are emptied as they enter MIL, a shared one after its last reader."""
+    import coremltools as ct
+
+    torch.manual_seed(0)
+    example = torch.randn(1, 4, 8, 8)
+    torch.jit.save(torch.jit.trace(_Mixed().eval(), example), str(tmp_path / "m.pt"))
+    module = torch.jit.load(str(tmp_path / "m.pt"))
+    with faster_conversion():
+        ct.convert(module, inputs=[ct.TensorType(name="x", shape=example.shape)], convert_to="mlprogram",
+                   compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16, skip_model_load=True)
+    assert {name: p.numel() for name, p in module.named_parameters()} == dict.fromkeys(
+        ["conv.weight", "conv.bias", "linear.weight", "linear.bias"], 0
+    )
+
+
+def _cast_pass_program():
+    """conv(x, w) with a float32 weight const, run through the float16 cast pass."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    weight = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 4, 8, 8))])
+    def program(x):
+        return mb.conv(x=x, weight=mb.const(val=weight, name="w"), name="y")
+
+    PASS_REGISTRY["common::add_fp16_cast"](program)
+    operations = program.functions["main"].operations
+    return {op.outputs[0].name: op.outputs[0].val.dtype for op in operations if op.op_type == "const" and op.outputs[0].rank == 4}
+
+
+def test_cast_pass_folds_weight_at_once() -> None:
+    """The library leaves const w (float32) feeding a cast until const_elimination; we fold it in the pass."""
+    plain = _cast_pass_program()
+    assert plain["w"] == np.float32 and "w_to_fp16" not in plain
+    with faster_conversion():
+        fast = _cast_pass_program()
+    assert "w" not in fast and fast["w_to_fp16"] == np.float16

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from builder.engine.files import write_json_atomic
-from builder.engine.memory import own_peak_rss_bytes
+from builder.engine.memory import own_peak_rss_bytes, return_large_frees_to_os
 from builder.engine.protocol import USER_ERROR_EXIT, WorkerRequest, WorkerResult, WorkerUserError, user_error_path
 from builder.errors import UserError
 
@@ -47,6 +47,7 @@ def _load(function: str):
 def main(request_file: str) -> None:
     request = WorkerRequest.model_validate_json(Path(request_file).read_bytes())
     _die_with_parent(request.parent_pid)
+    return_large_frees_to_os()
     sys.path[:0] = [p for p in request.python_path if p not in sys.path]
     try:
         summary = _load(request.function)(dict(request.inputs), request.params, request.out)
