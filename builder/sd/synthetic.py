@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -78,17 +79,19 @@ def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
 
-    models: dict[str, torch.nn.Module] = {}
+    builders: dict[str, Callable[[], torch.nn.Module]] = {}
     if preset.text_encoder is not None:
-        models["text_encoder"] = CLIPTextModel(text_config(preset.text_encoder)).eval()
+        builders["text_encoder"] = lambda: CLIPTextModel(text_config(preset.text_encoder))
     if preset.text_encoder_2 is not None:
-        models["text_encoder_2"] = CLIPTextModelWithProjection(text_config(preset.text_encoder_2)).eval()
-    models["unet"] = UNet2DConditionModel(**preset.unet).eval()
-    models["vae"] = AutoencoderKL(**preset.vae).eval()
-    for module in models.values():
+        builders["text_encoder_2"] = lambda: CLIPTextModelWithProjection(text_config(preset.text_encoder_2))
+    builders["unet"] = lambda: UNet2DConditionModel(**preset.unet)
+    builders["vae"] = lambda: AutoencoderKL(**preset.vae)
+    # One model in memory at a time: a full-size pipeline never holds more than its UNet.
+    for name, build in builders.items():
+        module = build().eval()
         _randomize(module, generator)
-    for name, module in models.items():
         module.save_pretrained(folder / name, safe_serialization=True)
+        del module
     if preset.text_encoder_2 is not None:
         write_tokenizer_folder(folder / "tokenizer_2", pad_token="!")
     if preset.safety_checker is not None:  # drawn after the other components, so their weights do not move
