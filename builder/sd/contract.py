@@ -21,7 +21,6 @@ RESOURCE_NAMES: dict[str, str] = {
     "vae_encoder": "VAEEncoder",
     "safety_checker": "SafetyChecker",
 }
-UNET_MODELS = ("Unet", "UnetRefiner")  # Resources names of UNets, each shipped whole or as Chunk1 + Chunk2
 CONTROLLED_UNET = "ControlledUnet"  # the UNet's name when the bundle has ControlNets
 CONTROLNET_FOLDER = "controlnet"
 RESIDUAL_PREFIX = "additional_residual_"
