@@ -10,11 +10,9 @@ connection of the UNet's down half, then one for the mid block; the Swift packag
 from __future__ import annotations
 
 import torch
-from diffusers import Transformer2DModel
 from torch import nn
 
-from builder.sd.ane.support import check_no_other_attention, check_transformer, check_unet
-from builder.sd.ane.unet import _implementation, conv_transformer, rewrite_unet
+from builder.sd.ane.unet import rewrite_transformers, rewrite_unet
 
 RESIDUAL_PREFIX = "additional_residual_"
 
@@ -75,20 +73,12 @@ def rewrite_controlnet(controlnet: nn.Module, attention: str) -> nn.Module:
 
     Everything is checked first; an unsupported model raises ValueError naming the config key.
     """
-    implementation = _implementation(attention)
-    check_unet(controlnet)
     if controlnet.config.get("global_pool_conditions", False):
         raise ValueError(
             "ControlNet: config global_pool_conditions=True is not supported (its residuals are pooled to 1 x 1, "
             "which the Swift package's ControlledUnet inputs do not take; supported: False)"
         )
-    transformers = {name: m for name, m in controlnet.named_modules() if isinstance(m, Transformer2DModel)}
-    for name, transformer in transformers.items():
-        check_transformer(name, transformer)
-    check_no_other_attention(controlnet, set(transformers))
-    for name, transformer in transformers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(controlnet.get_submodule(parent), child, conv_transformer(transformer, implementation))
+    rewrite_transformers(controlnet, attention)
     return ControlNetModule(controlnet)
 
 

@@ -51,16 +51,22 @@ def rewrite_unet(unet: UNet2DConditionModel, attention: str) -> nn.Module:
     changes: an unsupported model raises ValueError naming the config key and is left intact. The
     rewritten transformers share the original weights' memory (no copy of the UNet is made).
     """
+    rewrite_transformers(unet, attention)
+    return NeuralEngineUnetModule(unet)
+
+
+def rewrite_transformers(model: nn.Module, attention: str) -> None:
+    """Swap every Transformer2DModel of a UNet-like `model` (a UNet or a ControlNet) for a
+    ConvTransformer2D with `attention`, after checking all of them: nothing changes if one is refused."""
     implementation = _implementation(attention)
-    check_unet(unet)
-    transformers = {name: m for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)}
+    check_unet(model)
+    transformers = {name: m for name, m in model.named_modules() if isinstance(m, Transformer2DModel)}
     for name, transformer in transformers.items():
         check_transformer(name, transformer)
-    check_no_other_attention(unet, set(transformers))
+    check_no_other_attention(model, set(transformers))
     for name, transformer in transformers.items():
         parent, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent), child, conv_transformer(transformer, implementation))
-    return NeuralEngineUnetModule(unet)
+        setattr(model.get_submodule(parent), child, conv_transformer(transformer, implementation))
 
 
 def conv_transformer(transformer: Transformer2DModel, attention: Attention) -> ConvTransformer2D:
