@@ -71,3 +71,17 @@ def one_torch_thread():
 def resource_bytes(bundle: Path) -> dict[str, bytes]:
     resources = bundle / "Resources"
     return {p.relative_to(resources).as_posix(): p.read_bytes() for p in sorted(resources.rglob("*")) if p.is_file()}
+
+
+def rewrite_and_trace(folder: Path, component: str, family: str, attention: str, work: Path) -> tuple[dict, dict]:
+    """Run the rewrite and trace stages in this process on a pipeline `folder` (latent 16x16, batch 2):
+    (trace summary, architecture plus the traced output folder as "traced")."""
+    from builder.stages import rewrite, trace
+
+    rewritten, traced = work / f"rewrite-{component}-{attention}", work / f"trace-{component}-{attention}"
+    rewritten.mkdir()
+    traced.mkdir()
+    params = {"component": component, "family": family, "attention": attention, "latent_size": [16, 16], "batch_size": 2}
+    rewrite.run({"model": folder}, params, rewritten)
+    summary = trace.run({"rewritten": rewritten}, {"component": component}, traced)
+    return summary, json.loads((rewritten / "architecture.json").read_text()) | {"traced": str(traced)}

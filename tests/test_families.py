@@ -8,12 +8,11 @@ counts, gelu text encoder).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from builder.stages import rewrite, trace
+from conftest import rewrite_and_trace
 
 ATTENTIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
 PRESETS = ("tiny-sd", "tiny-sd2")
@@ -32,21 +31,10 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / name for name in PRESETS}
 
 
-def _rewrite_and_trace(folder: Path, component: str, attention: str, work: Path) -> tuple[dict, dict]:
-    """The rewrite and trace stages run in this process: (trace summary, architecture)."""
-    rewritten, traced = work / f"rewrite-{component}", work / f"trace-{component}"
-    rewritten.mkdir()
-    traced.mkdir()
-    params = {"component": component, "family": "sd", "attention": attention, "latent_size": [16, 16], "batch_size": 2}
-    rewrite.run({"model": folder}, params, rewritten)
-    summary = trace.run({"rewritten": rewritten}, {"component": component}, traced)
-    return summary, json.loads((rewritten / "architecture.json").read_text())
-
-
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_unet_matches_diffusers(pipelines, preset, attention, tmp_path):
-    summary, architecture = _rewrite_and_trace(pipelines[preset], "unet", attention, tmp_path)
+    summary, architecture = rewrite_and_trace(pipelines[preset], "unet", "sd", attention, tmp_path)
     assert summary["psnr_db"]["noise_pred"] >= 35, summary
     width = 32 if preset == "tiny-sd" else 48
     assert {s["name"]: s["shape"] for s in architecture["inputs"]} == {
@@ -58,7 +46,7 @@ def test_unet_matches_diffusers(pipelines, preset, attention, tmp_path):
 @pytest.mark.parametrize("component", ["text_encoder", "vae_decoder", "vae_encoder"])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_other_components_match_their_reference(pipelines, preset, component, tmp_path):
-    summary, architecture = _rewrite_and_trace(pipelines[preset], component, "ORIGINAL", tmp_path)
+    summary, architecture = rewrite_and_trace(pipelines[preset], component, "sd", "ORIGINAL", tmp_path)
     assert min(summary["psnr_db"].values()) >= 35, summary
     if component == "text_encoder":
         assert architecture["outputs"][0] == "last_hidden_state"

@@ -13,7 +13,7 @@ from builder.coreml.package import describe_mlpackage
 from builder.errors import RecipeError, RecipeErrors, UserError
 from builder.recipe import load_recipe
 from builder.sd.contract import check_models
-from conftest import Workspace, make_workspace
+from conftest import Workspace, make_workspace, rewrite_and_trace
 
 ATTENTIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
 MODELS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder")
@@ -33,19 +33,6 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": root / "tiny-sdxl", "refiner": root / "tiny-sdxl-refiner"}
 
 
-def _rewrite_and_trace(folder: Path, component: str, attention: str, work: Path) -> tuple[dict, dict]:
-    """Run the rewrite and trace stages in this process; (trace summary, architecture)."""
-    from builder.stages import rewrite, trace
-
-    rewritten, traced = work / f"rewrite-{component}-{attention}", work / f"trace-{component}-{attention}"
-    rewritten.mkdir()
-    traced.mkdir()
-    params = {"component": component, "family": "sdxl", "attention": attention, "latent_size": [16, 16], "batch_size": 2}
-    rewrite.run({"model": folder}, params, rewritten)
-    summary = trace.run({"rewritten": rewritten}, {"component": component}, traced)
-    return summary, json.loads((rewritten / "architecture.json").read_text()) | {"traced": str(traced)}
-
-
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_sdxl_unets_match_diffusers_for_every_attention(pipelines, attention, tmp_path, one_torch_thread):
     import torch
@@ -53,7 +40,7 @@ def test_sdxl_unets_match_diffusers_for_every_attention(pipelines, attention, tm
     from builder.stages.trace import load_conversion_module
 
     for component, folder, time_ids, width in (("unet", "base", 6, 32 + 64), ("unet_refiner", "refiner", 5, 64)):
-        summary, architecture = _rewrite_and_trace(pipelines[folder], component, attention, tmp_path)
+        summary, architecture = rewrite_and_trace(pipelines[folder], component, "sdxl", attention, tmp_path)
         assert summary["psnr_db"]["noise_pred"] >= 35, (component, summary)
         shapes = {spec["name"]: spec["shape"] for spec in architecture["inputs"]}
         assert shapes == {
@@ -82,7 +69,7 @@ def test_sdxl_text_encoders_and_vae_match_diffusers(pipelines, tmp_path, one_tor
         "vae_encoder": {"latent_dist": [1, 8, 16, 16]},
     }
     for component, outputs in expected.items():
-        summary, architecture = _rewrite_and_trace(pipelines["base"], component, "ORIGINAL", tmp_path)
+        summary, architecture = rewrite_and_trace(pipelines["base"], component, "sdxl", "ORIGINAL", tmp_path)
         assert set(summary["psnr_db"]) == set(outputs) and min(summary["psnr_db"].values()) >= 35, summary
         assert architecture["outputs"] == list(outputs)
 
