@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from builder.engine import Engine, Event, Heartbeat, StageFinished, StageResult, StageStarted
+from builder.engine import Engine, Event, Heartbeat, StageFinished, StageResult, StageStarted, WorkersReady
 from builder.errors import RecipeError, StageFailed, UserError
 from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
 
@@ -68,6 +68,8 @@ class Progress:
         elif isinstance(event, StageFinished):
             self.running.pop(event.result.id, None)
             self.console.print(_result_line(event.result), soft_wrap=True)
+        elif isinstance(event, WorkersReady):
+            self.console.print(f"[dim]workers: stage modules imported once, in {event.import_seconds:.1f} s; each stage forks from there")
         self.live.update(self._table())
 
 

@@ -10,6 +10,11 @@ from pathlib import Path
 from builder.engine import Engine, Graph, StageSpec
 
 WAIT_LIMIT_SECONDS = 20
+# Each import of this module appends its pid here, so tests can count who imported it.
+IMPORT_LOG_VARIABLE = "ENGINE_STAGES_IMPORT_LOG"
+if os.environ.get(IMPORT_LOG_VARIABLE):
+    with open(os.environ[IMPORT_LOG_VARIABLE], "a") as _log:
+        _log.write(f"{os.getpid()}\n")
 
 
 def _journal(params: dict, line: str) -> None:
@@ -49,6 +54,7 @@ def hold(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     """Writes a partial file and its pid, then waits while the `hold` file exists in params['control']."""
     control = Path(params["control"])
     (out / "partial.bin").write_bytes(b"x" * 1000)
+    (control / "parent").write_text(str(os.getppid()))
     (control / "pid").write_text(str(os.getpid()))
     _wait_for(lambda: not (control / "hold").exists(), "the hold file to go")
     (out / "done.txt").write_text("done")
@@ -75,6 +81,25 @@ def blob(inputs: dict[str, Path], params: dict, out: Path) -> None:
     with open(out / "blob.bin", "wb") as handle:
         for _ in range(params["megabytes"]):
             handle.write(chunk)
+
+
+def whoami(inputs: dict[str, Path], params: dict, out: Path) -> dict:
+    """Reports the worker's pid and parent pid."""
+    (out / "name.txt").write_text(params["name"])
+    return {"pid": os.getpid(), "parent": os.getppid()}
+
+
+def burn(inputs: dict[str, Path], params: dict, out: Path) -> None:
+    """Keeps a core busy for `seconds` of CPU time."""
+    deadline = time.process_time() + params["seconds"]
+    while time.process_time() < deadline:
+        pass
+    (out / "done.txt").write_text("done")
+
+
+def crash(inputs: dict[str, Path], params: dict, out: Path) -> None:
+    print("about to crash")
+    os.abort()
 
 
 def link(inputs: dict[str, Path], params: dict, out: Path) -> None:

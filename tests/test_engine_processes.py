@@ -34,6 +34,15 @@ def alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+@pytest.fixture(autouse=True, params=["fork", "spawn"])
+def worker_mode(request, monkeypatch) -> str:
+    """Every test here holds for forked (Linux) and spawned workers alike."""
+    if request.param == "fork" and not sys.platform.startswith("linux"):
+        pytest.skip("the zygote is Linux only")
+    monkeypatch.setenv("SDBUILD_WORKERS", request.param)
+    return request.param
+
+
 @pytest.fixture
 def control(tmp_path: Path) -> Path:
     folder = tmp_path / "control"

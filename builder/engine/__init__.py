@@ -2,7 +2,7 @@
 content-addressed, and every stale stage comes with the reason it is stale."""
 
 from builder.engine.engine import Engine
-from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted
+from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted, WorkersReady
 from builder.engine.reports import Explanation, GcReport, PlanEntry, StageResult
 from builder.engine.spec import GIB, Graph, StageSpec
 
@@ -19,4 +19,5 @@ __all__ = [
     "StageResult",
     "StageSpec",
     "StageStarted",
+    "WorkersReady",
 ]

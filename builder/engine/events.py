@@ -12,7 +12,6 @@ class StageStarted(BaseModel):
     stage: str
     component: str | None
     reason: str
-    pid: int
 
 
 class Heartbeat(BaseModel):
@@ -27,4 +26,10 @@ class StageFinished(BaseModel):
     result: StageResult
 
 
-Event = StageStarted | Heartbeat | StageFinished
+class WorkersReady(BaseModel):
+    """The zygote has imported the stage modules; every worker forked from now on starts at once."""
+
+    import_seconds: float
+
+
+Event = StageStarted | Heartbeat | StageFinished | WorkersReady

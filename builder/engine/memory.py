@@ -37,6 +37,12 @@ def own_peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def own_cpu_seconds() -> float:
+    """User plus system CPU time of this process alone (not of a parent it was forked from)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 3)
+
+
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _OWN_MAPPING_BYTES = 1 << 20
 

@@ -38,3 +38,4 @@ class WorkerUserError(BaseModel):
 class WorkerResult(BaseModel):
     summary: dict[str, Any] | None
     peak_memory_bytes: int
+    cpu_seconds: float

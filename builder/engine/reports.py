@@ -25,6 +25,7 @@ class StageResult(BaseModel):
     component: str | None
     status: Literal["hit", "built", "skipped"]
     seconds: float
+    cpu_seconds: float | None = None
     peak_memory_bytes: int | None
     output: Path | None
     digest: str | None

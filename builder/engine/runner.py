@@ -1,4 +1,4 @@
-"""Parent side of a worker: start the process, wait for it in a thread, turn its end into an Outcome."""
+"""Parent side of a worker: start the process (see `launch`), wait for it in a thread, turn its end into an Outcome."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import queue
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.engine.hashing import FileDigest, NotRegularFile, digest_folder
+from builder.engine.launch import Launcher, WorkerProcess
 from builder.engine.protocol import USER_ERROR_EXIT, WorkerRequest, WorkerResult, WorkerUserError, user_error_path
 from builder.engine.spec import StageSpec
 from builder.errors import StageFailed
@@ -36,7 +36,7 @@ class Job:
     key_inputs: dict[str, Any]
     reason: str
     folder: Path
-    process: subprocess.Popen
+    process: WorkerProcess
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -66,6 +66,22 @@ def work_folder(tmp: Path, stage_id: str) -> Path:
     return tmp / f"{readable}-{hashlib.sha256(stage_id.encode()).hexdigest()[:8]}"
 
 
+def worker_env(threads: int) -> dict[str, str]:
+    """The workers' environment: `threads` caps their OpenMP/BLAS pools (unless the user set them),
+    so stages running side by side share the cores instead of oversubscribing them."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"  # so the log is complete even if the worker is killed
+    for name in _THREAD_VARIABLES:
+        env.setdefault(name, str(threads))
+    return env
+
+
+def python_path() -> list[str]:
+    """The parent's import path, absolute ("" and relative entries mean the cwd)."""
+    return [os.path.abspath(p) for p in sys.path]
+
+
 def start(
     spec: StageSpec,
     key: str,
@@ -73,13 +89,9 @@ def start(
     reason: str,
     inputs: dict[str, Path],
     folder: Path,
-    threads: int,
+    launcher: Launcher,
 ) -> Job:
-    """Start the worker. Call from the thread that will outlive it: Linux's parent-death signal follows the thread.
-
-    `threads` caps the worker's OpenMP/BLAS pools (unless the user set them), so stages running side
-    by side share the cores instead of oversubscribing them.
-    """
+    """Start the worker. Call from the thread that will outlive it: Linux's parent-death signal follows the thread."""
     folder.mkdir(parents=True)
     (folder / "out").mkdir()
     request = WorkerRequest(
@@ -88,25 +100,12 @@ def start(
         params=spec.params,
         out=folder / "out",
         result=folder / "result.json",
-        parent_pid=os.getpid(),
-        python_path=[os.path.abspath(p) for p in sys.path],  # "" and relative entries mean the cwd
+        parent_pid=launcher.parent_pid,
+        python_path=python_path(),
     )
     request_file = folder / "request.json"
     request_file.write_text(request.model_dump_json())
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_ROOT, env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"  # so the log is complete even if the worker is killed
-    for name in _THREAD_VARIABLES:
-        env.setdefault(name, str(threads))
-    with open(folder / "log.txt", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "builder.engine.worker", str(request_file)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=folder,
-            env=env,
-        )
+    process = launcher.start(request_file, folder / "log.txt", folder)
     return Job(spec=spec, key=key, key_inputs=key_inputs, reason=reason, folder=folder, process=process)
 
 

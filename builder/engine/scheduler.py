@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Literal
 
 from builder.engine import runner
-from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted
+from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted, WorkersReady
 from builder.engine.hashing import tree_digest
+from builder.engine.launch import Launcher, Spawner, Zygote, worker_mode
 from builder.engine.memory import process_rss_bytes
 from builder.engine.planner import Assessment, assess, external_paths
 from builder.engine.reports import StageResult
@@ -39,6 +40,9 @@ class Scheduler:
         self.target = target
         self.jobs = jobs
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.worker_mode = worker_mode()
+        self.launcher: Launcher | None = None
+        self.told_workers_ready = False
         self.budget = memory_budget_bytes
         self.emit = emit
         self.index = store.load_index(target)
@@ -67,17 +71,21 @@ class Scheduler:
                 except queue.Empty:
                     pass
                 else:
+                    self._tell_workers_ready()
                     del self.running[outcome.job.spec.id]
                     if outcome.error is not None:
                         failure = failure or outcome.error
                     else:
                         self._publish(outcome)
                 if time.monotonic() >= next_beat:
+                    self._tell_workers_ready()
                     self._heartbeat()
                     next_beat = time.monotonic() + HEARTBEAT_SECONDS
         finally:
             for job in self.running.values():
                 runner.stop(job)
+            if self.launcher is not None:
+                self.launcher.close()
         if failure is not None:
             raise failure
         return self.results
@@ -132,14 +140,26 @@ class Scheduler:
             }
             inputs.update(external_paths(spec))
             folder = runner.work_folder(self.store.tmp, spec.id)
-            job = runner.start(spec, found.key, found.key_inputs, found.reason, inputs, folder, self.threads)
+            job = runner.start(spec, found.key, found.key_inputs, found.reason, inputs, folder, self._launcher(spec))
             self.running[spec.id] = job
             runner.watch(job, self.outcomes)
-            self.emit(
-                StageStarted(
-                    id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason, pid=job.process.pid
-                )
-            )
+            self.emit(StageStarted(id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason))
+
+    def _launcher(self, starting: StageSpec) -> Launcher:
+        """Made at the first stale stage, so a build with nothing to do starts no process.
+
+        The zygote imports the modules of every stage that may still run: this one, those ready,
+        and those not yet decided (most of which an upstream change makes stale too).
+        """
+        if self.launcher is None:
+            env = runner.worker_env(self.threads)
+            if self.worker_mode == "fork":
+                candidates = [starting, *(a.spec for a in self.ready), *self.pending]
+                modules = sorted({spec.function.partition(":")[0] for spec in candidates})
+                self.launcher = Zygote(modules, env, runner.python_path(), self.store.tmp / "zygote")
+            else:
+                self.launcher = Spawner(env)
+        return self.launcher
 
     def _publish(self, outcome: runner.Outcome) -> None:
         """Object first, then record, then index: a crash between steps leaves only unreferenced objects."""
@@ -154,6 +174,7 @@ class Scheduler:
             files=outcome.files,
             summary=outcome.result.summary,
             seconds=round(outcome.seconds, 3),
+            cpu_seconds=outcome.result.cpu_seconds,
             peak_memory_bytes=outcome.result.peak_memory_bytes,
         )
         self.store.write_record(record)
@@ -172,9 +193,15 @@ class Scheduler:
             self.index[stage_id] = key
             self.store.save_index(self.target, self.index)
 
+    def _tell_workers_ready(self) -> None:
+        imported = getattr(self.launcher, "import_seconds", None)
+        if imported is not None and not self.told_workers_ready:
+            self.told_workers_ready = True
+            self.emit(WorkersReady(import_seconds=imported))
+
     def _heartbeat(self) -> None:
         for stage_id, job in self.running.items():
-            rss = process_rss_bytes(job.process.pid)
+            rss = process_rss_bytes(job.process.pid) if job.process.pid is not None else None
             self.emit(Heartbeat(id=stage_id, elapsed_seconds=job.elapsed, rss_bytes=rss))
 
     def _result(
@@ -190,6 +217,7 @@ class Scheduler:
             component=spec.component,
             status=status,
             seconds=record.seconds if record else 0.0,
+            cpu_seconds=record.cpu_seconds if record else None,
             peak_memory_bytes=record.peak_memory_bytes if record else None,
             output=self.store.object_path(record.output_digest) if record else None,
             digest=record.output_digest if record else None,

@@ -28,6 +28,7 @@ class ActionRecord(BaseModel):
     files: dict[str, FileDigest]
     summary: dict[str, Any] | None = None
     seconds: float
+    cpu_seconds: float | None = None  # the worker's own user + system time
     peak_memory_bytes: int | None = None
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 

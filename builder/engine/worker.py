@@ -1,6 +1,7 @@
 """Runs one stage function in its own process, so its memory goes back to the OS and a crash stays contained.
 
-Invoked as `python -m builder.engine.worker request.json`. The result file is written only on
+Invoked as `python -m builder.engine.worker request.json`, or called in a process forked by the
+zygote (`builder.engine.zygote`). The result file is written only on
 success; a missing result file means the stage failed and the log says why.
 """
 
@@ -17,12 +18,12 @@ import time
 from pathlib import Path
 
 from builder.engine.files import write_json_atomic
-from builder.engine.memory import own_peak_rss_bytes, return_large_frees_to_os
+from builder.engine.memory import own_cpu_seconds, own_peak_rss_bytes, return_large_frees_to_os
 from builder.engine.protocol import USER_ERROR_EXIT, WorkerRequest, WorkerResult, WorkerUserError, user_error_path
 from builder.errors import UserError
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Exit when the build that started us dies, so no orphan keeps writing or holding memory."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
@@ -46,7 +47,7 @@ def _load(function: str):
 
 def main(request_file: str) -> None:
     request = WorkerRequest.model_validate_json(Path(request_file).read_bytes())
-    _die_with_parent(request.parent_pid)
+    die_with_parent(request.parent_pid)
     return_large_frees_to_os()
     sys.path[:0] = [p for p in request.python_path if p not in sys.path]
     try:
@@ -58,7 +59,7 @@ def main(request_file: str) -> None:
     if summary is not None and not isinstance(summary, dict):
         raise TypeError(f"{request.function} returned {type(summary).__name__}; expected a dict or None")
     json.dumps(summary)  # fail here, with the stage's name in the log, if the summary is not JSON-able
-    result = WorkerResult(summary=summary, peak_memory_bytes=own_peak_rss_bytes())
+    result = WorkerResult(summary=summary, peak_memory_bytes=own_peak_rss_bytes(), cpu_seconds=own_cpu_seconds())
     write_json_atomic(request.result, result.model_dump(mode="json"))
 
 
