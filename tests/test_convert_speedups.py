@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from builder.coreml.package import normalize_mlpackage
+from builder.coreml.package import normalize_mlpackage, write_spec
 from builder.coreml.speedups import faster_conversion, fits_fp16_for_certain
 
 
@@ -40,13 +40,16 @@ def _convert(folder: Path, *, fast: bool) -> dict[str, bytes]:
         minimum_deployment_target=ct.target.iOS16,
         skip_model_load=True,
     )
-    if fast:
+    package = folder / ("fast.mlpackage" if fast else "plain.mlpackage")
+    if fast:  # as the convert stage does it: written in place, the weights moved in
         with faster_conversion():
-            model = ct.convert(traced, **arguments)
+            model = ct.convert(traced, package_dir=str(package), **arguments)
+        model.short_description = "sdbuild test"
+        write_spec(package, model.get_spec())
     else:
         model = ct.convert(traced, **arguments)
-    package = folder / ("fast.mlpackage" if fast else "plain.mlpackage")
-    model.save(str(package))
+        model.short_description = "sdbuild test"
+        model.save(str(package))
     normalize_mlpackage(package)
     return {str(p.relative_to(package)): p.read_bytes() for p in sorted(package.rglob("*")) if p.is_file()}
 
@@ -61,11 +64,13 @@ def test_same_package_with_and_without_speedups(tmp_path: Path) -> None:
 def test_library_functions_restored() -> None:
     from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
     from coremltools.converters.mil.mil.program import Program
+    from coremltools.models import model as ct_model
 
-    overflow, validate = FP16ComputePrecision.__dict__["fp16_overflow"], Program.validate
+    overflow, validate, create = FP16ComputePrecision.__dict__["fp16_overflow"], Program.validate, ct_model._create_mlpackage
     with faster_conversion():
-        assert Program.validate is not validate
+        assert Program.validate is not validate and ct_model._create_mlpackage is not create
     assert FP16ComputePrecision.__dict__["fp16_overflow"] is overflow and Program.validate is validate
+    assert ct_model._create_mlpackage is create
 
 
 @pytest.mark.parametrize(

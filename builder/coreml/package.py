@@ -52,6 +52,15 @@ def normalize_mlpackage(package: Path) -> None:
     _write_atomic(spec_path, spec.SerializeToString(deterministic=True))
 
 
+def write_spec(package: Path, spec) -> None:
+    """Store a model's spec (with the metadata set after conversion) in its package, in place.
+
+    This is the part of `MLModel.save` that matters for a package the converter wrote where it
+    belongs (`package_dir`); `save` would also copy the package, weights included.
+    """
+    _write_atomic(package / _SPEC_PATH, spec.SerializeToString())
+
+
 def package_size(path: Path) -> int:
     """Bytes of all files under a saved model folder (`.mlpackage` or `.mlmodelc`)."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

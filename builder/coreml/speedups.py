@@ -28,6 +28,13 @@ only a full garbage collection frees; meanwhile the float16 cast pass adds a flo
   value), the float32 const is removed, and its array is dropped from the removed op (the pass's
   snapshot of the block still references it), so float32 and float16 copies do not pile up.
 
+One change saves writing the weights twice more: the converter writes them to a temporary folder,
+then copies them into the package (and `MLModel.save` would copy the package again). The package
+is created with an empty weights folder and the weight files are moved in; the converter's
+temporary folder is on the output's filesystem (the engine points TMPDIR at the stage's work
+folder), so that is a rename. The package's manifest lists folders, not file contents, so it is the
+same package.
+
 `tests/test_convert_speedups.py` converts the same module with and without these and compares the
 packages.
 """
@@ -35,11 +42,16 @@ packages.
 from __future__ import annotations
 
 import gc
+import os
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
+
+from builder.coreml.package import WEIGHTS_DIR
 
 _FP16_MAX = 65504
 
@@ -59,6 +71,7 @@ def faster_conversion() -> Iterator[None]:
     from coremltools.converters.mil.frontend.torch import load as torch_load
     from coremltools.converters.mil.frontend.torch.converter import TorchConverter
     from coremltools.converters.mil.mil.program import Program
+    from coremltools.models import model as ct_model
 
     library_overflow = FP16ComputePrecision.__dict__["fp16_overflow"]
     library_validate = Program.validate
@@ -78,6 +91,7 @@ def faster_conversion() -> Iterator[None]:
             library_validate(program, check_essential_scope=bool(check_essential_scope))
 
     library_load = torch_load.load
+    library_create_package = ct_model._create_mlpackage
     library_transform = FP16ComputePrecision.transform_op
     library_convert_const = TorchConverter.convert_const
     library_add_const = TorchConverter._add_const
@@ -114,7 +128,17 @@ def faster_conversion() -> Iterator[None]:
         gc.collect()
         return program
 
+    def create_package(proto_spec, weights_dir=None, package_path=None) -> str:
+        if weights_dir is None:
+            return library_create_package(proto_spec, weights_dir, package_path)
+        with tempfile.TemporaryDirectory() as empty:
+            package_path = library_create_package(proto_spec, empty, package_path)
+        for name in os.listdir(weights_dir):
+            shutil.move(os.path.join(weights_dir, name), os.path.join(package_path, WEIGHTS_DIR, name))
+        return package_path
+
     torch_load.load = load
+    ct_model._create_mlpackage = create_package
     FP16ComputePrecision.transform_op = transform_op
     TorchConverter.convert_const = convert_const
     TorchConverter._add_const = add_const
@@ -124,6 +148,7 @@ def faster_conversion() -> Iterator[None]:
         FP16ComputePrecision.fp16_overflow = library_overflow
         Program.validate = library_validate
         torch_load.load = library_load
+        ct_model._create_mlpackage = library_create_package
         FP16ComputePrecision.transform_op = library_transform
         TorchConverter.convert_const = library_convert_const
         TorchConverter._add_const = library_add_const

@@ -14,6 +14,9 @@ class WorkerRequest(BaseModel):
     params: dict[str, Any]
     out: Path
     result: Path
+    # The worker's temporary files: same filesystem as `out` (a rename, not a copy, moves them
+    # there) and removed with the work folder even if the worker dies.
+    tmp: Path
     parent_pid: int
     # The parent's import path, so "module:function" resolves in the worker exactly as it would in the parent.
     python_path: list[str]

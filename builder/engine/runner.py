@@ -94,12 +94,14 @@ def start(
     """Start the worker. Call from the thread that will outlive it: Linux's parent-death signal follows the thread."""
     folder.mkdir(parents=True)
     (folder / "out").mkdir()
+    (folder / "tmp").mkdir()
     request = WorkerRequest(
         function=spec.function,
         inputs=inputs,
         params=spec.params,
         out=folder / "out",
         result=folder / "result.json",
+        tmp=folder / "tmp",
         parent_pid=launcher.parent_pid,
         python_path=python_path(),
     )

@@ -13,6 +13,7 @@ from typing import Literal
 
 from builder.engine import runner
 from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted, WorkersReady
+from builder.engine.files import remove_tree
 from builder.engine.hashing import tree_digest
 from builder.engine.launch import Launcher, Spawner, Zygote, worker_mode
 from builder.engine.memory import process_rss_bytes
@@ -178,6 +179,7 @@ class Scheduler:
             peak_memory_bytes=outcome.result.peak_memory_bytes,
         )
         self.store.write_record(record)
+        remove_tree(job.folder)  # its log and temporary files; a failed stage's folder stays for its log
         self.built[job.key] = record
         self._remember(job.spec.id, job.key)
         self._finish(self._result(job.spec, "built", job.reason, record))

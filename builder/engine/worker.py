@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def main(request_file: str) -> None:
     die_with_parent(request.parent_pid)
     return_large_frees_to_os()
     sys.path[:0] = [p for p in request.python_path if p not in sys.path]
+    os.environ["TMPDIR"] = str(request.tmp)
+    tempfile.tempdir = None  # a zygote may have looked it up already
     try:
         summary = _load(request.function)(dict(request.inputs), request.params, request.out)
     except UserError as error:
