@@ -120,3 +120,21 @@ def test_attached_graph_converts_to_the_same_package_and_is_released(tmp_path: P
         torch.jit.load(str(tmp_path / "full.pt")), tmp_path / "full.mlpackage"
     )
     assert {name: p.numel() for name, p in attached.named_parameters()} == dict.fromkeys(module.state_dict(), 0)
+
+
+def test_convert_stage_refuses_a_graph_its_weights_do_not_fit(tmp_path: Path) -> None:
+    """A user error naming the component and the weight, before any conversion starts."""
+    import json
+
+    from builder.errors import UserError
+    from builder.stages import convert
+
+    _, _, weights = _saved(tmp_path)
+    save_file(_Attention().state_dict() | {"norm.weight": torch.ones(32)}, weights)
+    (tmp_path / "architecture.json").write_text(
+        json.dumps({"inputs": [{"name": "x", "shape": [1, 16, 64], "dtype": "float32"}], "outputs": ["y"]})
+    )
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match=r"text_encoder: the traced graph does not fit .* 'norm.weight'"):
+        convert.run({"traced": tmp_path, "rewritten": tmp_path}, {"component": "text_encoder", "deployment_target": "iOS16"},
+                    tmp_path / "out")

@@ -4,8 +4,9 @@ Takes the place of the trace stage for a chunked UNet. Both chunk stages cut the
 module the same way (`builder.sd.chunk.split_unet`) and check the same chain on the fixed inputs:
 chunk 1 then chunk 2 against the diffusers reference (the trace floor applies) and against the
 whole conversion module (recorded). The traced chunk itself is part of the chain it checks. Besides
-`model.pt` (the graph; its weights are the chunk's share of the rewrite output) and `check.json` it writes `interface.json` (the chunk's inputs and outputs, for the
-convert stage) and `examples.safetensors` (its example inputs, for the verify stage).
+`model.pt` (the graph only; its weights are the chunk's share of the rewrite output) and
+`check.json` it writes `interface.json` (the chunk's inputs and outputs, for the convert stage) and
+`examples.safetensors` (its example inputs, for the verify stage).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Trace stage: TorchScript of the conversion module, checked against the reference outputs.
 
-`model.pt` holds the graph only: the weights stay in the rewrite output, where the convert stage
-reads them (builder/stages/torchscript.py). The PSNR of every traced output against the diffusers/transformers reference is recorded; below
-the floor the build fails here, before hours are spent converting a wrong graph.
+The PSNR of every traced output against the diffusers/transformers reference is recorded; below
+the floor the build fails here, before hours are spent converting a wrong graph. `model.pt` holds
+the graph only: the weights stay in the rewrite output, where the convert stage reads them
+(builder/stages/torchscript.py).
 """
 
 from __future__ import annotations
