@@ -4,8 +4,9 @@ Takes the place of the trace stage for a chunked UNet. Both chunk stages cut the
 module the same way (`builder.sd.chunk.split_unet`) and check the same chain on the fixed inputs:
 chunk 1 then chunk 2 against the diffusers reference (the trace floor applies) and against the
 whole conversion module (recorded). The traced chunk itself is part of the chain it checks. Besides
-`model.pt` and `check.json` it writes `interface.json` (the chunk's inputs and outputs, for the
-convert stage) and `examples.safetensors` (its example inputs, for the verify stage).
+`model.pt` (the graph only; its weights are the chunk's share of the rewrite output) and
+`check.json` it writes `interface.json` (the chunk's inputs and outputs, for the convert stage) and
+`examples.safetensors` (its example inputs, for the verify stage).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from builder.errors import UserError
 from builder.sd.chunk import Chunks, split_unet
 from builder.sd.psnr import psnr
+from builder.stages.torchscript import save_graph
 from builder.stages.trace import load_conversion_module
 
 
@@ -73,7 +75,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             "whole_max_abs_diff": float((chain - whole).abs().max()),
         },
     }
-    torch.jit.save(traced, str(out / "model.pt"))
+    save_graph(traced, out / "model.pt", inputs["rewritten"] / "weights.safetensors")
     save_file(own, out / "examples.safetensors")
     specs = {spec["name"]: spec for spec in architecture["inputs"]}
     interface = {

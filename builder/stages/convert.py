@@ -1,4 +1,7 @@
-"""Convert stage: TorchScript to a float16 Core ML ML Program, with the contract's feature names."""
+"""Convert stage: TorchScript to a float16 Core ML ML Program, with the contract's feature names.
+
+The traced graph is saved without weights; they are attached from the rewrite output (an input here).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pydantic import BaseModel
 
 from builder.coreml.package import normalize_mlpackage, package_size
 from builder.coreml.speedups import faster_conversion
+from builder.errors import UserError
 
 
 class ConvertParams(BaseModel):
@@ -21,7 +25,8 @@ class ConvertParams(BaseModel):
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     import coremltools as ct
     import numpy as np
-    import torch
+
+    from builder.stages.torchscript import load_graph
 
     p = ConvertParams.model_validate(params)
     traced = inputs["traced"]
@@ -37,9 +42,17 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     if architecture.get("skipped_passes"):
         options["pass_pipeline"] = ct.PassPipeline.DEFAULT
         options["pass_pipeline"].remove_passes(architecture["skipped_passes"])
+    try:
+        # The traced graph comes without weights; a chunk's takes only its own share of them.
+        graph = load_graph(traced / "model.pt", inputs["rewritten"] / "weights.safetensors")
+    except ValueError as mismatch:
+        raise UserError(
+            f"{p.component}: the traced graph does not fit the rewrite stage's weights: {mismatch}",
+            hint="the cache is inconsistent; run `sdbuild verify` and rebuild",
+        ) from None
     with faster_conversion():
         model = ct.convert(
-            torch.jit.load(str(traced / "model.pt")),
+            graph,
             inputs=[
                 ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtype(spec)) for spec in architecture["inputs"]
             ],

@@ -24,8 +24,8 @@ from builder.stages.tools import compile_unavailable, python_tools, xcode_versio
 
 GIB = 1024**3
 STAGE_VERSIONS = {
-    "source": "2", "rewrite": "2", "trace": "2", "convert": "1", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
-    "bundle": "6", "chunk": "1",
+    "source": "2", "rewrite": "2", "trace": "3", "convert": "2", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
+    "bundle": "6", "chunk": "2",
 }
 MINIMUM_PSNR_DB = 35.0
 

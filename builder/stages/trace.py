@@ -1,7 +1,9 @@
 """Trace stage: TorchScript of the conversion module, checked against the reference outputs.
 
 The PSNR of every traced output against the diffusers/transformers reference is recorded; below
-the floor the build fails here, before hours are spent converting a wrong graph.
+the floor the build fails here, before hours are spent converting a wrong graph. `model.pt` holds
+the graph only: the weights stay in the rewrite output, where the convert stage reads them
+(builder/stages/torchscript.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 from builder.errors import UserError
 from builder.sd.components import kind
 from builder.sd.psnr import psnr
+from builder.stages.torchscript import save_graph
 
 
 class TraceParams(BaseModel):
@@ -75,7 +78,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         for name, value in zip(architecture["outputs"], produced)
         if name in decisions
     }
-    torch.jit.save(traced, str(out / "model.pt"))
+    save_graph(traced, out / "model.pt", inputs["rewritten"] / "weights.safetensors")
     check = {"psnr_db": scores} | ({"decisions_match": agreement} if agreement else {})
     (out / "check.json").write_text(json.dumps(check, indent=2, sort_keys=True))
     disagreeing = sorted(name for name, same in agreement.items() if not same)
