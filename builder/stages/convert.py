@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from builder.coreml.package import normalize_mlpackage, package_size
+from builder.coreml.package import normalize_mlpackage, package_size, write_spec
 from builder.coreml.speedups import faster_conversion
 from builder.errors import UserError
 
@@ -50,6 +50,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             f"{p.component}: the traced graph does not fit the rewrite stage's weights: {mismatch}",
             hint="the cache is inconsistent; run `sdbuild verify` and rebuild",
         ) from None
+    package = out / "model.mlpackage"
     with faster_conversion():
         model = ct.convert(
             graph,
@@ -65,10 +66,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             compute_precision=ct.precision.FLOAT16 if p.precision == "float16" else ct.precision.FLOAT32,
             minimum_deployment_target=getattr(ct.target, p.deployment_target),
             skip_model_load=True,
+            package_dir=str(package),  # written in place: `save` would copy the weights once more
             **options,
         )
     model.short_description = f"sdbuild {p.component}" + (f" chunk {p.chunk}" if p.chunk else "")
-    package = out / "model.mlpackage"
-    model.save(str(package))
+    write_spec(package, model.get_spec())
     normalize_mlpackage(package)
     return {"size_bytes": package_size(package), "precision": p.precision}
