@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import coremltools as ct
+import numpy as np
 from pydantic import BaseModel
 
 from builder.coreml.package import normalize_mlpackage, package_size, write_spec
 from builder.coreml.speedups import faster_conversion
 from builder.errors import UserError
+from builder.stages.torchscript import load_graph
 
 
 class ConvertParams(BaseModel):
@@ -23,11 +26,6 @@ class ConvertParams(BaseModel):
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    import coremltools as ct
-    import numpy as np
-
-    from builder.stages.torchscript import load_graph
-
     p = ConvertParams.model_validate(params)
     traced = inputs["traced"]
     # A UNet chunk carries its own interface; a whole component has the rewrite stage's.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import coremltools as ct
+from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
 from pydantic import BaseModel
 
 from builder.coreml.package import normalize_mlpackage, package_size
@@ -14,9 +16,6 @@ class QuantizeParams(BaseModel):
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    import coremltools as ct
-    from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
-
     p = QuantizeParams.model_validate(params)
     model = ct.models.MLModel(str(inputs["model"] / "model.mlpackage"), skip_model_load=True)
     config = OptimizationConfig(
