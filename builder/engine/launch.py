@@ -43,6 +43,11 @@ class Launcher(Protocol):
         """The pid the worker's parent will have (it dies with that process)."""
         ...
 
+    @property
+    def import_seconds(self) -> float | None:
+        """How long the stage modules took to import, once they have been, for all workers at once."""
+        ...
+
     def start(self, request_file: Path, log: Path, cwd: Path) -> WorkerProcess: ...
 
     def close(self) -> None: ...
@@ -62,6 +67,7 @@ class Spawner:
 
     def __init__(self, env: dict[str, str]):
         self.env = env
+        self.import_seconds: float | None = None  # each worker imports for itself
 
     @property
     def parent_pid(self) -> int:

@@ -196,7 +196,7 @@ class Scheduler:
             self.store.save_index(self.target, self.index)
 
     def _tell_workers_ready(self) -> None:
-        imported = getattr(self.launcher, "import_seconds", None)
+        imported = self.launcher.import_seconds if self.launcher is not None else None
         if imported is not None and not self.told_workers_ready:
             self.told_workers_ready = True
             self.emit(WorkersReady(import_seconds=imported))
