@@ -115,18 +115,25 @@ class ForkedWorker:
             if self.pid is None:
                 self._kill_asked = True
                 return
-            os.kill(self.pid, signal.SIGKILL)
+            _kill(self.pid)
 
     def forked(self, pid: int) -> None:
         with self._lock:
             self.pid = pid
             if self._kill_asked:
-                os.kill(pid, signal.SIGKILL)
+                _kill(pid)
 
     def ended(self, returncode: int) -> None:
         with self._lock:
             self.returncode = returncode
         self._done.set()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended and was reaped; its exit is on its way from the zygote
+        pass
 
 
 class Zygote:
