@@ -174,10 +174,9 @@ def _refuse_controlnets(loaded: LoadedRecipe, command: str) -> None:
 def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     from builder.report import write_report
     from builder.report.report import DEFAULT_PROMPTS, DEFAULT_SEEDS
-    from builder.stages.pipeline import build_graph, check_sd_workload
+    from builder.stages.pipeline import build_graph
 
     loaded = workspace.load(args.recipe)
-    check_sd_workload(loaded)
     _refuse_controlnets(loaded, "report")
     graph = build_graph(loaded)
     engine = workspace.engine(loaded)
@@ -208,18 +207,18 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
     from builder.engine import Graph
     from builder.engine.publish import publish_tree
     from builder.stages.analyze import analysis_stages
-    from builder.stages.pipeline import build_graph, check_sd_workload, memory_estimate
+    from builder.stages.pipeline import build_graph, memory_estimate
     from builder.stages.tools import python_tools
 
     loaded = workspace.load(args.recipe)
-    check_sd_workload(loaded)
     _refuse_controlnets(loaded, "analyze")
     full = build_graph(loaded)
     needed = [full[stage_id] for stage_id in ("source", "rewrite:unet") if stage_id in full]
     model = "source" if "source" in full else loaded.recipe.model.local.path
     stages = analysis_stages(
         rewritten="rewrite:unet", model=model, description=f"{loaded.recipe.name} UNet, {loaded.recipe.attention.value}",
-        tools=python_tools(), memory_estimate_bytes=memory_estimate(loaded, "unet"), chunks=args.chunks,
+        tools=python_tools(), memory_estimate_bytes=memory_estimate(loaded, "unet"), family=loaded.recipe.family.value,
+        chunks=args.chunks,
     )
     graph = Graph([*needed, *stages])
     engine = workspace.engine(loaded)
