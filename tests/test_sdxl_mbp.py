@@ -1,0 +1,167 @@
+"""Mixed-bit analysis and the quality report on the tiny SDXL base: the workload's conditioning against
+diffusers, candidates whose PSNR a fresh probe reproduces, a mixed-bit recipe palettized and verified,
+and a report.
+
+Stages run in this process (no workers), in graph order, like tests/test_report.py; shared stages
+(source, rewrite, probe inputs) run once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from builder.engine.spec import Graph, StageSpec
+from builder.errors import RecipeError
+from builder.recipe import load_recipe
+from builder.sd.mbp.analysis import Probe, ProbeSettings
+from builder.sd.mbp.layers import conversion_layers
+from builder.sd.mbp.recipe_file import load_recipe_file
+from builder.stages.analyze import analysis_stages
+from builder.stages.pipeline import build_graph
+from builder.stages.trace import load_conversion_module
+from conftest import make_workspace
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+THRESHOLD = 2048  # the analysis' default weight threshold
+TARGET_DB = 40.0
+RECIPE = """\
+name: tiny-sdxl-mixed
+version: 0.1.0
+family: sdxl
+model:
+  synthetic: {preset: tiny-sdxl, seed: 0}
+latent_size: [16, 16]
+attention: SPLIT_EINSUM
+compute_unit: CPU_AND_NE
+deployment_target: iOS17
+components:
+  text_encoder: {}
+  text_encoder_2: {}
+  unet:
+    compression: COMPRESSION
+  vae_decoder: {}
+"""
+
+
+def _run(specs: list[StageSpec], outputs: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """Run `specs` in order; a stage already in `outputs` with the same params is not run again."""
+    for spec in specs:
+        key = f"{spec.id} {json.dumps(spec.params, sort_keys=True)}"
+        if key not in outputs and not spec.unavailable:
+            out = folder / str(len(outputs))
+            out.mkdir()
+            module, function = spec.function.split(":")
+            inputs = {name: outputs[up] for name, up in spec.inputs.items()} | spec.external_inputs
+            getattr(importlib.import_module(module), function)(inputs, spec.params, out)
+            outputs[key] = out
+        if not spec.unavailable:
+            outputs[spec.id] = outputs[key]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`sdbuild analyze`'s stages on a tiny-sdxl recipe (2-bit only, one target: keeps it fast)."""
+    ws = make_workspace(tmp_path_factory.mktemp("sdxl-mbp"))
+    recipe = ws.root / "recipes" / "float16.yaml"
+    recipe.write_text(RECIPE.replace("COMPRESSION", "{mode: float16}"))
+    full = build_graph(load_recipe(recipe, workspace=ws.root))
+    stages = analysis_stages(rewritten="rewrite:unet", model="source", description="tiny-sdxl UNet", tools={},
+                             memory_estimate_bytes=1 << 30, family="sdxl", chunks=1, nbits=(2,), targets_db=(TARGET_DB,))
+    work = ws.root / "work"
+    work.mkdir()
+    outputs = _run(Graph([full["source"], full["rewrite:unet"], *stages]).order(), {}, work)
+    return {"ws": ws, "outputs": outputs, "work": work}
+
+
+def test_the_workload_conditions_the_unet_as_diffusers_sdxl_does(analysed, tmp_path):
+    """Probe inputs against diffusers' encode_prompt (zeros for the unconditional half, as SDXL base
+    sets force_zeros_for_empty_prompt) and _get_add_time_ids for a 128 x 128 image; then the same
+    pipeline with force_zeros_for_empty_prompt off, where the empty prompt is encoded."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from builder.sd.conditioning import TextConditioning
+
+    source, prompts = analysed["outputs"]["source"], list(ProbeSettings().prompts)
+    probe = load_file(analysed["outputs"]["analyze-inputs:unet"] / "probe.safetensors")
+    folder = tmp_path / "no-zeros"
+    shutil.copytree(source, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"force_zeros_for_empty_prompt": False}))
+    for pipeline, ours in ((source, probe), (folder, TextConditioning(folder, "sdxl", (16, 16)).guided(prompts))):
+        pipe = StableDiffusionXLPipeline.from_pretrained(pipeline, use_safetensors=True)
+        with torch.no_grad():
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device="cpu")
+        zeros = pipe.config.force_zeros_for_empty_prompt
+        assert zeros == (pipeline == source)
+        assert bool(negative.abs().sum() == 0) == zeros
+        time_ids = pipe._get_add_time_ids((128, 128), (0, 0), (128, 128), torch.float32,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        hidden = ours["encoder_hidden_states"]
+        assert hidden.shape == (4, 96, 1, 77)  # unconditional half first; text_encoder 32 + text_encoder_2 64
+        torch.testing.assert_close(hidden.squeeze(2).transpose(1, 2), torch.cat([negative, embeds]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours["text_embeds"], torch.cat([negative_pooled, pooled]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours["time_ids"], time_ids.expand(4, 6))
+
+
+def test_candidates_measure_real_psnr(analysed):
+    outputs = analysed["outputs"]
+    analysis = json.loads((outputs["analyze:unet"] / "analysis.json").read_text())
+    [found] = analysis["candidates"]
+    recipe = load_recipe_file(outputs["analyze:unet"] / "recipes" / f"{TARGET_DB:g}db.yaml")
+    widths = set(recipe.layers.values())
+    assert widths == {2, None} and found["bits_per_weight"] < 16  # some layers at 2 bits, some kept float16
+    assert recipe.psnr_db == found["psnr_db"] >= TARGET_DB
+
+    module, _ = load_conversion_module(outputs["rewrite:unet"])
+    layers = conversion_layers(outputs["rewrite:unet"], THRESHOLD)
+    fresh = Probe(module, outputs["analyze-inputs:unet"], layers)  # nothing of the search's state
+    assert abs(fresh.psnr(recipe.layers) - recipe.psnr_db) < 0.05
+    unchanged = fresh.psnr({})  # float16 against itself: only the PSNR formula's epsilon bounds it
+    assert unchanged > 150
+    # The SDXL inputs reach the UNet: changing text_embeds or time_ids changes the float16 result.
+    for index in (1, 2):  # text_embeds, time_ids (after the text states)
+        kept = fresh.conditioning[index]
+        fresh.conditioning[index] = kept + 1.0
+        assert fresh.psnr({}) < 100, index
+        fresh.conditioning[index] = kept
+
+
+def test_mixed_recipe_palettizes_and_verifies_the_unet(analysed):
+    ws, outputs = analysed["ws"], analysed["outputs"]
+    mbp = ws.root / "recipes" / "mbp.yaml"
+    shutil.copy(outputs["analyze:unet"] / "recipes" / f"{TARGET_DB:g}db.yaml", mbp)
+    recipe = ws.root / "recipes" / "mixed.yaml"
+    recipe.write_text(RECIPE.replace("COMPRESSION", "{mode: mixed, recipe: mbp.yaml}"))
+    graph = build_graph(load_recipe(recipe, workspace=ws.root))
+    # The build's probe inputs are the analysis' (same params, same inputs): the recorded PSNR is comparable.
+    assert graph["analyze-inputs:unet"].params["family"] == "sdxl"
+    needed = ("source", "rewrite:unet", "analyze-inputs:unet", "trace:unet", "convert:unet", "palettize:unet", "verify:unet")
+    done = _run([graph[stage_id] for stage_id in needed], outputs, analysed["work"])
+    check = json.loads((done["verify:unet"] / "check.json").read_text())
+    mixed = check["mixed_bit"]
+    assert mixed["predicted_psnr_db"] >= TARGET_DB and abs(mixed["achieved_psnr_db"] - mixed["predicted_psnr_db"]) <= 0.5
+    assert 0 < check["read_back_psnr_db"]["noise_pred"] < 100  # really compressed
+    widths = {w["nbits"] for w in json.loads((done["palettize:unet"] / "report.json").read_text())["weights"]}
+    assert widths == {2, None}
+
+
+def test_refiner_mixed_bit_is_refused_by_name(tmp_path):
+    text = RECIPE.replace("COMPRESSION", "{mode: float16}").replace(
+        "  synthetic: {preset: tiny-sdxl, seed: 0}\n",
+        "  synthetic: {preset: tiny-sdxl, seed: 0}\n  refiner:\n    synthetic: {preset: tiny-sdxl-refiner, seed: 0}\n",
+    ) + "  unet_refiner:\n    compression: {mode: mixed, recipe: mbp.yaml}\n"
+    (tmp_path / "mbp.yaml").write_text("model: m\nlayers: {}\n")
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(RecipeError) as raised:
+        build_graph(load_recipe(tmp_path / "r.yaml", workspace=tmp_path))
+    assert raised.value.field == "components.unet_refiner.compression.mode"
+    assert "refiner" in str(raised.value)
