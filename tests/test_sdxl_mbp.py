@@ -58,7 +58,7 @@ def _run(specs: list[StageSpec], outputs: dict[str, Path], folder: Path) -> dict
             out = folder / str(len(outputs))
             out.mkdir()
             module, function = spec.function.split(":")
-            inputs = {name: outputs[up] for name, up in spec.inputs.items()} | spec.external_inputs
+            inputs = {name: outputs[up] for name, up in spec.inputs.items() if up in outputs} | spec.external_inputs
             getattr(importlib.import_module(module), function)(inputs, spec.params, out)
             outputs[key] = out
         if not spec.unavailable:
@@ -135,17 +135,23 @@ def test_candidates_measure_real_psnr(analysed):
         fresh.conditioning[index] = kept
 
 
-def test_mixed_recipe_palettizes_and_verifies_the_unet(analysed):
+@pytest.fixture(scope="module")
+def mixed(analysed) -> dict[str, Path]:
+    """The bundle of a tiny-sdxl recipe whose UNet uses the analysis' 40 dB recipe file."""
     ws, outputs = analysed["ws"], analysed["outputs"]
     mbp = ws.root / "recipes" / "mbp.yaml"
     shutil.copy(outputs["analyze:unet"] / "recipes" / f"{TARGET_DB:g}db.yaml", mbp)
     recipe = ws.root / "recipes" / "mixed.yaml"
     recipe.write_text(RECIPE.replace("COMPRESSION", "{mode: mixed, recipe: mbp.yaml}"))
     graph = build_graph(load_recipe(recipe, workspace=ws.root))
-    # The build's probe inputs are the analysis' (same params, same inputs): the recorded PSNR is comparable.
-    assert graph["analyze-inputs:unet"].params["family"] == "sdxl"
-    needed = ("source", "rewrite:unet", "analyze-inputs:unet", "trace:unet", "convert:unet", "palettize:unet", "verify:unet")
-    done = _run([graph[stage_id] for stage_id in needed], outputs, analysed["work"])
+    # The build scores the recipe on the analysis' own probe inputs (same params), so PSNRs compare.
+    probe = graph["analyze-inputs:unet"]
+    assert probe.params["family"] == "sdxl" and f"{probe.id} {json.dumps(probe.params, sort_keys=True)}" in outputs
+    return _run(graph.order(), outputs, analysed["work"])
+
+
+def test_mixed_recipe_palettizes_and_verifies_the_unet(mixed):
+    done = mixed
     check = json.loads((done["verify:unet"] / "check.json").read_text())
     mixed = check["mixed_bit"]
     assert mixed["predicted_psnr_db"] >= TARGET_DB and abs(mixed["achieved_psnr_db"] - mixed["predicted_psnr_db"]) <= 0.5
@@ -165,3 +171,23 @@ def test_refiner_mixed_bit_is_refused_by_name(tmp_path):
         build_graph(load_recipe(tmp_path / "r.yaml", workspace=tmp_path))
     assert raised.value.field == "components.unet_refiner.compression.mode"
     assert "refiner" in str(raised.value)
+
+
+def test_report_on_the_mixed_sdxl_bundle(analysed, mixed):
+    from PIL import Image
+
+    from builder.report import write_report
+
+    bundle = mixed["bundle"]
+    report = write_report(bundle, pipeline=mixed["source"], candidates=analysed["outputs"]["analyze:unet"] / "candidates.json",
+                          prompts=["a red apple"], seeds=[0], steps=2)
+    text = report.read_text()
+    for model in ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"):
+        assert f"| {model} |" in text
+    assert "Family sdxl" in text and "images/0-0.png" in text
+    with Image.open(bundle / "report" / "images" / "0-0.png") as image:
+        assert image.size == (2 * 128, 128)
+        left, right = image.crop((0, 0, 128, 128)), image.crop((128, 0, 256, 128))
+        assert left.tobytes() != right.tobytes()  # the 2-bit layers change the picture
+    with Image.open(bundle / "report" / "psnr_vs_size.png") as plot:
+        plot.verify()
