@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from builder.engine.spec import Graph, StageSpec
-from builder.errors import RecipeError
 from builder.recipe import load_recipe
 from builder.sd.mbp.analysis import Probe, ProbeSettings
 from builder.sd.mbp.layers import conversion_layers
@@ -31,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 THRESHOLD = 2048  # the analysis' default weight threshold
 TARGET_DB = 40.0
+REFINER_TARGET_DB = 60.0  # one step: the refiner with every layer at 2 bits still scores about 55 dB
 RECIPE = """\
 name: tiny-sdxl-mixed
 version: 0.1.0
@@ -160,19 +160,6 @@ def test_mixed_recipe_palettizes_and_verifies_the_unet(mixed):
     assert widths == {2, None}
 
 
-def test_refiner_mixed_bit_is_refused_by_name(tmp_path):
-    text = RECIPE.replace("COMPRESSION", "{mode: float16}").replace(
-        "  synthetic: {preset: tiny-sdxl, seed: 0}\n",
-        "  synthetic: {preset: tiny-sdxl, seed: 0}\n  refiner:\n    synthetic: {preset: tiny-sdxl-refiner, seed: 0}\n",
-    ) + "  unet_refiner:\n    compression: {mode: mixed, recipe: mbp.yaml}\n"
-    (tmp_path / "mbp.yaml").write_text("model: m\nlayers: {}\n")
-    (tmp_path / "r.yaml").write_text(text)
-    with pytest.raises(RecipeError) as raised:
-        build_graph(load_recipe(tmp_path / "r.yaml", workspace=tmp_path))
-    assert raised.value.field == "components.unet_refiner.compression.mode"
-    assert "refiner" in str(raised.value)
-
-
 def test_report_on_the_mixed_sdxl_bundle(analysed, mixed):
     from PIL import Image
 
@@ -191,3 +178,67 @@ def test_report_on_the_mixed_sdxl_bundle(analysed, mixed):
         assert left.tobytes() != right.tobytes()  # the 2-bit layers change the picture
     with Image.open(bundle / "report" / "psnr_vs_size.png") as plot:
         plot.verify()
+
+
+@pytest.fixture(scope="module")
+def refiner(analysed) -> str:
+    """`sdbuild analyze --component unet_refiner`'s stages (2-bit, one target, one prompt, one step) on a
+    recipe with a refiner; returns that recipe's text up to its unet_refiner line."""
+    ws, outputs = analysed["ws"], analysed["outputs"]
+    source = "  refiner:\n    synthetic: {preset: tiny-sdxl-refiner, seed: 0}\n"
+    text = RECIPE.replace("COMPRESSION", "{mode: float16}").replace("latent_size:", source + "latent_size:", 1)
+    recipe = ws.root / "recipes" / "refiner.yaml"
+    recipe.write_text(text + "  unet_refiner: {}\n")
+    full = build_graph(load_recipe(recipe, workspace=ws.root))
+    stages = analysis_stages(rewritten="rewrite:unet_refiner", model="source-refiner", description="tiny-sdxl refiner",
+                             tools={}, memory_estimate_bytes=1 << 30, family="sdxl", component="unet_refiner", chunks=1,
+                             probe=ProbeSettings(prompts=("a red bicycle",), steps=1), nbits=(2,), targets_db=(REFINER_TARGET_DB,))
+    _run(Graph([full["source-refiner"], full["rewrite:unet_refiner"], *stages]).order(), outputs, analysed["work"])
+    return text
+
+
+def test_the_refiner_workload_conditions_as_diffusers_img2img_does(analysed, refiner):
+    """The refiner pipeline (text_encoder_2 only, force_zeros_for_empty_prompt off, aesthetic-score
+    time_ids) against StableDiffusionXLImg2ImgPipeline's encode_prompt and _get_add_time_ids."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from builder.sd.conditioning import TextConditioning
+
+    folder, prompts = analysed["outputs"]["source-refiner"], ["a red bicycle", "a lighthouse"]
+    ours = TextConditioning(folder, "sdxl", (16, 16)).guided(prompts)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, use_safetensors=True)
+    assert pipe.text_encoder is None and not pipe.config.force_zeros_for_empty_prompt
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompts, device="cpu")
+    assert negative.abs().sum() > 0  # the empty prompt, encoded
+    size, crop = (128, 128), (0, 0)
+    time_ids, negative_time_ids = pipe._get_add_time_ids(
+        size, crop, size, 6.0, 2.5, size, crop, size, torch.float32,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )
+    assert ours["encoder_hidden_states"].shape == (4, 64, 1, 77)
+    torch.testing.assert_close(ours["encoder_hidden_states"].squeeze(2).transpose(1, 2), torch.cat([negative, embeds]),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours["text_embeds"], torch.cat([negative_pooled, pooled]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours["time_ids"], torch.cat([negative_time_ids.expand(2, 5), time_ids.expand(2, 5)]))
+
+
+def test_refiner_candidate_is_real_and_a_mixed_refiner_recipe_is_planned(analysed, refiner):
+    """The refiner's candidate reproduced by a fresh probe; a recipe using it palettizes the refiner and
+    scores it on the refiner's own workload. (`sdbuild build` of such a recipe is in the README figures.)"""
+    ws, outputs = analysed["ws"], analysed["outputs"]
+    produced = outputs["analyze:unet_refiner"] / "recipes" / f"{REFINER_TARGET_DB:g}db.yaml"
+    found = load_recipe_file(produced)
+    assert set(found.layers.values()) == {2, None} and found.psnr_db >= REFINER_TARGET_DB
+    module, _ = load_conversion_module(outputs["rewrite:unet_refiner"])
+    fresh = Probe(module, outputs["analyze-inputs:unet_refiner"], conversion_layers(outputs["rewrite:unet_refiner"], THRESHOLD))
+    assert [tuple(c.shape) for c in fresh.conditioning] == [(2, 64, 1, 77), (2, 48), (2, 5)]
+    assert abs(fresh.psnr(found.layers) - found.psnr_db) < 0.05
+
+    shutil.copy(produced, ws.root / "recipes" / "refiner-mbp.yaml")
+    recipe = ws.root / "recipes" / "refiner-mixed.yaml"
+    recipe.write_text(refiner + "  unet_refiner: {compression: {mode: mixed, recipe: refiner-mbp.yaml}}\n")
+    graph = build_graph(load_recipe(recipe, workspace=ws.root))
+    assert graph["palettize:unet_refiner"].external_inputs["mbp_recipe"] == ws.root / "recipes" / "refiner-mbp.yaml"
+    verify, probe = graph["verify:unet_refiner"], graph["analyze-inputs:unet_refiner"]
+    assert verify.inputs["probe"] == probe.id and probe.inputs["model"] == "source-refiner"

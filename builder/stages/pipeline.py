@@ -19,7 +19,7 @@ from builder.recipe import Component, LoadedRecipe
 from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
-from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
+from builder.sd.settings import ANALYSED_COMPONENTS, CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
@@ -62,13 +62,11 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 f"remove it; supported: {', '.join(COMPONENT_SETTINGS)}",
             )
     for component, settings in recipe.components.enabled().items():
-        if settings.compression.mode == "mixed" and component.value != "unet":
-            refiner = component.value == "unet_refiner"
+        if settings.compression.mode == "mixed" and component.value not in ANALYSED_COMPONENTS:
             raise _field_error(
                 loaded,
                 f"components.{component.value}.compression.mode",
-                "mixed-bit palettization is analysed for the UNet only"
-                + (" (the refiner's workload, with aesthetic-score time_ids, is not built yet)" if refiner else ""),
+                "mixed-bit palettization is analysed for the UNets only (unet, unet_refiner)",
                 "use mode: palettize with one nbits for this component",
             )
     for component in ("vae_decoder", "vae_encoder"):
