@@ -242,3 +242,9 @@ def test_refiner_candidate_is_real_and_a_mixed_refiner_recipe_is_planned(analyse
     assert graph["palettize:unet_refiner"].external_inputs["mbp_recipe"] == ws.root / "recipes" / "refiner-mbp.yaml"
     verify, probe = graph["verify:unet_refiner"], graph["analyze-inputs:unet_refiner"]
     assert verify.inputs["probe"] == probe.id and probe.inputs["model"] == "source-refiner"
+
+
+def test_analysing_a_component_the_recipe_lacks_is_a_user_error(workspace):
+    done = workspace.run("analyze", "recipes/tiny-sd.yaml", "--component", "unet_refiner")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "does not convert unet_refiner" in done.stderr and "components.unet_refiner" in done.stderr
