@@ -33,7 +33,7 @@ def bench(name: str, preset, sample: int | None, root: Path) -> None:
     rewrite.run({"model": source}, {"component": "unet", "attention": "SPLIT_EINSUM", "latent_size": [16, 16],
                                     "batch_size": 2}, rewritten)
     settings = ProbeSettings()
-    write_probe_inputs(source, (16, 16), preset.unet["in_channels"], settings, probe_inputs)
+    write_probe_inputs(source, "sd", (16, 16), preset.unet["in_channels"], settings, probe_inputs)
     module, _ = load_conversion_module(rewritten)
     layers = palettizable_layers(module)
     chosen = layers[:: max(1, len(layers) // sample)][:sample] if sample else layers

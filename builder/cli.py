@@ -20,6 +20,7 @@ from rich.table import Table
 from builder.engine import Engine, Event, Heartbeat, StageFinished, StageResult, StageStarted, WorkersReady
 from builder.errors import RecipeError, StageFailed, UserError
 from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
+from builder.sd.settings import ANALYSED_COMPONENTS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -174,10 +175,9 @@ def _refuse_controlnets(loaded: LoadedRecipe, command: str) -> None:
 def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     from builder.report import write_report
     from builder.report.report import DEFAULT_PROMPTS, DEFAULT_SEEDS
-    from builder.stages.pipeline import build_graph, check_sd_workload
+    from builder.stages.pipeline import build_graph
 
     loaded = workspace.load(args.recipe)
-    check_sd_workload(loaded)
     _refuse_controlnets(loaded, "report")
     graph = build_graph(loaded)
     engine = workspace.engine(loaded)
@@ -204,22 +204,27 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
 
 
 def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
-    """Mixed-bit analysis of the recipe's UNet: candidate recipes at a series of PSNR targets."""
+    """Mixed-bit analysis of the recipe's UNet (or refiner UNet): candidate recipes at a series of PSNR targets."""
     from builder.engine import Graph
     from builder.engine.publish import publish_tree
     from builder.stages.analyze import analysis_stages
-    from builder.stages.pipeline import build_graph, check_sd_workload, memory_estimate
+    from builder.stages.pipeline import build_graph, memory_estimate
     from builder.stages.tools import python_tools
 
     loaded = workspace.load(args.recipe)
-    check_sd_workload(loaded)
     _refuse_controlnets(loaded, "analyze")
     full = build_graph(loaded)
-    needed = [full[stage_id] for stage_id in ("source", "rewrite:unet") if stage_id in full]
-    model = "source" if "source" in full else loaded.recipe.model.local.path
+    component = args.component
+    if f"rewrite:{component}" not in full:
+        raise UserError(f"{loaded.path.name} does not convert {component}",
+                        hint=f"add components.{component} to the recipe, or analyse another component")
+    rewrite = full[f"rewrite:{component}"]
+    needed = [*(full[stage_id] for stage_id in rewrite.inputs.values()), rewrite]
+    model = rewrite.inputs.get("model") or rewrite.external_inputs["model"]  # the component's pipeline folder
     stages = analysis_stages(
-        rewritten="rewrite:unet", model=model, description=f"{loaded.recipe.name} UNet, {loaded.recipe.attention.value}",
-        tools=python_tools(), memory_estimate_bytes=memory_estimate(loaded, "unet"), chunks=args.chunks,
+        rewritten=rewrite.id, model=model, description=f"{loaded.recipe.name} {component}, {loaded.recipe.attention.value}",
+        tools=python_tools(), memory_estimate_bytes=memory_estimate(loaded, component), family=loaded.recipe.family.value,
+        component=component, chunks=args.chunks,
     )
     graph = Graph([*needed, *stages])
     engine = workspace.engine(loaded)
@@ -229,8 +234,8 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
             results = {r.id: r for r in engine.build(graph, jobs=args.jobs, on_event=progress)}
     except StageFailed as failure:
         raise _located(failure, loaded, graph) from None
-    analysis = engine.output_path(results["analyze:unet"])
-    dest = workspace.artifacts / loaded.recipe.name / "mbp"
+    analysis = engine.output_path(results[f"analyze:{component}"])
+    dest = workspace.artifacts / loaded.recipe.name / ("mbp" if component == "unet" else f"mbp-{component}")
     publish_tree(analysis, dest)
     summary = json.loads((analysis / "analysis.json").read_text())
     table = Table(title=f"mixed-bit candidates for {loaded.recipe.name} (UNet evaluations in the search: {summary['unet_evaluations']})")
@@ -372,6 +377,7 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="mixed-bit palettization analysis of the recipe's UNet")
     analyze.add_argument("recipe")
+    analyze.add_argument("--component", choices=ANALYSED_COMPONENTS, default="unet", help="the UNet to analyse")
     analyze.add_argument("--chunks", type=int, default=16, help="layers are measured in this many cached chunks")
     analyze.add_argument("--jobs", type=int, default=2)
     analyze.set_defaults(run=cmd_analyze)

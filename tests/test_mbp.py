@@ -47,7 +47,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     trace.run({"rewritten": folders["rewritten"]}, {"component": "unet"}, folders["traced"])
     convert.run({"traced": folders["traced"], "rewritten": folders["rewritten"]},
                 {"component": "unet", "deployment_target": "macOS13"}, folders["converted"])
-    write_probe_inputs(folders["source"], (16, 16), 4, SETTINGS, root / "probe")
+    write_probe_inputs(folders["source"], "sd", (16, 16), 4, SETTINGS, root / "probe")
     return folders | {"probe": root / "probe", "package": folders["converted"] / "model.mlpackage"}
 
 
@@ -184,7 +184,7 @@ def test_analysis_graph_builds_and_resumes_from_cache(tmp_path: Path) -> None:
     rewrite = StageSpec(id="rewrite:unet", stage="rewrite", version="1", function="builder.stages.rewrite:run",
                         params={"component": "unet", "attention": "SPLIT_EINSUM", "latent_size": [16, 16], "batch_size": 2},
                         inputs={"model": "source"})
-    analysis = analysis_stages(rewritten="rewrite:unet", model="source", description="tiny-sd UNet", tools={},
+    analysis = analysis_stages(rewritten="rewrite:unet", model="source", description="tiny-sd UNet", tools={}, family="sd",
                                memory_estimate_bytes=1 << 30, chunks=2, probe=SETTINGS, nbits=(1,), targets_db=(50.0,))
     graph = Graph([source, rewrite, *analysis])
     engine = Engine(tmp_path / "cache", "analysis")

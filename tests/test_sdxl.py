@@ -383,15 +383,3 @@ def test_the_hub_recipes_validate(tmp_path):
     assert graph["rewrite:vae_decoder"].inputs == {"model": "source-vae"}
     assert graph["source-vae"].params["kind"] == "vae_hub"
     assert "precision" not in graph["convert:vae_decoder"].params
-
-
-def test_mixed_bit_analysis_is_refused_by_name_for_sdxl(tmp_path):
-    from builder.stages.pipeline import check_sd_workload
-
-    (tmp_path / "mbp.yaml").write_text("{}\n")
-    text = SDXL.replace("  unet: {}", "  unet: {compression: {mode: mixed, recipe: mbp.yaml}}")
-    error = _graph_error(tmp_path, text)
-    assert (error.field, error.line) == ("components.unet.compression.mode", 14)
-    with pytest.raises(RecipeError) as raised:
-        check_sd_workload(load_recipe(_write(tmp_path, SDXL), tmp_path))
-    assert (raised.value.field, raised.value.line) == ("family", 3)

@@ -19,3 +19,7 @@ COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
 
 # Components `chunk_unet: true` ships as two chunks (builder/sd/chunk.py): every UNet the recipe builds.
 CHUNKED_BY_CHUNK_UNET: tuple[str, ...] = ("unet", "unet_refiner")
+
+# Components `sdbuild analyze` analyses and `mode: mixed` compresses: the UNets, whose workload
+# (builder/sd/conditioning.py) is a guided denoising loop.
+ANALYSED_COMPONENTS: tuple[str, ...] = ("unet", "unet_refiner")

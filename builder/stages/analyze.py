@@ -37,12 +37,20 @@ class CandidateParams(BaseModel):
     weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD
 
 
+class ProbeInputsParams(ProbeSettings):
+    """The workload's settings and the pipeline family, which decides how prompts condition the UNet.
+    (The latent size and the models reach the key through the rewritten UNet and the pipeline folder.)"""
+
+    family: str = "sd"
+
+
 def probe_stage(*, rewritten: str, model: str | Path, tools: dict[str, str], memory_estimate_bytes: int,
-                component: str = "unet", probe: ProbeSettings = ProbeSettings()) -> StageSpec:
-    """The fixed workload (latents, prompt embeddings, scheduler) compressions are scored on."""
+                family: str, component: str = "unet", probe: ProbeSettings = ProbeSettings()) -> StageSpec:
+    """The fixed workload (latents, prompt conditioning, scheduler) compressions are scored on."""
+    params = ProbeInputsParams(**probe.model_dump(), family=family)
     return StageSpec(
         id=f"analyze-inputs:{component}", stage="analyze-inputs", component=component, version=VERSION,
-        function="builder.stages.analyze:run_inputs", params=probe.model_dump(mode="json"),
+        function="builder.stages.analyze:run_inputs", params=params.model_dump(mode="json"),
         inputs=({"model": model} if isinstance(model, str) else {}) | {"rewritten": rewritten},
         external_inputs={"model": model} if isinstance(model, Path) else {},
         tools=tools, memory_estimate_bytes=memory_estimate_bytes,
@@ -50,7 +58,7 @@ def probe_stage(*, rewritten: str, model: str | Path, tools: dict[str, str], mem
 
 
 def analysis_stages(*, rewritten: str, model: str | Path, description: str, tools: dict[str, str],
-                    memory_estimate_bytes: int, component: str = "unet", chunks: int = 16,
+                    memory_estimate_bytes: int, family: str, component: str = "unet", chunks: int = 16,
                     probe: ProbeSettings = ProbeSettings(), nbits: tuple[int, ...] = NBITS,
                     targets_db: tuple[float, ...] = DEFAULT_TARGETS_DB) -> list[StageSpec]:
     """Stages of one analysis: `rewritten` is the rewrite stage id of the UNet; `model` the pipeline
@@ -58,7 +66,7 @@ def analysis_stages(*, rewritten: str, model: str | Path, description: str, tool
     The last stage, `analyze:<component>`, holds `analysis.json` and `recipes/*.yaml`."""
     common = {"component": component, "version": VERSION, "tools": tools, "memory_estimate_bytes": memory_estimate_bytes}
     prepare = probe_stage(rewritten=rewritten, model=model, tools=tools, memory_estimate_bytes=memory_estimate_bytes,
-                          component=component, probe=probe)
+                          family=family, component=component, probe=probe)
     layer_stages = [
         StageSpec(
             id=f"analyze-layers:{component}:{chunk}", stage="analyze-layers", function="builder.stages.analyze:run_layers",
@@ -79,9 +87,11 @@ def analysis_stages(*, rewritten: str, model: str | Path, description: str, tool
 def run_inputs(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     from builder.sd.mbp.analysis import write_probe_inputs
 
+    p = ProbeInputsParams.model_validate(params)
     architecture = json.loads((inputs["rewritten"] / "architecture.json").read_text())
     sample = architecture["inputs"][0]["shape"]  # (batch, channels, height, width)
-    write_probe_inputs(inputs["model"], (sample[2], sample[3]), sample[1], ProbeSettings.model_validate(params), out)
+    settings = ProbeSettings(**p.model_dump(exclude={"family"}))
+    write_probe_inputs(inputs["model"], p.family, (sample[2], sample[3]), sample[1], settings, out)
     return {}
 
 

@@ -19,7 +19,7 @@ from builder.recipe import Component, LoadedRecipe
 from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
-from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
+from builder.sd.settings import ANALYSED_COMPONENTS, CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
@@ -62,18 +62,13 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 f"remove it; supported: {', '.join(COMPONENT_SETTINGS)}",
             )
     for component, settings in recipe.components.enabled().items():
-        if settings.compression.mode == "mixed" and component.value != "unet":
+        if settings.compression.mode == "mixed" and component.value not in ANALYSED_COMPONENTS:
             raise _field_error(
                 loaded,
                 f"components.{component.value}.compression.mode",
-                "mixed-bit palettization is analysed for the UNet only",
+                "mixed-bit palettization is analysed for the UNets only (unet, unet_refiner)",
                 "use mode: palettize with one nbits for this component",
             )
-    unet = recipe.components.unet
-    if recipe.family.value != "sd" and unet.compression.mode == "mixed":
-        raise _field_error(
-            loaded, "components.unet.compression.mode", *_SD_ONLY_ANALYSIS,
-        )
     for component in ("vae_decoder", "vae_encoder"):
         settings = getattr(recipe.components, component)
         if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
@@ -94,19 +89,6 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
                 "use mode: palettize with one nbits, or remove model.controlnets",
             )
-
-
-_SD_ONLY_ANALYSIS = (
-    "mixed-bit analysis and quality reports are built for family sd only (their workload has no "
-    "SDXL text_embeds/time_ids yet)",
-    "palettize the SDXL UNet with one nbits (6 is the safe default), e.g. {mode: palettize, nbits: 6}",
-)
-
-
-def check_sd_workload(loaded: LoadedRecipe) -> None:
-    """`sdbuild analyze` and `report` run an SD 1.x/2.x denoising workload; refuse other families."""
-    if loaded.recipe.family.value != "sd":
-        raise _field_error(loaded, "family", *_SD_ONLY_ANALYSIS)
 
 
 def vae_precision(loaded: LoadedRecipe) -> str:
@@ -316,7 +298,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
 
             stages.append(probe_stage(
                 rewritten=rewrite, model=component_inputs.get("model") or component_external["model"], tools=tools,
-                memory_estimate_bytes=memory, component=c,
+                memory_estimate_bytes=memory, family=recipe.family.value, component=c,
             ))
         chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
         # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared.

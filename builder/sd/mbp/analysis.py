@@ -1,7 +1,8 @@
 """MBP sensitivity analysis in torch: how much each layer's palettization costs the denoised output.
 
-The UNet conversion module runs a short, fixed denoising loop (seeded latents, text embeddings of
-fixed prompts from the pipeline's own text encoder, its scheduler, classifier-free guidance). The
+The UNet conversion module runs a short, fixed denoising loop (seeded latents, the conditioning of
+fixed prompts from the pipeline's own text encoders as its diffusers pipeline makes it, for SDXL with
+text_embeds and time_ids; its scheduler; classifier-free guidance). The
 reference is that loop with every weight rounded to float16, as the converted model stores them.
 A palettized layer's weight is replaced by its LUT reconstruction from the palettizer's own k-means
 (`builder.coreml.palettize`), so what is measured here is what the compressed package computes.
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from builder.coreml.palettize import palettize_array
+from builder.sd.conditioning import UNET_TEXT_INPUTS
 from builder.sd.mbp.layers import Layer
 from builder.sd.psnr import psnr
 
@@ -61,28 +63,19 @@ class Candidate(BaseModel):
     layers: dict[str, int | None]
 
 
-def write_probe_inputs(pipeline: Path, latent_size: tuple[int, int], latent_channels: int,
+def write_probe_inputs(pipeline: Path, family: str, latent_size: tuple[int, int], latent_channels: int,
                        settings: ProbeSettings, out: Path) -> None:
-    """Seeded latents and the prompts' text embeddings (conditional and empty) from `pipeline`."""
+    """Seeded latents and the UNet conditioning of the prompts (unconditional half first) from `pipeline`,
+    made as the family's diffusers pipeline makes them (`builder.sd.conditioning`)."""
     import shutil
 
-    from transformers import CLIPTokenizer
+    from builder.sd.conditioning import TextConditioning
 
-    from builder.sd.components import TEXT_SEQUENCE_LENGTH, kind
-
-    text = kind("text_encoder")
-    encoder = text.load(pipeline, text.subfolder).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
-    prompts = [""] * len(settings.prompts) + list(settings.prompts)  # unconditional half first
-    ids = tokenizer(prompts, padding="max_length", max_length=TEXT_SEQUENCE_LENGTH, truncation=True,
-                    return_tensors="pt").input_ids
-    with torch.no_grad():
-        states = encoder(input_ids=ids).last_hidden_state
+    conditioning = TextConditioning(pipeline, family, latent_size).guided(list(settings.prompts))
     generator = torch.Generator().manual_seed(settings.seed)
     latents = torch.randn((len(settings.prompts), latent_channels, *latent_size), generator=generator)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({"encoder_hidden_states": states.transpose(1, 2).unsqueeze(2).contiguous(), "latents": latents},
-              out / _INPUTS_FILE)
+    save_file(conditioning | {"latents": latents}, out / _INPUTS_FILE)
     shutil.copytree(pipeline / "scheduler", out / _SCHEDULER_DIR)
     (out / _SETTINGS_FILE).write_text(settings.model_dump_json(indent=2))
 
@@ -101,7 +94,9 @@ class Probe:
             for parameter in module.parameters():
                 parameter.copy_(parameter.half().float())  # the float16 model the package holds
         tensors = load_file(inputs / _INPUTS_FILE)
-        self.states, self.latents = tensors["encoder_hidden_states"], tensors["latents"]
+        # text states, and for SDXL text_embeds and time_ids, in the module's argument order
+        self.conditioning = [tensors[name] for name in UNET_TEXT_INPUTS if name in tensors]
+        self.latents = tensors["latents"]
         config = json.loads((inputs / _SCHEDULER_DIR / "scheduler_config.json").read_text())
         self.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
         self.settings = ProbeSettings.model_validate_json((inputs / _SETTINGS_FILE).read_text())
@@ -149,7 +144,7 @@ class Probe:
             for t in self.scheduler.timesteps:
                 doubled = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
                 timestep = torch.full((doubled.shape[0],), float(t))
-                noise = self.module(doubled, timestep, self.states)
+                noise = self.module(doubled, timestep, *self.conditioning)
                 self.evaluations += 1
                 unconditional, conditional = noise.chunk(2)
                 noise = unconditional + self.settings.guidance_scale * (conditional - unconditional)
