@@ -68,6 +68,28 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def run_stages_in_process(specs, done: dict, folder: Path) -> dict[str, Path]:
+    """Run stage functions in this process, in order, without workers or cache: for tests that need
+    many related builds fast. `done` (stage id and params -> output folder) is shared between calls,
+    so a stage with the same params runs once. Returns stage id -> output folder for these specs."""
+    import importlib
+
+    produced: dict[str, Path] = {}
+    for spec in specs:
+        if spec.unavailable:
+            continue
+        key = (spec.id, json.dumps(spec.params, sort_keys=True))
+        if key not in done:
+            out = folder / str(len(done))
+            out.mkdir()
+            module, function = spec.function.split(":")
+            inputs = {name: produced[up] for name, up in spec.inputs.items() if up in produced} | spec.external_inputs
+            getattr(importlib.import_module(module), function)(inputs, spec.params, out)
+            done[key] = out
+        produced[spec.id] = done[key]
+    return produced
+
+
 def resource_bytes(bundle: Path) -> dict[str, bytes]:
     resources = bundle / "Resources"
     return {p.relative_to(resources).as_posix(): p.read_bytes() for p in sorted(resources.rglob("*")) if p.is_file()}

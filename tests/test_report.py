@@ -7,7 +7,6 @@ and float16 UNets.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from pathlib import Path
@@ -22,31 +21,13 @@ from builder.recipe import load_recipe
 from builder.report import Candidate, load_candidates, load_read_back_unet, verify_read_back, write_report
 from builder.report.plot import psnr_vs_size_figure
 from builder.stages.pipeline import build_graph
-from conftest import make_workspace
+from conftest import make_workspace, run_stages_in_process
 
 UNET_COMPRESSION = {
     "6": "compression: {mode: palettize, nbits: 6}",
     "8": "compression: {mode: palettize, nbits: 8}",
     "float16": "compression: {mode: float16}",
 }
-
-
-def _build_in_process(recipe: Path, workspace: Path, outputs: dict, folder: Path) -> dict[str, Path]:
-    """Run the recipe's stages in order; `outputs` (stage id and params -> folder) is shared between recipes."""
-    produced: dict[str, Path] = {}
-    for spec in build_graph(load_recipe(recipe, workspace=workspace)).order():
-        if spec.unavailable:
-            continue
-        key = (spec.id, json.dumps(spec.params, sort_keys=True))
-        if key not in outputs:
-            out = folder / str(len(outputs))
-            out.mkdir()
-            module, function = spec.function.split(":")
-            inputs = {name: produced[up] for name, up in spec.inputs.items() if up in produced} | spec.external_inputs
-            getattr(importlib.import_module(module), function)(inputs, spec.params, out)
-            outputs[key] = out
-        produced[spec.id] = outputs[key]
-    return produced
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +40,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dict[
     for variant, compression in UNET_COMPRESSION.items():
         recipe = ws.root / "recipes" / f"report-{variant}.yaml"
         recipe.write_text(default.replace(UNET_COMPRESSION["6"], compression).replace("  vae_encoder: {}\n", ""))
-        produced = _build_in_process(recipe, ws.root, outputs, ws.root)
+        produced = run_stages_in_process(build_graph(load_recipe(recipe, workspace=ws.root)).order(), outputs, ws.root)
         found[variant] = produced["bundle"]
         found["pipeline"] = produced["source"]
     return found

@@ -8,7 +8,6 @@ Stages run in this process (no workers), in graph order, like tests/test_report.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builder.engine.spec import Graph, StageSpec
+from builder.engine.spec import Graph
 from builder.recipe import load_recipe
 from builder.sd.mbp.analysis import Probe, ProbeSettings
 from builder.sd.mbp.layers import conversion_layers
@@ -24,7 +23,7 @@ from builder.sd.mbp.recipe_file import load_recipe_file
 from builder.stages.analyze import analysis_stages
 from builder.stages.pipeline import build_graph
 from builder.stages.trace import load_conversion_module
-from conftest import make_workspace
+from conftest import make_workspace, run_stages_in_process
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -50,22 +49,6 @@ components:
 """
 
 
-def _run(specs: list[StageSpec], outputs: dict[str, Path], folder: Path) -> dict[str, Path]:
-    """Run `specs` in order; a stage already in `outputs` with the same params is not run again."""
-    for spec in specs:
-        key = f"{spec.id} {json.dumps(spec.params, sort_keys=True)}"
-        if key not in outputs and not spec.unavailable:
-            out = folder / str(len(outputs))
-            out.mkdir()
-            module, function = spec.function.split(":")
-            inputs = {name: outputs[up] for name, up in spec.inputs.items() if up in outputs} | spec.external_inputs
-            getattr(importlib.import_module(module), function)(inputs, spec.params, out)
-            outputs[key] = out
-        if not spec.unavailable:
-            outputs[spec.id] = outputs[key]
-    return outputs
-
-
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`sdbuild analyze`'s stages on a tiny-sdxl recipe (2-bit only, one target: keeps it fast)."""
@@ -77,8 +60,9 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict:
                              memory_estimate_bytes=1 << 30, family="sdxl", chunks=1, nbits=(2,), targets_db=(TARGET_DB,))
     work = ws.root / "work"
     work.mkdir()
-    outputs = _run(Graph([full["source"], full["rewrite:unet"], *stages]).order(), {}, work)
-    return {"ws": ws, "outputs": outputs, "work": work}
+    done: dict = {}
+    outputs = run_stages_in_process(Graph([full["source"], full["rewrite:unet"], *stages]).order(), done, work)
+    return {"ws": ws, "outputs": outputs, "done": done, "work": work}
 
 
 def test_the_workload_conditions_the_unet_as_diffusers_sdxl_does(analysed, tmp_path):
@@ -146,8 +130,8 @@ def mixed(analysed) -> dict[str, Path]:
     graph = build_graph(load_recipe(recipe, workspace=ws.root))
     # The build scores the recipe on the analysis' own probe inputs (same params), so PSNRs compare.
     probe = graph["analyze-inputs:unet"]
-    assert probe.params["family"] == "sdxl" and f"{probe.id} {json.dumps(probe.params, sort_keys=True)}" in outputs
-    return _run(graph.order(), outputs, analysed["work"])
+    assert probe.params["family"] == "sdxl" and (probe.id, json.dumps(probe.params, sort_keys=True)) in analysed["done"]
+    return run_stages_in_process(graph.order(), analysed["done"], analysed["work"])
 
 
 def test_mixed_recipe_palettizes_and_verifies_the_unet(mixed):
@@ -193,7 +177,8 @@ def refiner(analysed) -> str:
     stages = analysis_stages(rewritten="rewrite:unet_refiner", model="source-refiner", description="tiny-sdxl refiner",
                              tools={}, memory_estimate_bytes=1 << 30, family="sdxl", component="unet_refiner", chunks=1,
                              probe=ProbeSettings(prompts=("a red bicycle",), steps=1), nbits=(2,), targets_db=(REFINER_TARGET_DB,))
-    _run(Graph([full["source-refiner"], full["rewrite:unet_refiner"], *stages]).order(), outputs, analysed["work"])
+    specs = Graph([full["source-refiner"], full["rewrite:unet_refiner"], *stages]).order()
+    outputs.update(run_stages_in_process(specs, analysed["done"], analysed["work"]))
     return text
 
 
