@@ -23,8 +23,20 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 def build(workspace: Path, recipe: str, jobs: int) -> tuple[float, dict]:
-    command = [sys.executable, "-m", "builder.cli", "--workspace", str(workspace), "--cache-dir",
-               str(workspace / "cache"), "build", recipe, "--json", "--jobs", str(jobs)]
+    command = [
+        sys.executable,
+        "-m",
+        "builder.cli",
+        "--workspace",
+        str(workspace),
+        "--cache-dir",
+        str(workspace / "cache"),
+        "build",
+        recipe,
+        "--json",
+        "--jobs",
+        str(jobs),
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=workspace, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -37,8 +49,10 @@ def describe(name: str, seconds: float, report: dict) -> str:
     stages = report["stages"]
     built = [s for s in stages if s["status"] == "built"]
     peak = max((s["peak_memory_bytes"] or 0 for s in built), default=0)
-    return (f"{name:<12} {seconds:8.2f} s wall  {len(built):2d} stage(s) built  "
-            f"{sum(s['seconds'] for s in built):8.2f} s in stages  peak {peak / 2**30:.2f} GiB")
+    return (
+        f"{name:<12} {seconds:8.2f} s wall  {len(built):2d} stage(s) built  "
+        f"{sum(s['seconds'] for s in built):8.2f} s in stages  peak {peak / 2**30:.2f} GiB"
+    )
 
 
 def main() -> None:

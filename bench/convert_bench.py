@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -108,15 +107,17 @@ def measure(cache: Path, workspace: Path, components: list[str], rerun: set[str]
         seconds = result.seconds
         if result.status == "built" and import_seconds is not None and not waited:
             seconds, waited = max(0.0, seconds - import_seconds), True
-        rows.append({
-            "stage": result.stage,
-            "component": result.component,
-            "status": result.status,
-            "seconds": round(seconds, 2),
-            "cpu_seconds": result.cpu_seconds if result.status == "built" else None,
-            "peak_bytes": result.peak_memory_bytes,
-            "summary": result.summary,
-        })
+        rows.append(
+            {
+                "stage": result.stage,
+                "component": result.component,
+                "status": result.status,
+                "seconds": round(seconds, 2),
+                "cpu_seconds": result.cpu_seconds if result.status == "built" else None,
+                "peak_bytes": result.peak_memory_bytes,
+                "summary": result.summary,
+            }
+        )
     return rows, import_seconds
 
 
@@ -139,37 +140,54 @@ def component_totals(rows: list[dict]) -> dict[str, dict]:
     return totals
 
 
-def print_table(rows: list[dict], totals: dict[str, dict], startup: float | None, load: tuple[float, float, float]) -> None:
+def print_table(
+    rows: list[dict], totals: dict[str, dict], startup: float | None, load: tuple[float, float, float]
+) -> None:
     print(f"{'stage':<9} {'component':<13} {'status':<7} {'seconds':>8} {'cpu s':>8} {'peak GiB':>9}  summary")
     for row in rows:
         peak = f"{row['peak_bytes'] / GIB:9.2f}" if row["peak_bytes"] else f"{'-':>9}"
         cpu = f"{row['cpu_seconds']:8.2f}" if row["cpu_seconds"] is not None else f"{'-':>8}"
         summary = json.dumps(row["summary"], sort_keys=True) if row["summary"] else ""
-        print(f"{row['stage']:<9} {row['component'] or '-':<13} {row['status']:<7} {row['seconds']:8.2f} {cpu} {peak}  {summary[:70]}")
+        print(
+            f"{row['stage']:<9} {row['component'] or '-':<13} {row['status']:<7} {row['seconds']:8.2f} {cpu} {peak}  {summary[:70]}"
+        )
     if startup is not None:
-        print(f"{'start-up':<9} {'-':<13} {'built':<7} {startup:8.2f} {'-':>8} {'-':>9}  worker zygote importing the stage modules, once per build")
+        print(
+            f"{'start-up':<9} {'-':<13} {'built':<7} {startup:8.2f} {'-':>8} {'-':>9}  worker zygote importing the stage modules, once per build"
+        )
     print()
-    print(f"{'component':<13} {'seconds':>8} {'cpu s':>8} {'ref s':>7} {'ratio':>6} {'peak GiB':>9} {'ref GiB':>8}  target (<= 0.5x time, <= 5 GiB)")
+    print(
+        f"{'component':<13} {'seconds':>8} {'cpu s':>8} {'ref s':>7} {'ratio':>6} {'peak GiB':>9} {'ref GiB':>8}  target (<= 0.5x time, <= 5 GiB)"
+    )
     for component, t in totals.items():
         ref_seconds, ref_peak = REFERENCE[component]
         verdict = "met" if t["meets_target"] else "NOT met"
         note = "" if t["fresh"] else "  (includes cached stages: figures from the run that built them)"
-        print(f"{component:<13} {t['seconds']:8.2f} {t['cpu_seconds']:8.2f} {ref_seconds:7.1f} {t['time_ratio']:6.3f} "
-              f"{t['peak_bytes'] / GIB:9.2f} {ref_peak / GIB:8.2f}  {verdict}{note}")
+        print(
+            f"{component:<13} {t['seconds']:8.2f} {t['cpu_seconds']:8.2f} {ref_seconds:7.1f} {t['time_ratio']:6.3f} "
+            f"{t['peak_bytes'] / GIB:9.2f} {ref_peak / GIB:8.2f}  {verdict}{note}"
+        )
     if len(totals) > 1:
         ours = sum(t["seconds"] for t in totals.values()) + (startup or 0.0)
         reference = sum(REFERENCE[c][0] for c in totals)
         print(f"{'all, with start-up':<19} {ours:8.2f} s against {reference:.1f} s: ratio {ours / reference:.3f}")
-    print(f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {os.cpu_count()} cores")
+    print(
+        f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {os.cpu_count()} cores"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, help="cache folder kept between runs (default: a fresh temporary one)")
-    parser.add_argument("--rerun", default=",".join(CONVERSION_STAGES),
-                        help="stages run again even when cached (comma-separated; '' to reuse all)")
+    parser.add_argument(
+        "--rerun",
+        default=",".join(CONVERSION_STAGES),
+        help="stages run again even when cached (comma-separated; '' to reuse all)",
+    )
     parser.add_argument("--components", default="unet,text_encoder,vae_decoder")
-    parser.add_argument("--json", type=Path, default=PROJECT / "artifacts" / "convert_bench.json", help="where to write the results")
+    parser.add_argument(
+        "--json", type=Path, default=PROJECT / "artifacts" / "convert_bench.json", help="where to write the results"
+    )
     args = parser.parse_args()
     components = [c for c in args.components.split(",") if c]
     unknown = sorted(set(components) - set(REFERENCE))
@@ -185,9 +203,18 @@ def main() -> None:
     load = os.getloadavg()
     totals = component_totals(rows)
     print_table(rows, totals, startup, load)
-    print(f"wall {wall:.1f} s; load average at the start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
-    results = {"stages": rows, "components": totals, "startup_seconds": startup, "wall_seconds": round(wall, 1),
-               "load_average_start": load_before, "load_average_end": load, "cores": os.cpu_count()}
+    print(
+        f"wall {wall:.1f} s; load average at the start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
+    )
+    results = {
+        "stages": rows,
+        "components": totals,
+        "startup_seconds": startup,
+        "wall_seconds": round(wall, 1),
+        "load_average_start": load_before,
+        "load_average_end": load,
+        "cores": os.cpu_count(),
+    }
     args.json.write_text(json.dumps(results, indent=2, sort_keys=True))
     print(f"results written to {args.json}")
 

@@ -30,8 +30,11 @@ def bench(name: str, preset, sample: int | None, root: Path) -> None:
     source, rewritten, probe_inputs = root / "source", root / "rewritten", root / "probe"
     rewritten.mkdir(parents=True)
     write_synthetic_pipeline(preset, 0, source)
-    rewrite.run({"model": source}, {"component": "unet", "attention": "SPLIT_EINSUM", "latent_size": [16, 16],
-                                    "batch_size": 2}, rewritten)
+    rewrite.run(
+        {"model": source},
+        {"component": "unet", "attention": "SPLIT_EINSUM", "latent_size": [16, 16], "batch_size": 2},
+        rewritten,
+    )
     settings = ProbeSettings()
     write_probe_inputs(source, "sd", (16, 16), preset.unet["in_channels"], settings, probe_inputs)
     module, _ = load_conversion_module(rewritten)
@@ -52,18 +55,24 @@ def bench(name: str, preset, sample: int | None, root: Path) -> None:
     search_evaluations = probe.evaluations - reference - per_layer_evaluations
     seconds_per_evaluation = per_layer_seconds / per_layer_evaluations
 
-    print(f"\n{name}: {parameters / 1e6:.1f} M parameters, {len(layers)} palettizable layers, "
-          f"{len(settings.prompts)} prompts x {settings.steps} steps, {len(chosen)} layers measured")
+    print(
+        f"\n{name}: {parameters / 1e6:.1f} M parameters, {len(layers)} palettizable layers, "
+        f"{len(settings.prompts)} prompts x {settings.steps} steps, {len(chosen)} layers measured"
+    )
     print(f"  one UNet evaluation: {seconds_per_evaluation * 1000:.0f} ms")
-    print(f"  per layer ({len(NBITS)} widths): {per_layer_evaluations / len(chosen):.1f} evaluations, "
-          f"{per_layer_seconds / len(chosen):.2f} s; all {len(layers)} layers: "
-          f"{per_layer_evaluations / len(chosen) * len(layers):.0f} evaluations, "
-          f"{per_layer_seconds / len(chosen) * len(layers):.0f} s")
+    print(
+        f"  per layer ({len(NBITS)} widths): {per_layer_evaluations / len(chosen):.1f} evaluations, "
+        f"{per_layer_seconds / len(chosen):.2f} s; all {len(layers)} layers: "
+        f"{per_layer_evaluations / len(chosen) * len(layers):.0f} evaluations, "
+        f"{per_layer_seconds / len(chosen) * len(layers):.0f} s"
+    )
     print(f"  candidate search over {len(chosen)} layers: {search_evaluations} evaluations, {search_seconds:.1f} s")
     print(f"  total measured: {probe.evaluations} evaluations, {time.perf_counter() - start:.1f} s")
     for found in candidates:
-        print(f"    target {found.target_psnr_db:5.1f} dB -> {found.psnr_db:6.2f} dB, "
-              f"{found.bits_per_weight:.2f} bits/weight, {found.size_bytes / 1e6:.2f} MB")
+        print(
+            f"    target {found.target_psnr_db:5.1f} dB -> {found.psnr_db:6.2f} dB, "
+            f"{found.bits_per_weight:.2f} bits/weight, {found.size_bytes / 1e6:.2f} MB"
+        )
 
 
 def main() -> None:

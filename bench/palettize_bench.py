@@ -86,8 +86,9 @@ def _digest(package: Path) -> str:
 
 
 def _ours(src: Path, dst: Path, nbits: int, workers: int) -> dict:
-    from builder.coreml.palettize import PalettizeOptions, palettize_package
     import coremltools  # noqa: F401  (imported before the clock starts, as for the reference)
+
+    from builder.coreml.palettize import PalettizeOptions, palettize_package
 
     start = time.perf_counter()
     report = palettize_package(src, dst, PalettizeOptions(nbits=nbits), workers=workers)
@@ -149,11 +150,17 @@ def main() -> None:
     reference_errors = _in_fresh_process(_errors, out / "reference.mlpackage", src)
     reference_bytes = sum(f.stat().st_size for f in (out / "reference.mlpackage").rglob("*") if f.is_file())
 
-    print(f"model: {src} ({sum(f.stat().st_size for f in src.rglob('*') if f.is_file()) / 1e6:.0f} MB), {args.nbits}-bit")
+    print(
+        f"model: {src} ({sum(f.stat().st_size for f in src.rglob('*') if f.is_file()) / 1e6:.0f} MB), {args.nbits}-bit"
+    )
     print(f"{'':24}{'ours (2 workers)':>18}{'ours (1 worker)':>18}{'palettize_weights':>20}")
     print(f"{'seconds':24}{ours_two['seconds']:18.1f}{ours_one['seconds']:18.1f}{reference['seconds']:20.1f}")
-    print(f"{'peak RSS (GiB)':24}{ours_two['peak_rss'] / _GIB:18.2f}{ours_one['peak_rss'] / _GIB:18.2f}{reference['peak_rss'] / _GIB:20.2f}")
-    print(f"speed-up: {reference['seconds'] / ours_two['seconds']:.2f}x (2 workers), {reference['seconds'] / ours_one['seconds']:.2f}x (1 worker)")
+    print(
+        f"{'peak RSS (GiB)':24}{ours_two['peak_rss'] / _GIB:18.2f}{ours_one['peak_rss'] / _GIB:18.2f}{reference['peak_rss'] / _GIB:20.2f}"
+    )
+    print(
+        f"speed-up: {reference['seconds'] / ours_two['seconds']:.2f}x (2 workers), {reference['seconds'] / ours_one['seconds']:.2f}x (1 worker)"
+    )
     print(
         f"relative RMSE over {ours_errors['count']} palettized weights: ours mean {ours_errors['mean']:.6f} "
         f"worst {ours_errors['worst']:.6f}; palettize_weights mean {reference_errors['mean']:.6f} "

@@ -70,7 +70,9 @@ class Progress:
             self.running.pop(event.result.id, None)
             self.console.print(_result_line(event.result), soft_wrap=True)
         elif isinstance(event, WorkersReady):
-            self.console.print(f"[dim]workers: stage modules imported once, in {event.import_seconds:.1f} s; each stage forks from there")
+            self.console.print(
+                f"[dim]workers: stage modules imported once, in {event.import_seconds:.1f} s; each stage forks from there"
+            )
         self.live.update(self._table())
 
 
@@ -92,9 +94,13 @@ def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
     dest = workspace.artifacts / recipe.name / recipe.version
     manifest = bundle / "manifest.json"
     current = dest / "manifest.json"
-    same = current.is_file() and current.read_bytes() == manifest.read_bytes() and all(
-        (dest / "Resources" / name).is_file() and (dest / "Resources" / name).stat().st_size == entry["size"]
-        for name, entry in json.loads(manifest.read_text())["files"].items()
+    same = (
+        current.is_file()
+        and current.read_bytes() == manifest.read_bytes()
+        and all(
+            (dest / "Resources" / name).is_file() and (dest / "Resources" / name).stat().st_size == entry["size"]
+            for name, entry in json.loads(manifest.read_text())["files"].items()
+        )
     )
     if not same:
         publish_tree(bundle, dest)
@@ -111,7 +117,9 @@ def _located(failure: StageFailed, loaded: LoadedRecipe, graph) -> UserError:
         return failure
     field = next(iter(origins.values()))
     file, _, line = loaded.origin(field).rpartition(":")
-    return RecipeError(file, failure.message, line=int(line) if line.isdigit() else None, field=field, hint=failure.hint)
+    return RecipeError(
+        file, failure.message, line=int(line) if line.isdigit() else None, field=field, hint=failure.hint
+    )
 
 
 def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
@@ -194,11 +202,17 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
         raise UserError(f"no candidates file {args.candidates}", hint="pass the JSON list `sdbuild analyze` wrote")
     try:
         report = write_report(
-            bundle, pipeline=pipeline, candidates=args.candidates,
-            prompts=args.prompts or DEFAULT_PROMPTS, seeds=args.seeds or DEFAULT_SEEDS, steps=args.steps,
+            bundle,
+            pipeline=pipeline,
+            candidates=args.candidates,
+            prompts=args.prompts or DEFAULT_PROMPTS,
+            seeds=args.seeds or DEFAULT_SEEDS,
+            steps=args.steps,
         )
     except ValueError as problem:  # e.g. linear-quantized weights, which cannot be read back yet
-        raise UserError(f"cannot report on {bundle}: {problem}", hint="report on a float16 or palettized bundle") from None
+        raise UserError(
+            f"cannot report on {bundle}: {problem}", hint="report on a float16 or palettized bundle"
+        ) from None
     console.print(f"[bold green]report[/] -> {report}")
     return 0
 
@@ -216,15 +230,22 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
     full = build_graph(loaded)
     component = args.component
     if f"rewrite:{component}" not in full:
-        raise UserError(f"{loaded.path.name} does not convert {component}",
-                        hint=f"add components.{component} to the recipe, or analyse another component")
+        raise UserError(
+            f"{loaded.path.name} does not convert {component}",
+            hint=f"add components.{component} to the recipe, or analyse another component",
+        )
     rewrite = full[f"rewrite:{component}"]
     needed = [*(full[stage_id] for stage_id in rewrite.inputs.values()), rewrite]
     model = rewrite.inputs.get("model") or rewrite.external_inputs["model"]  # the component's pipeline folder
     stages = analysis_stages(
-        rewritten=rewrite.id, model=model, description=f"{loaded.recipe.name} {component}, {loaded.recipe.attention.value}",
-        tools=python_tools(), memory_estimate_bytes=memory_estimate(loaded, component), family=loaded.recipe.family.value,
-        component=component, chunks=args.chunks,
+        rewritten=rewrite.id,
+        model=model,
+        description=f"{loaded.recipe.name} {component}, {loaded.recipe.attention.value}",
+        tools=python_tools(),
+        memory_estimate_bytes=memory_estimate(loaded, component),
+        family=loaded.recipe.family.value,
+        component=component,
+        chunks=args.chunks,
     )
     graph = Graph([*needed, *stages])
     engine = workspace.engine(loaded)
@@ -238,14 +259,19 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
     dest = workspace.artifacts / loaded.recipe.name / ("mbp" if component == "unet" else f"mbp-{component}")
     publish_tree(analysis, dest)
     summary = json.loads((analysis / "analysis.json").read_text())
-    table = Table(title=f"mixed-bit candidates for {loaded.recipe.name} (UNet evaluations in the search: {summary['unet_evaluations']})")
+    table = Table(
+        title=f"mixed-bit candidates for {loaded.recipe.name} (UNet evaluations in the search: {summary['unet_evaluations']})"
+    )
     for column in ("target dB", "measured dB", "bits/weight", "MB", "recipe file"):
         table.add_column(column)
     for candidate in summary["candidates"]:
         name = f"{candidate['target_psnr_db']:g}db.yaml"
         table.add_row(
-            f"{candidate['target_psnr_db']:g}", f"{candidate['psnr_db']:.2f}", f"{candidate['bits_per_weight']:.2f}",
-            f"{candidate['size_bytes'] / 1e6:.2f}", str(dest / "recipes" / name),
+            f"{candidate['target_psnr_db']:g}",
+            f"{candidate['psnr_db']:.2f}",
+            f"{candidate['bits_per_weight']:.2f}",
+            f"{candidate['size_bytes'] / 1e6:.2f}",
+            str(dest / "recipes" / name),
         )
     console.print(table)
     return 0
@@ -298,7 +324,11 @@ def cmd_plan(args: argparse.Namespace, workspace: Workspace, console: Console) -
     loaded = workspace.load(args.recipe)
     entries = workspace.engine(loaded).plan(build_graph(loaded))
     if args.json:
-        print(json.dumps([e.model_dump(include={"id", "stage", "component", "status", "reason"}) for e in entries], indent=2))
+        print(
+            json.dumps(
+                [e.model_dump(include={"id", "stage", "component", "status", "reason"}) for e in entries], indent=2
+            )
+        )
         return 0
     table = Table(title=f"{loaded.recipe.name} {loaded.recipe.version}")
     for column in ("stage", "component", "status", "reason"):
@@ -346,7 +376,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbuild", description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path.cwd(), help="workspace root (default: current folder)")
     parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="cache folder (default: $SDBUILD_CACHE_DIR or <workspace>/.sdbuild-cache)"
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache folder (default: $SDBUILD_CACHE_DIR or <workspace>/.sdbuild-cache)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -368,8 +401,12 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="build if needed, then write artifacts/<name>/<version>/report/")
     report.add_argument("recipe")
-    report.add_argument("--candidates", type=Path, default=None, help="JSON list of {name, average_bits, size_bytes, psnr_db} to plot")
-    report.add_argument("--prompt", dest="prompts", action="append", help="prompt for the side-by-side images (repeatable)")
+    report.add_argument(
+        "--candidates", type=Path, default=None, help="JSON list of {name, average_bits, size_bytes, psnr_db} to plot"
+    )
+    report.add_argument(
+        "--prompt", dest="prompts", action="append", help="prompt for the side-by-side images (repeatable)"
+    )
     report.add_argument("--seed", dest="seeds", type=int, action="append", help="seed for the images (repeatable)")
     report.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
     report.add_argument("--jobs", type=int, default=2, help="stages run at once if the bundle must be built")
@@ -389,7 +426,9 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("--jobs", type=int, default=2)
     imported.set_defaults(run=cmd_import_mbp)
 
-    commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)").set_defaults(run=cmd_schema)
+    commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)").set_defaults(
+        run=cmd_schema
+    )
 
     verify = commands.add_parser("verify", help="check every cached output against its recorded digests")
     verify.add_argument("--full", action="store_true", help="re-hash every file instead of trusting the stat memo")

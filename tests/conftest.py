@@ -22,7 +22,16 @@ class Workspace:
 
     def run(self, *args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
         """`sdbuild --workspace ROOT --cache-dir CACHE ARGS...` in a fresh interpreter."""
-        command = [sys.executable, "-m", "builder.cli", "--workspace", str(self.root), "--cache-dir", str(self.cache), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "builder.cli",
+            "--workspace",
+            str(self.root),
+            "--cache-dir",
+            str(self.cache),
+            *args,
+        ]
         done = subprocess.run(command, cwd=self.root, capture_output=True, text=True, env=os.environ | (env or {}))
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {done.returncode}\n{done.stdout}\n{done.stderr}")
@@ -103,7 +112,13 @@ def rewrite_and_trace(folder: Path, component: str, family: str, attention: str,
     rewritten, traced = work / f"rewrite-{component}-{attention}", work / f"trace-{component}-{attention}"
     rewritten.mkdir()
     traced.mkdir()
-    params = {"component": component, "family": family, "attention": attention, "latent_size": [16, 16], "batch_size": 2}
+    params = {
+        "component": component,
+        "family": family,
+        "attention": attention,
+        "latent_size": [16, 16],
+        "batch_size": 2,
+    }
     rewrite.run({"model": folder}, params, rewritten)
     summary = trace.run({"rewritten": rewritten}, {"component": component}, traced)
     return summary, json.loads((rewritten / "architecture.json").read_text()) | {"traced": str(traced)}

@@ -58,7 +58,6 @@ def _reference(unet: UNet2DConditionModel, inputs: tuple[torch.Tensor, ...]) -> 
         return unet(sample, timestep, text.squeeze(2).transpose(1, 2)).sample
 
 
-
 @pytest.fixture(scope="module")
 def references() -> dict[str, UNet2DConditionModel]:
     return {name: _unet(overrides) for name, overrides in VARIANTS.items()}
@@ -217,7 +216,7 @@ def test_converts_to_mlprogram(traced: dict, attention: str) -> None:
     names = ("sample", "timestep", "encoder_hidden_states")
     model = ct.convert(
         module,
-        inputs=[ct.TensorType(name=name, shape=tensor.shape) for name, tensor in zip(names, inputs)],
+        inputs=[ct.TensorType(name=name, shape=tensor.shape) for name, tensor in zip(names, inputs, strict=False)],
         convert_to="mlprogram",
         compute_precision=ct.precision.FLOAT16,
         minimum_deployment_target=ct.target.macOS13,

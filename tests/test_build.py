@@ -7,10 +7,10 @@ import json
 import shutil
 
 import pytest
+from conftest import Workspace, resource_bytes
 
 from builder.coreml.package import describe_mlpackage
 from builder.sd.contract import check_models
-from conftest import Workspace, resource_bytes
 
 MODELS = ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder")
 
@@ -36,7 +36,11 @@ def test_manifest_describes_the_bundle_truthfully(built):
     assert manifest["latent_size"] == [16, 16] and manifest["image_size"] == [128, 128]
     assert manifest["unet_batch_size"] == 2 and manifest["compiled"] is False
     assert manifest["models"]["Unet"]["compression"] == {
-        "mode": "palettize", "nbits": 6, "granularity": "per_tensor", "group_size": 32, "weight_threshold": 2048
+        "mode": "palettize",
+        "nbits": 6,
+        "granularity": "per_tensor",
+        "group_size": 32,
+        "weight_threshold": 2048,
     }
     unet = manifest["models"]["Unet"]
     assert 6 < unet["bits_per_weight"] < 8 and 30 < unet["read_back_psnr_db"]["noise_pred"] < 60
@@ -81,10 +85,14 @@ def test_unet_weights_are_palettized_to_six_bits(built):
 
     spec = Model_pb2.Model()
     spec.ParseFromString((ws.bundle / "Resources/Unet.mlpackage/Data/com.apple.CoreML/model.mlmodel").read_bytes())
-    ops = [op.type for block in spec.mlProgram.functions["main"].block_specializations.values() for op in block.operations]
+    ops = [
+        op.type for block in spec.mlProgram.functions["main"].block_specializations.values() for op in block.operations
+    ]
     assert ops.count("constexpr_lut_to_dense") > 20
     text = Model_pb2.Model()
-    text.ParseFromString((ws.bundle / "Resources/TextEncoder.mlpackage/Data/com.apple.CoreML/model.mlmodel").read_bytes())
+    text.ParseFromString(
+        (ws.bundle / "Resources/TextEncoder.mlpackage/Data/com.apple.CoreML/model.mlmodel").read_bytes()
+    )
     text_ops = [op.type for b in text.mlProgram.functions["main"].block_specializations.values() for op in b.operations]
     assert "constexpr_lut_to_dense" not in text_ops
 
@@ -137,7 +145,7 @@ def test_attention_switch_rebuilds_the_unet_only(built, tmp_path):
     plan = copy.plan_json()
     stale = {i for i, e in plan.items() if e["status"] == "stale"}
     assert stale == {"rewrite:unet", "trace:unet", "convert:unet", "palettize:unet", "verify:unet", "bundle"}
-    assert "params.attention changed \"ORIGINAL\" -> \"SPLIT_EINSUM\" (attention)" in plan["rewrite:unet"]["reason"]
+    assert 'params.attention changed "ORIGINAL" -> "SPLIT_EINSUM" (attention)' in plan["rewrite:unet"]["reason"]
 
 
 def test_explain_shows_current_and_previous_key_inputs(built, tmp_path):

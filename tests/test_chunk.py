@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import PROJECT, Workspace
 from diffusers import UNet2DConditionModel
 
 from builder.coreml.package import WEIGHTS_DIR, FeatureInfo, ModelInfo, describe_mlpackage, package_size
@@ -20,7 +21,6 @@ from builder.sd.presets import get_preset
 from builder.sd.read_back import compressed_const_names
 from builder.sd.synthetic import _randomize
 from builder.stages.pipeline import build_graph
-from conftest import PROJECT, Workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -36,8 +36,11 @@ UNET_INPUTS = ["sample", "timestep", "encoder_hidden_states"]
 
 def _inputs() -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(1)
-    return (torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([981.0, 981.0]),
-            torch.randn(2, 32, 1, 77, generator=generator))
+    return (
+        torch.randn(2, 4, 16, 16, generator=generator),
+        torch.tensor([981.0, 981.0]),
+        torch.randn(2, 32, 1, 77, generator=generator),
+    )
 
 
 @pytest.mark.parametrize("attention", ["ORIGINAL", "SPLIT_EINSUM"])
@@ -121,7 +124,9 @@ def test_cut_balances_parameter_bytes():
 
 
 def test_blocks_the_steps_do_not_reproduce_are_refused():
-    config = get_preset("tiny-sd").unet | {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["ResnetDownsampleBlock2D"]}
+    config = get_preset("tiny-sd").unet | {
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["ResnetDownsampleBlock2D"]
+    }
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     with pytest.raises(ValueError, match=r"down_block_types\[3\]='ResnetDownsampleBlock2D' cannot be chunked"):
@@ -129,30 +134,39 @@ def test_blocks_the_steps_do_not_reproduce_are_refused():
 
 
 def _info(inputs, outputs):
-    return ModelInfo(inputs=[FeatureInfo(name=n, shape=s, dtype="float16") for n, s in inputs],
-                     outputs=[FeatureInfo(name=n, shape=s, dtype="float16") for n, s in outputs])
+    return ModelInfo(
+        inputs=[FeatureInfo(name=n, shape=s, dtype="float16") for n, s in inputs],
+        outputs=[FeatureInfo(name=n, shape=s, dtype="float16") for n, s in outputs],
+    )
 
 
 def test_contract_checks_chunks():
     unet_inputs = [("sample", [2, 4, 8, 8]), ("timestep", [2]), ("encoder_hidden_states", [2, 32, 1, 77])]
     models = {
-        "TextEncoder": ModelInfo(inputs=[FeatureInfo(name="input_ids", shape=[1, 77], dtype="float32")],
-                                 outputs=[FeatureInfo(name="last_hidden_state", shape=[1, 77, 32], dtype="float16")]),
+        "TextEncoder": ModelInfo(
+            inputs=[FeatureInfo(name="input_ids", shape=[1, 77], dtype="float32")],
+            outputs=[FeatureInfo(name="last_hidden_state", shape=[1, 77, 32], dtype="float16")],
+        ),
         "VAEDecoder": _info([("z", [1, 4, 8, 8])], [("image", [1, 3, 64, 64])]),
         "UnetChunk1": _info(unet_inputs, [("hidden_states", [2, 64, 2, 2]), ("skip_0", [2, 32, 8, 8])]),
-        "UnetChunk2": _info([("hidden_states", [2, 64, 2, 2]), ("skip_0", [2, 32, 8, 8]),
-                             ("encoder_hidden_states", [2, 32, 1, 77])], [("noise_pred", [2, 4, 8, 8])]),
+        "UnetChunk2": _info(
+            [("hidden_states", [2, 64, 2, 2]), ("skip_0", [2, 32, 8, 8]), ("encoder_hidden_states", [2, 32, 1, 77])],
+            [("noise_pred", [2, 4, 8, 8])],
+        ),
     }
     assert check_models("sd", models, latent_size=(8, 8), batch_size=2) == []
     wrong = dict(models)
-    wrong["UnetChunk2"] = _info([("hidden_states", [2, 64, 4, 4]), ("skip_9", [2, 32, 8, 8])],
-                                [("noise_pred", [2, 4, 4, 4])])
+    wrong["UnetChunk2"] = _info(
+        [("hidden_states", [2, 64, 4, 4]), ("skip_9", [2, 32, 8, 8])], [("noise_pred", [2, 4, 4, 4])]
+    )
     problems = check_models("sd", wrong, latent_size=(8, 8), batch_size=2)
     assert any("UnetChunk2: input hidden_states has shape [2, 64, 4, 4]" in p for p in problems)
     assert any("UnetChunk2: input skip_9 is neither" in p for p in problems)
     assert any("noise prediction" in p for p in problems)
     both = models | {"Unet": _info(unet_inputs, [("noise_pred", [2, 4, 8, 8])])}
-    assert any("ship the whole UNet or its chunks" in p for p in check_models("sd", both, latent_size=(8, 8), batch_size=2))
+    assert any(
+        "ship the whole UNet or its chunks" in p for p in check_models("sd", both, latent_size=(8, 8), batch_size=2)
+    )
     alone = {k: v for k, v in models.items() if k != "UnetChunk2"}
     problems = check_models("sd", alone, latent_size=(8, 8), batch_size=2)
     assert "missing required model Unet" in problems and any("must ship together" in p for p in problems)
@@ -163,13 +177,29 @@ def test_chunked_graph_runs_each_unet_stage_after_rewrite_per_chunk(tmp_path):
     recipe = tmp_path / "recipes" / "tiny-sd-mbp.yaml"
     recipe.write_text(recipe.read_text().replace("unet_batch_size: 2", "unet_batch_size: 2\nchunk_unet: true"))
     graph = {spec.id: spec for spec in build_graph(load_recipe(recipe, workspace=tmp_path))}
-    unet = {i for i in graph if i.startswith(("rewrite:unet", "trace:unet", "chunk:unet", "convert:unet",
-                                                "palettize:unet", "verify:unet", "compile:unet"))}
+    unet = {
+        i
+        for i in graph
+        if i.startswith(
+            (
+                "rewrite:unet",
+                "trace:unet",
+                "chunk:unet",
+                "convert:unet",
+                "palettize:unet",
+                "verify:unet",
+                "compile:unet",
+            )
+        )
+    }
     per_chunk = {f"{s}:unet.chunk{k}" for s in ("chunk", "convert", "palettize", "verify", "compile") for k in (1, 2)}
     assert unet == per_chunk | {"rewrite:unet"}
     assert graph["verify:unet.chunk2"].inputs == {
-        "rewritten": "rewrite:unet", "traced": "chunk:unet.chunk2", "first": "palettize:unet.chunk1",
-        "model": "palettize:unet.chunk2", "probe": "analyze-inputs:unet",
+        "rewritten": "rewrite:unet",
+        "traced": "chunk:unet.chunk2",
+        "first": "palettize:unet.chunk1",
+        "model": "palettize:unet.chunk2",
+        "probe": "analyze-inputs:unet",
     }
     assert "probe" not in graph["verify:unet.chunk1"].inputs
     assert {k for k in graph["bundle"].inputs if "unet" in k} == {

@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import os
-
-import pytest
-
 from conftest import Workspace
 
 VALID = (
-    "name: tiny-sd\n"                                   # 1
-    "version: 0.1.0\n"                                  # 2
-    "family: sd\n"                                      # 3
-    "model:\n"                                          # 4
-    "  synthetic: {preset: tiny-sd, seed: 0}\n"         # 5
-    "latent_size: [16, 16]\n"                           # 6
-    "attention: ORIGINAL\n"                             # 7
-    "compute_unit: CPU_AND_GPU\n"                       # 8
-    "deployment_target: macOS13\n"                      # 9
-    "components:\n"                                     # 10
-    "  text_encoder: {}\n"                              # 11
-    "  unet:\n"                                         # 12
-    "    compression: {mode: palettize, nbits: 6}\n"    # 13
-    "  vae_decoder: {}\n"                               # 14
+    "name: tiny-sd\n"  # 1
+    "version: 0.1.0\n"  # 2
+    "family: sd\n"  # 3
+    "model:\n"  # 4
+    "  synthetic: {preset: tiny-sd, seed: 0}\n"  # 5
+    "latent_size: [16, 16]\n"  # 6
+    "attention: ORIGINAL\n"  # 7
+    "compute_unit: CPU_AND_GPU\n"  # 8
+    "deployment_target: macOS13\n"  # 9
+    "components:\n"  # 10
+    "  text_encoder: {}\n"  # 11
+    "  unet:\n"  # 12
+    "    compression: {mode: palettize, nbits: 6}\n"  # 13
+    "  vae_decoder: {}\n"  # 14
 )
 
 
@@ -51,7 +46,13 @@ def test_wrong_enum_value(workspace):
 
 
 def test_nbits_five(workspace):
-    _fails(workspace, VALID.replace("nbits: 6", "nbits: 5"), "bad.yaml:13", "components.unet.compression.nbits", "1, 2, 3, 4, 6")
+    _fails(
+        workspace,
+        VALID.replace("nbits: 6", "nbits: 5"),
+        "bad.yaml:13",
+        "components.unet.compression.nbits",
+        "1, 2, 3, 4, 6",
+    )
 
 
 def test_missing_recipe_file(workspace):
@@ -66,12 +67,18 @@ def test_malformed_yaml(workspace):
 def test_path_escaping_the_workspace(workspace, tmp_path):
     outside = tmp_path / "outside-model"
     outside.mkdir()
-    text = VALID.replace("  synthetic: {preset: tiny-sd, seed: 0}", f"  local: {{path: ../../outside-model}}")
+    text = VALID.replace("  synthetic: {preset: tiny-sd, seed: 0}", "  local: {path: ../../outside-model}")
     _fails(workspace, text, "bad.yaml:5", "model.local.path", "outside the workspace")
 
 
 def test_unknown_preset_is_located(workspace):
-    _fails(workspace, VALID.replace("preset: tiny-sd", "preset: huge-sd"), "bad.yaml:5", "model.synthetic.preset", "tiny-sd")
+    _fails(
+        workspace,
+        VALID.replace("preset: tiny-sd", "preset: huge-sd"),
+        "bad.yaml:5",
+        "model.synthetic.preset",
+        "tiny-sd",
+    )
 
 
 def test_unreachable_hub_fails_in_one_located_line(workspace):
@@ -80,8 +87,14 @@ def test_unreachable_hub_fails_in_one_located_line(workspace):
         "  hub: {id: stabilityai/stable-diffusion-2-1-base, revision: 5ede9e4bf3e3fd1cb0ef2f7a3fff13ee514fdf06}",
     )
     # A host name that can never resolve, so the test means the same on a machine with network.
-    message = _fails(workspace, text, "bad.yaml:5", "model.hub.id", "cannot fetch the weights",
-                     env={"HF_ENDPOINT": "https://hub.invalid"})
+    message = _fails(
+        workspace,
+        text,
+        "bad.yaml:5",
+        "model.hub.id",
+        "cannot fetch the weights",
+        env={"HF_ENDPOINT": "https://hub.invalid"},
+    )
     assert message.count("error:") == 1
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_palettize import EMBEDDING, _convert
 
 from builder.errors import RecipeError, RecipeErrors
 from builder.recipe import load_recipe
 from builder.stages import palettize, quantize
-from test_palettize import EMBEDDING, _convert
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-sd.yaml"
 

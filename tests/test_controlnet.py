@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import Workspace, make_workspace
 
 from builder.coreml.package import describe_mlpackage
 from builder.recipe.sources import ControlNetSource
@@ -15,7 +16,6 @@ from builder.sd.contract import check_models, controlnet_name
 from builder.sd.presets import get_controlnet_preset, get_preset
 from builder.sd.psnr import psnr
 from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
-from conftest import Workspace, make_workspace
 
 RECIPE = """\
 name: tiny-sd
@@ -74,14 +74,14 @@ def _run(component: str, folder: Path, attention: str, inputs: dict | None = Non
 def test_controlnet_residuals_feed_the_controlled_unet_as_diffusers_does(folders, attention):
     pipeline, controlnet = folders
     _, control_inputs, expected, residuals = _run("controlnet", controlnet, attention)
-    assert all(psnr(got, want) > 60 for got, want in zip(residuals, expected))
+    assert all(psnr(got, want) > 60 for got, want in zip(residuals, expected, strict=False))
     # The rewritten ControlNet's residuals, by name, are exactly the controlled UNet's extra inputs.
     specs, unet_inputs, _, _ = _run("controlled_unet", pipeline, attention)
     residual_specs = [s for s in specs if s.name.startswith("additional_residual_")]
     assert [s.name for s in residual_specs] == [f"additional_residual_{i}" for i in range(len(residuals))]
     assert [s.shape for s in residual_specs] == [list(r.shape) for r in residuals]
     fed = {name: unet_inputs[name] for name in ("sample", "timestep", "encoder_hidden_states")}
-    fed |= {s.name: r for s, r in zip(residual_specs, residuals)}
+    fed |= {s.name: r for s, r in zip(residual_specs, residuals, strict=False)}
     _, _, expected_noise, noise = _run("controlled_unet", pipeline, attention, fed)
     assert psnr(noise[0], expected_noise[0]) > 60
     # The residuals matter: without them the noise prediction is another one.
@@ -115,8 +115,12 @@ def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(builds, 
     for entry in manifest["models"].values():
         assert min(entry["psnr_db"].values()) >= 35
     assert min(control["read_back_psnr_db"].values()) >= 35
-    print(attention, {name: min(e["psnr_db"].values()) for name, e in manifest["models"].items()},
-          "controlnet read-back", min(control["read_back_psnr_db"].values()))
+    print(
+        attention,
+        {name: min(e["psnr_db"].values()) for name, e in manifest["models"].items()},
+        "controlnet read-back",
+        min(control["read_back_psnr_db"].values()),
+    )
 
     bundle = ws.root / "artifacts" / "tiny-sd" / "0.1.0" / "Resources"
     if attention == "SPLIT_EINSUM":  # the last build is the one on disk
@@ -128,7 +132,9 @@ def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(builds, 
         assert {o.dtype for o in models[f"controlnet/{NAME}"].outputs} == {"float32"}
         inputs = {i.name: i.shape for i in models[f"controlnet/{NAME}"].inputs}
         assert inputs == {
-            "sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, 32, 1, 77],
+            "sample": [2, 4, 16, 16],
+            "timestep": [2],
+            "encoder_hidden_states": [2, 32, 1, 77],
             "controlnet_cond": [2, 3, 128, 128],
         }
         assert not (bundle / "Unet.mlpackage").exists()
@@ -151,18 +157,25 @@ def test_contract_check_names_residuals_that_do_not_line_up():
         return [FeatureInfo(name=n, shape=s, dtype=d) for n, s, d in items]
 
     unet = ModelInfo(
-        inputs=features(("sample", [2, 4, 16, 16], "float16"), ("timestep", [2], "float16"),
-                        ("encoder_hidden_states", [2, 32, 1, 77], "float16"),
-                        ("additional_residual_0", [2, 32, 16, 16], "float16"),
-                        ("additional_residual_1", [2, 64, 2, 2], "float16")),
+        inputs=features(
+            ("sample", [2, 4, 16, 16], "float16"),
+            ("timestep", [2], "float16"),
+            ("encoder_hidden_states", [2, 32, 1, 77], "float16"),
+            ("additional_residual_0", [2, 32, 16, 16], "float16"),
+            ("additional_residual_1", [2, 64, 2, 2], "float16"),
+        ),
         outputs=features(("noise_pred", [2, 4, 16, 16], "float16")),
     )
     control = ModelInfo(
-        inputs=features(("sample", [2, 4, 16, 16], "float16"), ("timestep", [2], "float16"),
-                        ("encoder_hidden_states", [2, 32, 1, 77], "float16"),
-                        ("controlnet_cond", [2, 3, 64, 64], "float16")),
-        outputs=features(("additional_residual_0", [2, 32, 16, 16], "float32"),
-                         ("additional_residual_1", [2, 64, 4, 4], "float16")),
+        inputs=features(
+            ("sample", [2, 4, 16, 16], "float16"),
+            ("timestep", [2], "float16"),
+            ("encoder_hidden_states", [2, 32, 1, 77], "float16"),
+            ("controlnet_cond", [2, 3, 64, 64], "float16"),
+        ),
+        outputs=features(
+            ("additional_residual_0", [2, 32, 16, 16], "float32"), ("additional_residual_1", [2, 64, 4, 4], "float16")
+        ),
     )
     problems = check_models("sd", {"ControlledUnet": unet, "controlnet/X": control}, latent_size=(16, 16), batch_size=2)
     text = "; ".join(problems)
@@ -177,21 +190,40 @@ def test_contract_check_names_residuals_that_do_not_line_up():
 @pytest.mark.parametrize(
     ("edit", "needles"),
     [
-        (lambda t: t.replace("family: sd", "family: sdxl").replace("macOS13", "macOS14").replace(
-            "  text_encoder: {}\n", "  text_encoder: {}\n  text_encoder_2: {}\n"),
-         ["bad.yaml:6", "model.controlnets", "sdxl pipeline", "bad.yaml:17", "components.controlnet"]),
-        (lambda t: t.replace("  controlnets:\n    - synthetic: {preset: tiny-sd, seed: 0}\n", ""),
-         ["components.controlnet", "model.controlnets is empty"]),
+        (
+            lambda t: (
+                t.replace("family: sd", "family: sdxl")
+                .replace("macOS13", "macOS14")
+                .replace("  text_encoder: {}\n", "  text_encoder: {}\n  text_encoder_2: {}\n")
+            ),
+            ["bad.yaml:6", "model.controlnets", "sdxl pipeline", "bad.yaml:17", "components.controlnet"],
+        ),
+        (
+            lambda t: t.replace("  controlnets:\n    - synthetic: {preset: tiny-sd, seed: 0}\n", ""),
+            ["components.controlnet", "model.controlnets is empty"],
+        ),
         (lambda t: t + "unet_batch_size: 1\n", ["bad.yaml:18", "unet_batch_size", "batch-2 UNet"]),
-        (lambda t: t.replace("    - synthetic: {preset: tiny-sd, seed: 0}\n",
-                             "    - synthetic: {preset: tiny-sd, seed: 0}\n    - synthetic: {preset: tiny-sd, seed: 0}\n"),
-         ["bad.yaml:8", "model.controlnets.1", "would both be controlnet/SyntheticTinySdSeed0"]),
-        (lambda t: t.replace("{preset: tiny-sd, seed: 0}\nlatent", "{preset: tiny-xl, seed: 0}\nlatent"),
-         ["bad.yaml:7", "model.controlnets.0.synthetic.preset", "unknown synthetic ControlNet preset 'tiny-xl'"]),
-        (lambda t: t.replace("    - synthetic: {preset: tiny-sd, seed: 0}\n", "    - {}\n"),
-         ["bad.yaml:7", "model.controlnets.0", "no source given"]),
-        (lambda t: t.replace("    - synthetic: {preset: tiny-sd, seed: 0}\n", "    - local: {path: ../weights.safetensors}\n"),
-         ["bad.yaml:7", "model.controlnets.0.local.path", "diffusers folder"]),
+        (
+            lambda t: t.replace(
+                "    - synthetic: {preset: tiny-sd, seed: 0}\n",
+                "    - synthetic: {preset: tiny-sd, seed: 0}\n    - synthetic: {preset: tiny-sd, seed: 0}\n",
+            ),
+            ["bad.yaml:8", "model.controlnets.1", "would both be controlnet/SyntheticTinySdSeed0"],
+        ),
+        (
+            lambda t: t.replace("{preset: tiny-sd, seed: 0}\nlatent", "{preset: tiny-xl, seed: 0}\nlatent"),
+            ["bad.yaml:7", "model.controlnets.0.synthetic.preset", "unknown synthetic ControlNet preset 'tiny-xl'"],
+        ),
+        (
+            lambda t: t.replace("    - synthetic: {preset: tiny-sd, seed: 0}\n", "    - {}\n"),
+            ["bad.yaml:7", "model.controlnets.0", "no source given"],
+        ),
+        (
+            lambda t: t.replace(
+                "    - synthetic: {preset: tiny-sd, seed: 0}\n", "    - local: {path: ../weights.safetensors}\n"
+            ),
+            ["bad.yaml:7", "model.controlnets.0.local.path", "diffusers folder"],
+        ),
     ],
     ids=["sdxl", "settings-without-controlnets", "batch-1", "duplicate", "unknown-preset", "no-source", "single-file"],
 )

@@ -66,7 +66,11 @@ def test_library_functions_restored() -> None:
     from coremltools.converters.mil.mil.program import Program
     from coremltools.models import model as ct_model
 
-    overflow, validate, create = FP16ComputePrecision.__dict__["fp16_overflow"], Program.validate, ct_model._create_mlpackage
+    overflow, validate, create = (
+        FP16ComputePrecision.__dict__["fp16_overflow"],
+        Program.validate,
+        ct_model._create_mlpackage,
+    )
     with faster_conversion():
         assert Program.validate is not validate and ct_model._create_mlpackage is not create
     assert FP16ComputePrecision.__dict__["fp16_overflow"] is overflow and Program.validate is validate
@@ -97,8 +101,14 @@ def test_torch_weights_released_once_read(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.trace(_Mixed().eval(), example), str(tmp_path / "m.pt"))
     module = torch.jit.load(str(tmp_path / "m.pt"))
     with faster_conversion():
-        ct.convert(module, inputs=[ct.TensorType(name="x", shape=example.shape)], convert_to="mlprogram",
-                   compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16, skip_model_load=True)
+        ct.convert(
+            module,
+            inputs=[ct.TensorType(name="x", shape=example.shape)],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=ct.target.iOS16,
+            skip_model_load=True,
+        )
     assert {name: p.numel() for name, p in module.named_parameters()} == dict.fromkeys(
         ["conv.weight", "conv.bias", "linear.weight", "linear.bias"], 0
     )
@@ -117,7 +127,11 @@ def _cast_pass_program():
 
     PASS_REGISTRY["common::add_fp16_cast"](program)
     operations = program.functions["main"].operations
-    return {op.outputs[0].name: op.outputs[0].val.dtype for op in operations if op.op_type == "const" and op.outputs[0].rank == 4}
+    return {
+        op.outputs[0].name: op.outputs[0].val.dtype
+        for op in operations
+        if op.op_type == "const" and op.outputs[0].rank == 4
+    }
 
 
 def test_cast_pass_folds_weight_at_once() -> None:

@@ -118,8 +118,18 @@ def test_external_input_content_is_part_of_the_key(tmp_path, cache):
     (source / "sub" / "w.bin").write_bytes(b"one")
 
     def graph() -> Graph:
-        return Graph([StageSpec(id="read", stage="read", version="1", function="engine_stages:log_span",
-                                params={"name": "read"}, external_inputs={"weights": source})])
+        return Graph(
+            [
+                StageSpec(
+                    id="read",
+                    stage="read",
+                    version="1",
+                    function="engine_stages:log_span",
+                    params={"name": "read"},
+                    external_inputs={"weights": source},
+                )
+            ]
+        )
 
     engine = Engine(cache, "demo")
     engine.build(graph())
@@ -164,7 +174,7 @@ def test_two_fresh_caches_give_identical_digests_and_bytes(tmp_path):
     one = Engine(tmp_path / "one", "demo").build(diamond())
     two = Engine(tmp_path / "two", "other").build(diamond())
     assert [r.digest for r in one] == [r.digest for r in two]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=False):
         files_a = sorted(p.relative_to(a.output) for p in a.output.rglob("*") if p.is_file())
         files_b = sorted(p.relative_to(b.output) for p in b.output.rglob("*") if p.is_file())
         assert files_a == files_b
@@ -203,8 +213,14 @@ def test_unavailable_stage_is_skipped_and_its_dependant_runs_without_it(cache):
 def test_failing_stage_names_itself_and_keeps_earlier_outputs(cache):
     graph = diamond()
     graph.add(
-        StageSpec(id="broken", stage="fail", version="1", function="engine_stages:fail",
-                  params={"message": "weights have the wrong shape"}, inputs={"up": "join"})
+        StageSpec(
+            id="broken",
+            stage="fail",
+            version="1",
+            function="engine_stages:fail",
+            params={"message": "weights have the wrong shape"},
+            inputs={"up": "join"},
+        )
     )
     engine = Engine(cache, "demo")
     with pytest.raises(StageFailed) as failure:
@@ -213,8 +229,14 @@ def test_failing_stage_names_itself_and_keeps_earlier_outputs(cache):
     assert "RuntimeError: weights have the wrong shape" in failure.value.message
     assert "log.txt" in failure.value.hint
     statuses = {e.id: e.status for e in engine.plan(graph)}
-    assert statuses == {"root": "cached", "left": "cached", "right": "cached", "join": "cached",
-                        "alone": "cached", "broken": "stale"}
+    assert statuses == {
+        "root": "cached",
+        "left": "cached",
+        "right": "cached",
+        "join": "cached",
+        "alone": "cached",
+        "broken": "stale",
+    }
     assert len(list((cache / "actions").glob("*.json"))) == 5
 
 
@@ -241,8 +263,13 @@ def test_gc_keeps_what_targets_reference(cache):
 
 def test_no_op_rebuild_hashes_nothing_and_is_fast(cache, monkeypatch):
     graph = Graph(
-        StageSpec(id=f"blob{i}", stage="blob", version="1", function="engine_stages:blob",
-                  params={"seed": str(i), "megabytes": 2})
+        StageSpec(
+            id=f"blob{i}",
+            stage="blob",
+            version="1",
+            function="engine_stages:blob",
+            params={"seed": str(i), "megabytes": 2},
+        )
         for i in range(20)
     )
     Engine(cache, "demo").build(graph, jobs=2)

@@ -7,9 +7,9 @@ import signal
 import sys
 from pathlib import Path
 
+import engine_stages
 import pytest
 
-import engine_stages
 from builder.engine import Engine, Graph, Heartbeat, StageSpec, WorkersReady
 from builder.errors import StageFailed, UserError
 
@@ -17,8 +17,9 @@ fork_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the
 
 
 def stage(name: str, function: str = "whoami", **params) -> StageSpec:
-    return StageSpec(id=name, stage=function, version="1", function=f"engine_stages:{function}",
-                     params={"name": name} | params)
+    return StageSpec(
+        id=name, stage=function, version="1", function=f"engine_stages:{function}", params={"name": name} | params
+    )
 
 
 def three() -> Graph:
@@ -84,7 +85,9 @@ def test_a_dead_zygote_fails_the_running_stage_and_names_itself(tmp_path, monkey
         if isinstance(event, Heartbeat) and (control / "pid").exists() and (control / "parent").exists():
             os.kill(int((control / "parent").read_text()), signal.SIGKILL)
 
-    with pytest.raises(StageFailed, match=r"(?s)stage held was killed by SIGKILL.*zygote process that forks workers exited"):
+    with pytest.raises(
+        StageFailed, match=r"(?s)stage held was killed by SIGKILL.*zygote process that forks workers exited"
+    ):
         Engine(tmp_path / "cache", "held").build(engine_stages.held_graph(control), jobs=1, on_event=kill_zygote)
 
 

@@ -34,7 +34,9 @@ _PROBE = textwrap.dedent("""
 
 
 def _own_mappings(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(PROJECT), mode], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(PROJECT), mode], capture_output=True, text=True, check=True
+    )
     return int(done.stdout)
 
 

@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import engine_stages
 import pytest
 
-import engine_stages
 from builder.engine import GIB, Engine, Graph, Heartbeat, StageFinished, StageSpec, StageStarted
 from builder.errors import StageFailed, UserError
 
@@ -139,8 +139,14 @@ def pair(control: Path, function: str, estimate: int, journal: Path | None = Non
         params = {"control": str(control), "name": name, "peer": peer}
         if journal:
             params["journal"] = str(journal)
-        return StageSpec(id=name, stage=function, version="1", function=f"engine_stages:{function}",
-                         params=params, memory_estimate_bytes=estimate)
+        return StageSpec(
+            id=name,
+            stage=function,
+            version="1",
+            function=f"engine_stages:{function}",
+            params=params,
+            memory_estimate_bytes=estimate,
+        )
 
     return Graph([stage("a", "b"), stage("b", "a")])
 
@@ -168,6 +174,16 @@ def test_memory_budget_serialises_stages_that_do_not_fit_together(tmp_path, cont
 
 
 def test_stage_larger_than_the_budget_still_runs_alone(tmp_path, control):
-    graph = Graph([StageSpec(id="huge", stage="s", version="1", function="engine_stages:log_span",
-                             params={"name": "huge"}, memory_estimate_bytes=64 * GIB)])
+    graph = Graph(
+        [
+            StageSpec(
+                id="huge",
+                stage="s",
+                version="1",
+                function="engine_stages:log_span",
+                params={"name": "huge"},
+                memory_estimate_bytes=64 * GIB,
+            )
+        ]
+    )
     assert Engine(tmp_path / "cache", "huge").build(graph, memory_budget_bytes=GIB)[0].status == "built"

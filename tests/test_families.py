@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import rewrite_and_trace
 
 ATTENTIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
@@ -38,7 +37,9 @@ def test_unet_matches_diffusers(pipelines, preset, attention, tmp_path):
     assert summary["psnr_db"]["noise_pred"] >= 35, summary
     width = 32 if preset == "tiny-sd" else 48
     assert {s["name"]: s["shape"] for s in architecture["inputs"]} == {
-        "sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, width, 1, 77],
+        "sample": [2, 4, 16, 16],
+        "timestep": [2],
+        "encoder_hidden_states": [2, width, 1, 77],
     }
     assert architecture["config"]["use_linear_projection"] is (preset == "tiny-sd2")
 

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import make_workspace, resource_bytes
 
 
@@ -18,10 +17,20 @@ from conftest import make_workspace, resource_bytes
 def test_sigkill_mid_stage_then_resume_matches_a_clean_build(built, tmp_path):
     reference_ws, _ = built
     ws = make_workspace(tmp_path / "ws")
-    command = [sys.executable, "-m", "builder.cli", "--workspace", str(ws.root), "--cache-dir", str(ws.cache),
-               "build", "recipes/tiny-sd.yaml"]
-    build = subprocess.Popen(command, cwd=ws.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "builder.cli",
+        "--workspace",
+        str(ws.root),
+        "--cache-dir",
+        str(ws.cache),
+        "build",
+        "recipes/tiny-sd.yaml",
+    ]
+    build = subprocess.Popen(
+        command, cwd=ws.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     # Wait until the UNet conversion is running, then kill the whole build, workers included.
     deadline = time.monotonic() + 300
     tmp = ws.cache / "tmp"

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from builder.coreml.palettize import palettize_package, read_back_weights
+from builder.coreml.palettize import float_weight_ops, palettize_package, read_back_weights
 from builder.errors import RecipeError
 from builder.sd.mbp.analysis import Probe, ProbeSettings, measure_layers, search_candidates, write_probe_inputs
-from builder.coreml.palettize import float_weight_ops
 from builder.sd.mbp.layers import conversion_layers, op_names
 from builder.sd.mbp.recipe_file import (
     MbpRecipe,
@@ -27,7 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 THRESHOLD = 2048
 SETTINGS = ProbeSettings(prompts=("a red bicycle",), steps=1)
-
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +42,11 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     settings = {"component": "unet", "attention": "SPLIT_EINSUM", "latent_size": [16, 16], "batch_size": 2}
     rewrite.run({"model": folders["source"]}, settings, folders["rewritten"])
     trace.run({"rewritten": folders["rewritten"]}, {"component": "unet"}, folders["traced"])
-    convert.run({"traced": folders["traced"], "rewritten": folders["rewritten"]},
-                {"component": "unet", "deployment_target": "macOS13"}, folders["converted"])
+    convert.run(
+        {"traced": folders["traced"], "rewritten": folders["rewritten"]},
+        {"component": "unet", "deployment_target": "macOS13"},
+        folders["converted"],
+    )
     write_probe_inputs(folders["source"], "sd", (16, 16), 4, SETTINGS, root / "probe")
     return folders | {"probe": root / "probe", "package": folders["converted"] / "model.mlpackage"}
 
@@ -60,8 +60,9 @@ def _probe(tiny: dict[str, Path]) -> tuple[Probe, list]:
 def test_every_layer_maps_to_exactly_one_weight_op_and_back(tiny: dict[str, Path]) -> None:
     layers = conversion_layers(tiny["rewritten"], THRESHOLD)
     mapping = op_names(layers, tiny["package"])
-    palettizable_ops = {name for name, shape in float_weight_ops(tiny["package"])
-                        if len(shape) > 1 and np.prod(shape) > THRESHOLD}
+    palettizable_ops = {
+        name for name, shape in float_weight_ops(tiny["package"]) if len(shape) > 1 and np.prod(shape) > THRESHOLD
+    }
     assert len(layers) > 50 and set(mapping) == {layer.identity for layer in layers}
     assert sorted(mapping.values()) == sorted(palettizable_ops)  # one op per layer, none left over
 
@@ -79,7 +80,7 @@ def test_a_layer_loses_less_with_more_bits(tiny: dict[str, Path]) -> None:
     sensitivity = measure_layers(probe, chosen)
     for identity, scores in sensitivity.items():
         widths = sorted(scores)
-        assert all(scores[a] < scores[b] for a, b in zip(widths, widths[1:])), (identity, scores)
+        assert all(scores[a] < scores[b] for a, b in zip(widths, widths[1:], strict=False)), (identity, scores)
     assert probe.evaluations == 1 + 5 * len(chosen)  # the reference, then one step per configuration
 
 
@@ -103,8 +104,13 @@ def test_candidates_meet_their_targets_and_cost_fewer_bits_when_lower(tiny: dict
 
 
 def test_recipe_file_round_trip(tmp_path: Path) -> None:
-    recipe = MbpRecipe(model="tiny-sd UNet", target_psnr_db=40, psnr_db=40.3, default_nbits=6,
-                       layers={"unet.conv_in.weight": None, "unet.mid_block.resnets.0.conv1.weight": 2})
+    recipe = MbpRecipe(
+        model="tiny-sd UNet",
+        target_psnr_db=40,
+        psnr_db=40.3,
+        default_nbits=6,
+        layers={"unet.conv_in.weight": None, "unet.mid_block.resnets.0.conv1.weight": 2},
+    )
     write_recipe_file(recipe, tmp_path / "r.yaml")
     assert load_recipe_file(tmp_path / "r.yaml") == recipe
 
@@ -152,19 +158,24 @@ def test_apple_preanalysis_imports_by_module_path(tmp_path: Path) -> None:
         "mid_block.resnets.0.conv1": "unet.mid_block.resnets.0.conv1.weight",
     }
     single = {"metadata": {"nbits": 1, "out_ngroups": 1, "in_ngroups": 1, "cumulative": False}} | {
-        name: [30.1, 29.8] for name in [*names, "add_embedding.linear_1"]}
+        name: [30.1, 29.8] for name in [*names, "add_embedding.linear_1"]
+    }
     analysis = {
         "single_layer": {"1": single},
-        "cumulative": {"1": single | {"metadata": single["metadata"] | {"candidates": list(names), "sizes": [1, 2, 3]}}},
+        "cumulative": {
+            "1": single | {"metadata": single["metadata"] | {"candidates": list(names), "sizes": [1, 2, 3]}}
+        },
         "model_version": "stabilityai/stable-diffusion-2-1-base",
         "baselines": {"original": 80.2, "linear_8bit": 60.1, "recipe_3.50_bit_mixedpalette": 61.4},
-        "recipes": {"recipe_3.50_bit_mixedpalette": dict(zip(names, (2, 16, 4))) | {"add_embedding.linear_1": 6}},
+        "recipes": {
+            "recipe_3.50_bit_mixedpalette": dict(zip(names, (2, 16, 4), strict=False)) | {"add_embedding.linear_1": 6}
+        },
     }
     path = tmp_path / "sd21_palettization_recipe.json"
     path.write_text(json.dumps(analysis))
     imported = import_apple_preanalysis(path, names.values())
     recipe = imported.recipes["recipe_3.50_bit_mixedpalette"]
-    assert recipe.layers == dict(zip(names.values(), (2, None, 4)))
+    assert recipe.layers == dict(zip(names.values(), (2, None, 4), strict=False))
     assert (recipe.psnr_db, recipe.bits_per_weight) == (61.4, 3.5)
     assert imported.unmapped == ["add_embedding.linear_1"]
 
@@ -179,13 +190,33 @@ def test_analysis_graph_builds_and_resumes_from_cache(tmp_path: Path) -> None:
     from builder.engine.spec import Graph, StageSpec
     from builder.stages.analyze import analysis_stages
 
-    source = StageSpec(id="source", stage="source", version="1", function="builder.stages.source:run",
-                       params={"kind": "synthetic", "preset": "tiny-sd", "seed": 0})
-    rewrite = StageSpec(id="rewrite:unet", stage="rewrite", version="1", function="builder.stages.rewrite:run",
-                        params={"component": "unet", "attention": "SPLIT_EINSUM", "latent_size": [16, 16], "batch_size": 2},
-                        inputs={"model": "source"})
-    analysis = analysis_stages(rewritten="rewrite:unet", model="source", description="tiny-sd UNet", tools={}, family="sd",
-                               memory_estimate_bytes=1 << 30, chunks=2, probe=SETTINGS, nbits=(1,), targets_db=(50.0,))
+    source = StageSpec(
+        id="source",
+        stage="source",
+        version="1",
+        function="builder.stages.source:run",
+        params={"kind": "synthetic", "preset": "tiny-sd", "seed": 0},
+    )
+    rewrite = StageSpec(
+        id="rewrite:unet",
+        stage="rewrite",
+        version="1",
+        function="builder.stages.rewrite:run",
+        params={"component": "unet", "attention": "SPLIT_EINSUM", "latent_size": [16, 16], "batch_size": 2},
+        inputs={"model": "source"},
+    )
+    analysis = analysis_stages(
+        rewritten="rewrite:unet",
+        model="source",
+        description="tiny-sd UNet",
+        tools={},
+        family="sd",
+        memory_estimate_bytes=1 << 30,
+        chunks=2,
+        probe=SETTINGS,
+        nbits=(1,),
+        targets_db=(50.0,),
+    )
     graph = Graph([source, rewrite, *analysis])
     engine = Engine(tmp_path / "cache", "analysis")
     first = {r.id: r for r in engine.build(graph, jobs=2)}

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import yaml
-
 from conftest import Workspace, make_workspace
 
 MBP_RECIPE = "recipes/tiny-sd-mbp.yaml"
@@ -28,7 +27,9 @@ def test_read_back_psnr_falls_with_fewer_bits_and_sizes_match(compressed):
     figures = {}
     for nbits in (8, 6, 4):
         recipe = ws.root / "recipes" / f"tiny-sd-{nbits}bit.yaml"
-        recipe.write_text(default.replace("name: tiny-sd", f"name: tiny-sd-{nbits}bit").replace("nbits: 6", f"nbits: {nbits}"))
+        recipe.write_text(
+            default.replace("name: tiny-sd", f"name: tiny-sd-{nbits}bit").replace("nbits: 6", f"nbits: {nbits}")
+        )
         ws.build_json(f"recipes/tiny-sd-{nbits}bit.yaml")
         unet = _unet(ws, f"tiny-sd-{nbits}bit")
         shipped = ws.root / "artifacts" / f"tiny-sd-{nbits}bit" / "latest" / "Resources" / unet["path"]
@@ -77,8 +78,11 @@ def test_apple_preanalysis_json_becomes_recipe_files(built, tmp_path):
     reference, _ = built
     ws = make_workspace(tmp_path / "ws")
     ws.cache = reference.cache  # the rewritten UNet is cached there
-    layers = {"mid_block.resnets.0.conv1": 4, "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q": 2,
-              "not_in_this_model.linear": 6}
+    layers = {
+        "mid_block.resnets.0.conv1": 4,
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q": 2,
+        "not_in_this_model.linear": 6,
+    }
     apple = {
         "single_layer": {"1": {"metadata": {"nbits": 1}} | {name: [30.0] for name in layers}},
         "cumulative": {"1": {"metadata": {"nbits": 1, "candidates": list(layers), "sizes": [1, 2, 3]}}},

@@ -69,7 +69,9 @@ def _reference(src: Path, out: Path, nbits: int, **config) -> Path:
 
     model = ct.models.MLModel(str(src), skip_model_load=True)
     op_config = OpPalettizerConfig(nbits=nbits, mode="kmeans", weight_threshold=2048, **config)
-    palettize_weights(model, OptimizationConfig(global_config=op_config, op_type_configs={"gather": None})).save(str(out))
+    palettize_weights(model, OptimizationConfig(global_config=op_config, op_type_configs={"gather": None})).save(
+        str(out)
+    )
     return out
 
 
@@ -95,7 +97,11 @@ def _structure(package: Path) -> tuple[Counter, list]:
                     luts.append(
                         (op.outputs[0].name,)
                         + tuple(
-                            (k, MIL_pb2.DataType.Name(v.type.tensorType.dataType), [d.constant.size for d in v.type.tensorType.dimensions])
+                            (
+                                k,
+                                MIL_pb2.DataType.Name(v.type.tensorType.dataType),
+                                [d.constant.size for d in v.type.tensorType.dimensions],
+                            )
                             for k, v in sorted(values.items())
                         )
                     )
@@ -104,7 +110,9 @@ def _structure(package: Path) -> tuple[Counter, list]:
 
 def _digest(package: Path) -> str:
     files = sorted(p for p in package.rglob("*") if p.is_file())
-    return hashlib.sha256(b"".join(p.relative_to(package).as_posix().encode() + p.read_bytes() for p in files)).hexdigest()
+    return hashlib.sha256(
+        b"".join(p.relative_to(package).as_posix().encode() + p.read_bytes() for p in files)
+    ).hexdigest()
 
 
 @pytest.mark.parametrize("nbits", [8, 6, 4, 2])
@@ -137,7 +145,9 @@ def test_report_matches_read_back(float16: Path, tmp_path: Path) -> None:
 
 def test_error_falls_with_more_bits(float16: Path, tmp_path: Path) -> None:
     errors = [
-        reconstruction_errors(_ours(float16, tmp_path / f"{nbits}.mlpackage", nbits=nbits), float16)["conv_weight_to_fp16"]
+        reconstruction_errors(_ours(float16, tmp_path / f"{nbits}.mlpackage", nbits=nbits), float16)[
+            "conv_weight_to_fp16"
+        ]
         for nbits in (1, 2, 3, 4, 6, 8)
     ]
     assert errors == sorted(errors, reverse=True) and errors[-1] > 0
@@ -145,7 +155,9 @@ def test_error_falls_with_more_bits(float16: Path, tmp_path: Path) -> None:
 
 def test_bytes_do_not_depend_on_workers_or_run(float16: Path, tmp_path: Path) -> None:
     digests = {
-        _digest(palettize_package(float16, tmp_path / name, PalettizeOptions(nbits=6), workers=workers) and tmp_path / name)
+        _digest(
+            palettize_package(float16, tmp_path / name, PalettizeOptions(nbits=6), workers=workers) and tmp_path / name
+        )
         for name, workers in (("one.mlpackage", 1), ("two.mlpackage", 2), ("again.mlpackage", 2))
     }
     assert len(digests) == 1
@@ -178,7 +190,10 @@ def test_ios18_form_matches_coremltools(float16_ios18: Path, tmp_path: Path, gra
     reference = _reference(float16_ios18, tmp_path / "reference.mlpackage", 4, **config)
     # Only the LUT ops: re-running the pass pipeline also rewrites iOS18 gather index handling.
     assert _structure(ours)[1] == _structure(reference)[1]
-    ours_errors, reference_errors = reconstruction_errors(ours, float16_ios18), reconstruction_errors(reference, float16_ios18)
+    ours_errors, reference_errors = (
+        reconstruction_errors(ours, float16_ios18),
+        reconstruction_errors(reference, float16_ios18),
+    )
     for name, error in ours_errors.items():
         assert error <= reference_errors[name] * (1 + 1e-6) + 1e-12, name
 

@@ -71,7 +71,7 @@ def replace_line(text: str, start: str, new: str) -> str:
     """`text` with its line starting with `start` replaced by `new` (line numbers kept)."""
     lines = text.splitlines()
     index = next(i for i, line in enumerate(lines) if line.startswith(start))
-    return "\n".join([*lines[:index], new, *lines[index + 1:]]) + "\n"
+    return "\n".join([*lines[:index], new, *lines[index + 1 :]]) + "\n"
 
 
 def errors(tmp_path: Path, text: str, name: str = "r.yaml") -> list[RecipeError]:
@@ -129,11 +129,19 @@ def test_recipe_is_frozen(tmp_path: Path) -> None:
 
 def test_recipe_can_be_built_without_a_file_and_pickled() -> None:
     """Later layers build recipes in code and send them to worker processes."""
-    recipe = Recipe.model_validate({
-        "name": "direct", "version": "1.2.3", "family": "sd", "model": {"synthetic": {"preset": "tiny-sd"}},
-        "image_size": [64, 64], "attention": "SPLIT_EINSUM", "compute_unit": "CPU_AND_NE",
-        "deployment_target": "iOS16", "components": {"text_encoder": {}, "unet": {}, "vae_decoder": {}},
-    })
+    recipe = Recipe.model_validate(
+        {
+            "name": "direct",
+            "version": "1.2.3",
+            "family": "sd",
+            "model": {"synthetic": {"preset": "tiny-sd"}},
+            "image_size": [64, 64],
+            "attention": "SPLIT_EINSUM",
+            "compute_unit": "CPU_AND_NE",
+            "deployment_target": "iOS16",
+            "components": {"text_encoder": {}, "unet": {}, "vae_decoder": {}},
+        }
+    )
     assert recipe.latent_size == (8, 8)
     assert pickle.loads(pickle.dumps(recipe)) == recipe  # ok: round-trips our own object, no untrusted data
 
@@ -154,7 +162,9 @@ def test_digest_ignores_formatting_and_comments_but_not_values(tmp_path: Path) -
 
 def test_image_size_and_latent_size_are_the_same_recipe(tmp_path: Path) -> None:
     by_latents = load_recipe(write(tmp_path, "a.yaml", SD), tmp_path)
-    by_pixels = load_recipe(write(tmp_path, "b.yaml", SD.replace("latent_size: [16, 16]", "image_size: [128, 128]")), tmp_path)
+    by_pixels = load_recipe(
+        write(tmp_path, "b.yaml", SD.replace("latent_size: [16, 16]", "image_size: [128, 128]")), tmp_path
+    )
     assert by_pixels.recipe.latent_size == (16, 16)
     assert by_pixels.recipe.image_size == (128, 128)
     assert by_pixels.digest == by_latents.digest
@@ -179,7 +189,10 @@ def test_null_component_is_not_built(tmp_path: Path) -> None:
 
 def test_extends_overrides_and_deep_merges(tmp_path: Path) -> None:
     write(tmp_path, "recipes/base.yaml", SD)
-    child = write(tmp_path, "recipes/variant.yaml", """\
+    child = write(
+        tmp_path,
+        "recipes/variant.yaml",
+        """\
 extends: base.yaml
 name: tiny-sd-v2
 latent_size: [64, 64]
@@ -188,7 +201,8 @@ components:
   unet:
     compression: {mode: palettize, nbits: 4}
   vae_encoder: {}
-""")
+""",
+    )
     loaded = load_recipe(child, tmp_path)
     recipe = loaded.recipe
     assert recipe.name == "tiny-sd-v2" and recipe.version == "0.1.0"
@@ -196,7 +210,10 @@ components:
     assert recipe.components.unet.compression.nbits == 4
     # merged key by key: the base's components survive next to the child's
     assert set(recipe.components.enabled()) == {
-        Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER,
+        Component.TEXT_ENCODER,
+        Component.UNET,
+        Component.VAE_DECODER,
+        Component.VAE_ENCODER,
     }
     assert loaded.files == (child, tmp_path / "recipes/base.yaml")
     assert loaded.origin("components.unet.compression.nbits") == "recipes/variant.yaml:7"
@@ -320,7 +337,9 @@ def test_local_vae_path_is_checked_too(tmp_path: Path) -> None:
 
 
 def test_hub_revision_must_be_a_pinned_commit(tmp_path: Path) -> None:
-    text = SDXL.replace(f"stable-diffusion-xl-base-1.0, revision: {COMMIT}", "stable-diffusion-xl-base-1.0, revision: main")
+    text = SDXL.replace(
+        f"stable-diffusion-xl-base-1.0, revision: {COMMIT}", "stable-diffusion-xl-base-1.0, revision: main"
+    )
     error = only_error(tmp_path, text)
     assert_located(error, "r.yaml", 5, "model.hub.revision")
     assert "pin the commit" in error.hint and "40-hex" in error.hint
@@ -424,7 +443,12 @@ def test_sdxl_rules_report_every_violation(tmp_path: Path) -> None:
     text = replace_line(SDXL, "deployment_target:", "deployment_target: macOS13")
     text = text.replace("  text_encoder_2: {}\n", "  safety_checker: {}\n") + "unet_batch_size: 1\n"
     found = {e.field: e for e in errors(tmp_path, text)}
-    assert set(found) == {"unet_batch_size", "deployment_target", "components.safety_checker", "components.text_encoder_2"}
+    assert set(found) == {
+        "unet_batch_size",
+        "deployment_target",
+        "components.safety_checker",
+        "components.text_encoder_2",
+    }
     assert_located(found["unet_batch_size"], "r.yaml", 16, "unet_batch_size")
     assert_located(found["deployment_target"], "r.yaml", 10, "deployment_target")
     assert_located(found["components.safety_checker"], "r.yaml", 13, "components.safety_checker")
@@ -471,7 +495,9 @@ def test_unknown_nested_field_suggests_within_its_tagged_mapping(tmp_path: Path)
 
 
 def test_unknown_field_without_a_close_name_lists_the_allowed_ones(tmp_path: Path) -> None:
-    error = only_error(tmp_path, SD.replace("  synthetic: {preset: tiny-sd, seed: 0}", "  synthetic: {preset: tiny-sd, zzz: 0}"))
+    error = only_error(
+        tmp_path, SD.replace("  synthetic: {preset: tiny-sd, seed: 0}", "  synthetic: {preset: tiny-sd, zzz: 0}")
+    )
     assert_located(error, "r.yaml", 5, "model.synthetic.zzz")
     assert error.hint == "remove it; allowed here: preset, seed"
 
@@ -508,10 +534,14 @@ def test_unquoted_number_for_text_field(tmp_path: Path) -> None:
 
 
 def test_several_problems_are_reported_together_in_line_order(tmp_path: Path) -> None:
-    text = SD.replace("family: sd", "family: sd3").replace("nbits: 6", "nbits: 5").replace("name: tiny-sd", "name: Tiny")
+    text = (
+        SD.replace("family: sd", "family: sd3").replace("nbits: 6", "nbits: 5").replace("name: tiny-sd", "name: Tiny")
+    )
     found = errors(tmp_path, text)
     assert [(e.line, e.field) for e in found] == [
-        (1, "name"), (3, "family"), (13, "components.unet.compression.nbits"),
+        (1, "name"),
+        (3, "family"),
+        (13, "components.unet.compression.nbits"),
     ]
     with pytest.raises(RecipeErrors) as raised:
         load_recipe(tmp_path / "r.yaml", tmp_path)

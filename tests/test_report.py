@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_workspace, run_stages_in_process
 from PIL import Image
 from pydantic import ValidationError
 
@@ -21,7 +22,6 @@ from builder.recipe import load_recipe
 from builder.report import Candidate, load_candidates, load_read_back_unet, verify_read_back, write_report
 from builder.report.plot import psnr_vs_size_figure
 from builder.stages.pipeline import build_graph
-from conftest import make_workspace, run_stages_in_process
 
 UNET_COMPRESSION = {
     "6": "compression: {mode: palettize, nbits: 6}",
@@ -98,8 +98,15 @@ def test_report_writes_table_plot_and_side_by_side_images_deterministically(bund
     options = dict(pipeline=bundles["pipeline"], candidates=candidates, prompts=["a red apple"], seeds=[0, 1], steps=6)
 
     report = write_report(bundle, **options)
-    first = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted((bundle / "report").rglob("*")) if p.is_file()}
-    assert set(first) == {"report/report.md", "report/psnr_vs_size.png", "report/images/0-0.png", "report/images/0-1.png"}
+    first = {
+        p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted((bundle / "report").rglob("*")) if p.is_file()
+    }
+    assert set(first) == {
+        "report/report.md",
+        "report/psnr_vs_size.png",
+        "report/images/0-0.png",
+        "report/images/0-1.png",
+    }
     text = report.read_text()
     for model in ("TextEncoder", "Unet", "VAEDecoder"):
         assert f"| {model} |" in text
@@ -113,5 +120,7 @@ def test_report_writes_table_plot_and_side_by_side_images_deterministically(bund
         plot.verify()
 
     write_report(bundle, **options)
-    again = {p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted((bundle / "report").rglob("*")) if p.is_file()}
+    again = {
+        p.relative_to(bundle).as_posix(): p.read_bytes() for p in sorted((bundle / "report").rglob("*")) if p.is_file()
+    }
     assert again == first

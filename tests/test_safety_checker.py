@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import Workspace
 
 from builder.coreml.package import describe_mlpackage
 from builder.sd.components import KINDS, ComponentShape, examples_for
@@ -13,7 +14,6 @@ from builder.sd.contract import check_models
 from builder.sd.presets import get_preset
 from builder.sd.psnr import psnr
 from builder.sd.synthetic import write_synthetic_pipeline
-from conftest import Workspace
 
 RECIPE = """\
 name: tiny-sd

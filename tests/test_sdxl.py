@@ -8,12 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import Workspace, make_workspace, rewrite_and_trace
 
 from builder.coreml.package import describe_mlpackage
 from builder.errors import RecipeError, RecipeErrors, UserError
 from builder.recipe import load_recipe
 from builder.sd.contract import check_models
-from conftest import Workspace, make_workspace, rewrite_and_trace
 
 ATTENTIONS = ("ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2")
 MODELS = ("TextEncoder", "TextEncoder2", "Unet", "UnetRefiner", "VAEDecoder", "VAEEncoder")
@@ -44,8 +44,11 @@ def test_sdxl_unets_match_diffusers_for_every_attention(pipelines, attention, tm
         assert summary["psnr_db"]["noise_pred"] >= 35, (component, summary)
         shapes = {spec["name"]: spec["shape"] for spec in architecture["inputs"]}
         assert shapes == {
-            "sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, width, 1, 77],
-            "text_embeds": [2, 48], "time_ids": [2, time_ids],
+            "sample": [2, 4, 16, 16],
+            "timestep": [2],
+            "encoder_hidden_states": [2, width, 1, 77],
+            "text_embeds": [2, 48],
+            "time_ids": [2, time_ids],
         }
         # The extra inputs are really used: changing either changes the prediction.
         module, _ = load_conversion_module(tmp_path / f"rewrite-{component}-{attention}")
@@ -105,8 +108,15 @@ def test_legacy_eos_token_id_pools_like_transformers(one_torch_thread):
     from builder.sd.modules import TextEncoderXLModule
 
     config = CLIPTextConfig(
-        vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        projection_dim=8, eos_token_id=2, bos_token_id=0, pad_token_id=1,
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=8,
+        eos_token_id=2,
+        bos_token_id=0,
+        pad_token_id=1,
     )
     torch.manual_seed(0)
     clip = CLIPTextModelWithProjection._from_config(config, attn_implementation="eager").eval()
@@ -186,8 +196,12 @@ def test_tiny_sdxl_manifest(sdxl_built):
     assert models["UnetRefiner"]["component"] == "unet_refiner"
     # SDXL's own VAE overflows in float16: without model.vae it is converted in float32.
     assert {n: m["precision"] for n, m in models.items()} == {
-        "TextEncoder": "float16", "TextEncoder2": "float16", "Unet": "float16", "UnetRefiner": "float16",
-        "VAEDecoder": "float32", "VAEEncoder": "float32",
+        "TextEncoder": "float16",
+        "TextEncoder2": "float16",
+        "Unet": "float16",
+        "UnetRefiner": "float16",
+        "VAEDecoder": "float32",
+        "VAEEncoder": "float32",
     }
     assert models["VAEDecoder"]["inputs"][0]["dtype"] == "float32"
     assert models["VAEDecoder"]["bits_per_weight"] == 32.0 and models["TextEncoder2"]["bits_per_weight"] == 16.0
@@ -228,8 +242,13 @@ def test_a_local_replacement_vae_converts_in_float16_and_rebuilds_only_the_vae(s
     plan = ws.plan_json("recipes/tiny-sdxl-vae.yaml")
     stale = {stage for stage, entry in plan.items() if entry["status"] == "stale"}
     assert stale == {
-        "rewrite:vae_decoder", "trace:vae_decoder", "convert:vae_decoder",
-        "rewrite:vae_encoder", "trace:vae_encoder", "convert:vae_encoder", "bundle",
+        "rewrite:vae_decoder",
+        "trace:vae_decoder",
+        "convert:vae_decoder",
+        "rewrite:vae_encoder",
+        "trace:vae_encoder",
+        "convert:vae_encoder",
+        "bundle",
     }, plan
     ws.build_json("recipes/tiny-sdxl-vae.yaml")
     manifest = json.loads((_bundle(ws, "tiny-sdxl-vae") / "manifest.json").read_text())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_workspace, run_stages_in_process
 
 from builder.engine.spec import Graph
 from builder.recipe import load_recipe
@@ -23,7 +24,6 @@ from builder.sd.mbp.recipe_file import load_recipe_file
 from builder.stages.analyze import analysis_stages
 from builder.stages.pipeline import build_graph
 from builder.stages.trace import load_conversion_module
-from conftest import make_workspace, run_stages_in_process
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,8 +56,17 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     recipe = ws.root / "recipes" / "float16.yaml"
     recipe.write_text(RECIPE.replace("COMPRESSION", "{mode: float16}"))
     full = build_graph(load_recipe(recipe, workspace=ws.root))
-    stages = analysis_stages(rewritten="rewrite:unet", model="source", description="tiny-sdxl UNet", tools={},
-                             memory_estimate_bytes=1 << 30, family="sdxl", chunks=1, nbits=(2,), targets_db=(TARGET_DB,))
+    stages = analysis_stages(
+        rewritten="rewrite:unet",
+        model="source",
+        description="tiny-sdxl UNet",
+        tools={},
+        memory_estimate_bytes=1 << 30,
+        family="sdxl",
+        chunks=1,
+        nbits=(2,),
+        targets_db=(TARGET_DB,),
+    )
     work = ws.root / "work"
     work.mkdir()
     done: dict = {}
@@ -87,11 +96,18 @@ def test_the_workload_conditions_the_unet_as_diffusers_sdxl_does(analysed, tmp_p
         zeros = pipe.config.force_zeros_for_empty_prompt
         assert zeros == (pipeline == source)
         assert bool(negative.abs().sum() == 0) == zeros
-        time_ids = pipe._get_add_time_ids((128, 128), (0, 0), (128, 128), torch.float32,
-                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        time_ids = pipe._get_add_time_ids(
+            (128, 128),
+            (0, 0),
+            (128, 128),
+            torch.float32,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        )
         hidden = ours["encoder_hidden_states"]
         assert hidden.shape == (4, 96, 1, 77)  # unconditional half first; text_encoder 32 + text_encoder_2 64
-        torch.testing.assert_close(hidden.squeeze(2).transpose(1, 2), torch.cat([negative, embeds]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            hidden.squeeze(2).transpose(1, 2), torch.cat([negative, embeds]), rtol=1e-4, atol=1e-4
+        )
         torch.testing.assert_close(ours["text_embeds"], torch.cat([negative_pooled, pooled]), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ours["time_ids"], time_ids.expand(4, 6))
 
@@ -138,7 +154,9 @@ def test_mixed_recipe_palettizes_and_verifies_the_unet(mixed):
     done = mixed
     check = json.loads((done["verify:unet"] / "check.json").read_text())
     mixed = check["mixed_bit"]
-    assert mixed["predicted_psnr_db"] >= TARGET_DB and abs(mixed["achieved_psnr_db"] - mixed["predicted_psnr_db"]) <= 0.5
+    assert (
+        mixed["predicted_psnr_db"] >= TARGET_DB and abs(mixed["achieved_psnr_db"] - mixed["predicted_psnr_db"]) <= 0.5
+    )
     assert 0 < check["read_back_psnr_db"]["noise_pred"] < 100  # really compressed
     widths = {w["nbits"] for w in json.loads((done["palettize:unet"] / "report.json").read_text())["weights"]}
     assert widths == {2, None}
@@ -150,8 +168,14 @@ def test_report_on_the_mixed_sdxl_bundle(analysed, mixed):
     from builder.report import write_report
 
     bundle = mixed["bundle"]
-    report = write_report(bundle, pipeline=mixed["source"], candidates=analysed["outputs"]["analyze:unet"] / "candidates.json",
-                          prompts=["a red apple"], seeds=[0], steps=2)
+    report = write_report(
+        bundle,
+        pipeline=mixed["source"],
+        candidates=analysed["outputs"]["analyze:unet"] / "candidates.json",
+        prompts=["a red apple"],
+        seeds=[0],
+        steps=2,
+    )
     text = report.read_text()
     for model in ("TextEncoder", "TextEncoder2", "Unet", "VAEDecoder"):
         assert f"| {model} |" in text
@@ -174,9 +198,19 @@ def refiner(analysed) -> str:
     recipe = ws.root / "recipes" / "refiner.yaml"
     recipe.write_text(text + "  unet_refiner: {}\n")
     full = build_graph(load_recipe(recipe, workspace=ws.root))
-    stages = analysis_stages(rewritten="rewrite:unet_refiner", model="source-refiner", description="tiny-sdxl refiner",
-                             tools={}, memory_estimate_bytes=1 << 30, family="sdxl", component="unet_refiner", chunks=1,
-                             probe=ProbeSettings(prompts=("a red bicycle",), steps=1), nbits=(2,), targets_db=(REFINER_TARGET_DB,))
+    stages = analysis_stages(
+        rewritten="rewrite:unet_refiner",
+        model="source-refiner",
+        description="tiny-sdxl refiner",
+        tools={},
+        memory_estimate_bytes=1 << 30,
+        family="sdxl",
+        component="unet_refiner",
+        chunks=1,
+        probe=ProbeSettings(prompts=("a red bicycle",), steps=1),
+        nbits=(2,),
+        targets_db=(REFINER_TARGET_DB,),
+    )
     specs = Graph([full["source-refiner"], full["rewrite:unet_refiner"], *stages]).order()
     outputs.update(run_stages_in_process(specs, analysed["done"], analysed["work"]))
     return text
@@ -198,12 +232,21 @@ def test_the_refiner_workload_conditions_as_diffusers_img2img_does(analysed, ref
     assert negative.abs().sum() > 0  # the empty prompt, encoded
     size, crop = (128, 128), (0, 0)
     time_ids, negative_time_ids = pipe._get_add_time_ids(
-        size, crop, size, 6.0, 2.5, size, crop, size, torch.float32,
+        size,
+        crop,
+        size,
+        6.0,
+        2.5,
+        size,
+        crop,
+        size,
+        torch.float32,
         text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
     )
     assert ours["encoder_hidden_states"].shape == (4, 64, 1, 77)
-    torch.testing.assert_close(ours["encoder_hidden_states"].squeeze(2).transpose(1, 2), torch.cat([negative, embeds]),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        ours["encoder_hidden_states"].squeeze(2).transpose(1, 2), torch.cat([negative, embeds]), rtol=1e-4, atol=1e-4
+    )
     torch.testing.assert_close(ours["text_embeds"], torch.cat([negative_pooled, pooled]), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours["time_ids"], torch.cat([negative_time_ids.expand(2, 5), time_ids.expand(2, 5)]))
 
@@ -216,7 +259,9 @@ def test_refiner_candidate_is_real_and_a_mixed_refiner_recipe_is_planned(analyse
     found = load_recipe_file(produced)
     assert set(found.layers.values()) == {2, None} and found.psnr_db >= REFINER_TARGET_DB
     module, _ = load_conversion_module(outputs["rewrite:unet_refiner"])
-    fresh = Probe(module, outputs["analyze-inputs:unet_refiner"], conversion_layers(outputs["rewrite:unet_refiner"], THRESHOLD))
+    fresh = Probe(
+        module, outputs["analyze-inputs:unet_refiner"], conversion_layers(outputs["rewrite:unet_refiner"], THRESHOLD)
+    )
     assert [tuple(c.shape) for c in fresh.conditioning] == [(2, 64, 1, 77), (2, 48), (2, 5)]
     assert abs(fresh.psnr(found.layers) - found.psnr_db) < 0.05
 

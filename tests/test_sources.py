@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from conftest import make_workspace
+
 from builder.sd.presets import get_preset
 from builder.sd.synthetic import write_synthetic_pipeline
-from conftest import make_workspace
 
 
 def _recipe_with_source(ws, name: str, source: str) -> str:

@@ -51,7 +51,11 @@ def _saved(folder: Path, weights: dict[str, torch.Tensor] | None = None) -> tupl
 
 def _stored_bytes(archive: Path) -> int:
     with zipfile.ZipFile(archive) as zipped:
-        return sum(info.file_size for info in zipped.infolist() if "/data/" in info.filename and not info.filename.endswith("serialization_id"))
+        return sum(
+            info.file_size
+            for info in zipped.infolist()
+            if "/data/" in info.filename and not info.filename.endswith("serialization_id")
+        )
 
 
 def test_stripped_graph_holds_only_the_tensors_the_weights_file_lacks(tmp_path: Path) -> None:
@@ -66,7 +70,9 @@ def test_attached_graph_gives_exactly_the_original_outputs(tmp_path: Path) -> No
     module, graph, weights = _saved(tmp_path)
     loaded = load_graph(graph, weights)
     assert torch.equal(loaded(*_example()), module(*_example()))
-    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {n: p.requires_grad for n, p in module.named_parameters()}
+    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {
+        n: p.requires_grad for n, p in module.named_parameters()
+    }
 
 
 def test_missing_weight_is_refused(tmp_path: Path) -> None:
@@ -81,11 +87,17 @@ def test_missing_weight_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "replacement", "message"),
     [
-        ("block.0.weight", torch.zeros(64, 32), r"'block.0.weight' .* torch.float32 \[64, 32\], .* torch.float32 \[64, 64\]"),
+        (
+            "block.0.weight",
+            torch.zeros(64, 32),
+            r"'block.0.weight' .* torch.float32 \[64, 32\], .* torch.float32 \[64, 64\]",
+        ),
         ("scale", torch.tensor(0.5, dtype=torch.float16), r"'scale' .* torch.float16 \[\], .* torch.float32 \[\]"),
     ],
 )
-def test_weight_of_another_shape_or_dtype_is_refused(tmp_path: Path, name: str, replacement: torch.Tensor, message: str) -> None:
+def test_weight_of_another_shape_or_dtype_is_refused(
+    tmp_path: Path, name: str, replacement: torch.Tensor, message: str
+) -> None:
     _, graph, weights = _saved(tmp_path)
     save_file(_Attention().state_dict() | {name: replacement}, weights)
     with pytest.raises(ValueError, match=message):
@@ -103,9 +115,14 @@ def _convert(module: torch.jit.ScriptModule, package: Path) -> dict[str, bytes]:
     import coremltools as ct
 
     with faster_conversion():
-        model = ct.convert(module, inputs=[ct.TensorType(name="x", shape=_example()[0].shape)], convert_to="mlprogram",
-                           compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16,
-                           skip_model_load=True)
+        model = ct.convert(
+            module,
+            inputs=[ct.TensorType(name="x", shape=_example()[0].shape)],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=ct.target.iOS16,
+            skip_model_load=True,
+        )
     model.save(str(package))
     normalize_mlpackage(package)
     return {str(p.relative_to(package)): p.read_bytes() for p in sorted(package.rglob("*")) if p.is_file()}
@@ -136,5 +153,8 @@ def test_convert_stage_refuses_a_graph_its_weights_do_not_fit(tmp_path: Path) ->
     )
     (tmp_path / "out").mkdir()
     with pytest.raises(UserError, match=r"text_encoder: the traced graph does not fit .* 'norm.weight'"):
-        convert.run({"traced": tmp_path, "rewritten": tmp_path}, {"component": "text_encoder", "deployment_target": "iOS16"},
-                    tmp_path / "out")
+        convert.run(
+            {"traced": tmp_path, "rewritten": tmp_path},
+            {"component": "text_encoder", "deployment_target": "iOS16"},
+            tmp_path / "out",
+        )

@@ -372,7 +372,7 @@ def _palettize(const, job: _Job, ios18: bool, blobs: _BlobCopier, report: Weight
     grouped = _groups(weight, job.axis, job.groups)
     luts, indices = [], []
     error = energy = 0.0
-    for flat, histogram, centres in zip(grouped, job.histograms, job.centroids):
+    for flat, histogram, centres in zip(grouped, job.histograms, job.centroids, strict=False):
         lut, assignment = _lut_and_assignment(histogram, centres.result(), job.nbits, weight.dtype)
         luts.append(lut)
         indices.append(_indices(flat, histogram, assignment))
@@ -423,7 +423,9 @@ def _average_bits(weights: list[WeightReport]) -> float:
     return sum(w.bits_per_weight * w.elements for w in weights) / elements if elements else 0.0
 
 
-def palettize_package(src: Path, dst: Path, options: PalettizeOptions, *, workers: int | None = None) -> PalettizeReport:
+def palettize_package(
+    src: Path, dst: Path, options: PalettizeOptions, *, workers: int | None = None
+) -> PalettizeReport:
     """Write `src` palettized to `dst` (which must not exist) and report what changed.
 
     `workers` threads run the k-means (coremltools' k-means releases the GIL); the output bytes are
@@ -469,7 +471,7 @@ def _lut_op_weight(op, read) -> np.ndarray:
         raise ValueError(f"{_op_name(op)}: vector palettization is not supported")
     groups = [
         (np.arange(size) // (size // count)).reshape([-1 if d == axis else 1 for d in range(indices.ndim)])
-        for axis, (size, count) in enumerate(zip(indices.shape, lut.shape[:-2]))
+        for axis, (size, count) in enumerate(zip(indices.shape, lut.shape[:-2], strict=False))
     ]
     return lut[(*groups, indices.astype(np.intp), 0)]
 

@@ -66,10 +66,10 @@ def fits_fp16_for_certain(value: np.ndarray) -> bool:
 @contextmanager
 def faster_conversion() -> Iterator[None]:
     """Within this block, coremltools converts with the two shortcuts above; restored on exit."""
-    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
     import torch
     from coremltools.converters.mil.frontend.torch import load as torch_load
     from coremltools.converters.mil.frontend.torch.converter import TorchConverter
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
     from coremltools.converters.mil.mil.program import Program
     from coremltools.models import model as ct_model
 
@@ -121,6 +121,7 @@ def faster_conversion() -> Iterator[None]:
 
     FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
     Program.validate = validate
+
     def load(*args, **kwargs):
         program = library_load(*args, **kwargs)
         # The finished frontend's converter and context (which name every var) form reference cycles
@@ -158,7 +159,12 @@ def _releasable(val) -> bool:
     """A plain float32 CPU tensor: its values are copied into MIL, so its storage can go."""
     import torch
 
-    return isinstance(val, torch.Tensor) and val.dtype == torch.float32 and not val.is_quantized and val.device.type == "cpu"
+    return (
+        isinstance(val, torch.Tensor)
+        and val.dtype == torch.float32
+        and not val.is_quantized
+        and val.device.type == "cpu"
+    )
 
 
 def _const_inputs(op) -> list:

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from builder.errors import UserError
 from builder.engine.files import write_json_atomic
+from builder.errors import UserError
 
 _BLOCK = 1 << 20
 _MEMO_FORMAT = 1

@@ -50,7 +50,9 @@ def _param_changes(path: str, old: dict[str, Any], new: dict[str, Any], name: st
     if before == after:
         return []
     if isinstance(before, dict) and isinstance(after, dict):
-        return [c for key in sorted(set(before) | set(after)) for c in _param_changes(f"{path}.{key}", before, after, key)]
+        return [
+            c for key in sorted(set(before) | set(after)) for c in _param_changes(f"{path}.{key}", before, after, key)
+        ]
     return [f"{path} changed {_show(before)} -> {_show(after)}"]
 
 

@@ -56,9 +56,13 @@ class Launcher(Protocol):
 def worker_mode() -> str:
     mode = os.environ.get(MODE_VARIABLE) or ("fork" if sys.platform.startswith("linux") else "spawn")
     if mode not in ("fork", "spawn"):
-        raise UserError(f"{MODE_VARIABLE}={mode} is not a worker mode", f"set {MODE_VARIABLE} to fork or spawn, or unset it")
+        raise UserError(
+            f"{MODE_VARIABLE}={mode} is not a worker mode", f"set {MODE_VARIABLE} to fork or spawn, or unset it"
+        )
     if mode == "fork" and not sys.platform.startswith("linux"):
-        raise UserError(f"{MODE_VARIABLE}=fork needs Linux", f"unset {MODE_VARIABLE} (workers are spawned on {sys.platform})")
+        raise UserError(
+            f"{MODE_VARIABLE}=fork needs Linux", f"unset {MODE_VARIABLE} (workers are spawned on {sys.platform})"
+        )
     return mode
 
 

@@ -49,9 +49,7 @@ def assess(
     current = key_inputs(spec, digests, externals)
 
     previous = _previous_inputs(store, previous_key)
-    found = Assessment(
-        spec, "stale", "", key_inputs=current, previous_key=previous_key, previous_key_inputs=previous
-    )
+    found = Assessment(spec, "stale", "", key_inputs=current, previous_key=previous_key, previous_key_inputs=previous)
     if stale_upstreams:
         found.reason = _changes(spec, current, previous, stale_upstreams)
         return found

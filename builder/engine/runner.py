@@ -156,7 +156,9 @@ def _failure(job: Job, what: str) -> StageFailed:
     if tail:
         message += "\n" + tail
     return StageFailed(
-        message, f"full log: {job.log}; stages that finished are cached, so a rebuild resumes here", stage_id=job.spec.id
+        message,
+        f"full log: {job.log}; stages that finished are cached, so a rebuild resumes here",
+        stage_id=job.spec.id,
     )
 
 

@@ -3,7 +3,7 @@ members without touching the others."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveInt
 
@@ -59,4 +59,4 @@ class MixedPalettize(RecipeModel):
     )
 
 
-Compression = Annotated[Union[Float16, Palettize, Quantize, MixedPalettize], Field(discriminator="mode")]
+Compression = Annotated[Float16 | Palettize | Quantize | MixedPalettize, Field(discriminator="mode")]

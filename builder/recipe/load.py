@@ -73,12 +73,14 @@ def _base_file(document: Document, file: Path, workspace: Path, chain: tuple[Pat
         return RecipeError(origin.file, message, line=origin.line, field=EXTENDS, hint=hint)
 
     if not isinstance(value, str) or not value:
-        raise error("extends takes the file name of one base recipe", "write `extends: base.yaml` (relative to this file)")
+        raise error(
+            "extends takes the file name of one base recipe", "write `extends: base.yaml` (relative to this file)"
+        )
     base = (file.parent / value).resolve()
     for violation in confinement(value, base, workspace):
         raise error(violation.message, violation.hint)
     if base in chain:
-        loop = " -> ".join(_shown(f, workspace) for f in (*chain[chain.index(base):], base))
+        loop = " -> ".join(_shown(f, workspace) for f in (*chain[chain.index(base) :], base))
         raise error(f"recipes extend each other in a loop: {loop}", "remove the `extends:` that closes the loop")
     if not base.is_file():
         raise error(f"base recipe '{value}' not found (looked for {base})", _available(base))

@@ -33,7 +33,8 @@ class Components(RecipeModel):
         default=None, description="CLIP text encoder (TextEncoder.mlmodelc); required for sd, optional for sdxl."
     )
     text_encoder_2: ComponentSettings | None = Field(
-        default=None, description="SDXL's second text encoder, CLIP-G (TextEncoder2.mlmodelc); sdxl only, required there."
+        default=None,
+        description="SDXL's second text encoder, CLIP-G (TextEncoder2.mlmodelc); sdxl only, required there.",
     )
     unet: ComponentSettings = Field(description="The denoising UNet (Unet.mlmodelc or UnetChunk1/2.mlmodelc).")
     unet_refiner: ComponentSettings | None = Field(
@@ -74,8 +75,7 @@ class Recipe(RecipeModel):
     written_latent_size: Size | None = Field(
         default=None,
         alias="latent_size",
-        description="[height, width] of the latents, multiples of 8 (the image is 8x larger); "
-        "give this or image_size.",
+        description="[height, width] of the latents, multiples of 8 (the image is 8x larger); give this or image_size.",
     )
     written_image_size: Size | None = Field(
         default=None,

@@ -26,12 +26,14 @@ def confinement(value: str | Path, path: Path, workspace: Path | None) -> list[V
     """Why `path` (the resolved `value`) may not be used: builds only read what the workspace holds."""
     if workspace is None or path.is_relative_to(workspace):
         return []
-    return [Violation(
-        "",
-        f"'{value}' resolves to {path}, outside the workspace {workspace} (symlinks are followed)",
-        "move the files under the workspace and refer to them relative to the recipe file, "
-        "or run sdbuild from a workspace that contains them",
-    )]
+    return [
+        Violation(
+            "",
+            f"'{value}' resolves to {path}, outside the workspace {workspace} (symlinks are followed)",
+            "move the files under the workspace and refer to them relative to the recipe file, "
+            "or run sdbuild from a workspace that contains them",
+        )
+    ]
 
 
 def _local_model_path(value: object, info: ValidationInfo) -> object:
@@ -41,17 +43,25 @@ def _local_model_path(value: object, info: ValidationInfo) -> object:
     path = (folder / value).resolve()
     reject(confinement(value, path, (info.context or {}).get("workspace")))
     if not path.exists():
-        reject([Violation(
-            "",
-            f"'{value}' does not exist (looked for {path})",
-            f"fix the path; a relative path is resolved against the folder of the recipe that writes it ({folder})",
-        )])
+        reject(
+            [
+                Violation(
+                    "",
+                    f"'{value}' does not exist (looked for {path})",
+                    f"fix the path; a relative path is resolved against the folder of the recipe that writes it ({folder})",
+                )
+            ]
+        )
     if path.is_file() and path.suffix != ".safetensors":
-        reject([Violation(
-            "",
-            f"'{path.name}' is neither a diffusers folder nor a .safetensors file",
-            "point to a diffusers folder or a single-file .safetensors checkpoint (pickled .ckpt files are not loaded)",
-        )])
+        reject(
+            [
+                Violation(
+                    "",
+                    f"'{path.name}' is neither a diffusers folder nor a .safetensors file",
+                    "point to a diffusers folder or a single-file .safetensors checkpoint (pickled .ckpt files are not loaded)",
+                )
+            ]
+        )
     return path
 
 
@@ -67,11 +77,15 @@ def _recipe_file_path(value: object, info: ValidationInfo) -> object:
     path = (folder / value).resolve()
     reject(confinement(value, path, (info.context or {}).get("workspace")))
     if path.suffix not in (".yaml", ".yml") or not path.is_file():
-        reject([Violation(
-            "",
-            f"'{value}' is not a YAML file (looked for {path})",
-            f"point to a mixed-bit recipe file such as recipes/mbp/<name>.yaml, relative to {folder}",
-        )])
+        reject(
+            [
+                Violation(
+                    "",
+                    f"'{value}' is not a YAML file (looked for {path})",
+                    f"point to a mixed-bit recipe file such as recipes/mbp/<name>.yaml, relative to {folder}",
+                )
+            ]
+        )
     return path
 
 

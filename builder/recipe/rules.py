@@ -76,11 +76,21 @@ def _written_size(recipe: Recipe) -> tuple[str, int, tuple[int, int]]:
 
 def _size_violations(recipe: Recipe) -> list[Violation]:
     if recipe.written_latent_size is not None and recipe.written_image_size is not None:
-        return [Violation("image_size", "give latent_size or image_size, not both",
-                          "remove one of them; image_size is 8 x latent_size")]
+        return [
+            Violation(
+                "image_size",
+                "give latent_size or image_size, not both",
+                "remove one of them; image_size is 8 x latent_size",
+            )
+        ]
     if recipe.written_latent_size is None and recipe.written_image_size is None:
-        return [Violation("latent_size", "no size given",
-                          "add `latent_size: [64, 64]` (latents) or `image_size: [512, 512]` (pixels)")]
+        return [
+            Violation(
+                "latent_size",
+                "no size given",
+                "add `latent_size: [64, 64]` (latents) or `image_size: [512, 512]` (pixels)",
+            )
+        ]
     field, scale, (height, width) = _written_size(recipe)
     multiple = max(layout.multiple for layout in unet_layouts(recipe))
     halvings = multiple.bit_length() - 1
@@ -90,14 +100,15 @@ def _size_violations(recipe: Recipe) -> list[Violation]:
     if scale == 8 and (height % 8 or width % 8):
         why = "is not a multiple of 8 (the VAE scales latents by 8)"
     elif scale == 8:
-        why = (f"gives latents [{height // 8}, {width // 8}], not multiples of {multiple} "
-               f"(the UNet halves them {halvings} times)")
+        why = (
+            f"gives latents [{height // 8}, {width // 8}], not multiples of {multiple} "
+            f"(the UNet halves them {halvings} times)"
+        )
     else:
         why = f"is not a multiple of {multiple} (the UNet halves it {halvings} times)"
     below = [max(step, side // step * step) for side in (height, width)]
     above = [-(-side // step) * step for side in (height, width)]
-    return [Violation(field, f"{field} [{height}, {width}] {why}",
-                      f"use multiples of {step}, e.g. {below} or {above}")]
+    return [Violation(field, f"{field} [{height}, {width}] {why}", f"use multiples of {step}, e.g. {below} or {above}")]
 
 
 def _long_unaligned_levels(height: int, width: int, layouts: list[UnetLayout]) -> list[tuple[int, int]]:
@@ -116,12 +127,14 @@ def _split_einsum_v2_violations(recipe: Recipe) -> list[Violation]:
     levels = ", ".join(f"level {lvl} has length {n}" for lvl, n in bad)
     nearby = _nearby_split_einsum_v2_sizes(*recipe.latent_size, layouts)
     sizes = " or ".join(str([h * scale, w * scale]) for h, w in nearby)
-    return [Violation(
-        field,
-        f"with attention SPLIT_EINSUM_V2 every UNet attention sequence must be shorter than "
-        f"{SPLIT_EINSUM_V2_CHUNK} or a multiple of it, else it is silently truncated; {levels}",
-        f"set {field} to {sizes} (sizes near yours that fit), or use attention SPLIT_EINSUM",
-    )]
+    return [
+        Violation(
+            field,
+            f"with attention SPLIT_EINSUM_V2 every UNet attention sequence must be shorter than "
+            f"{SPLIT_EINSUM_V2_CHUNK} or a multiple of it, else it is silently truncated; {levels}",
+            f"set {field} to {sizes} (sizes near yours that fit), or use attention SPLIT_EINSUM",
+        )
+    ]
 
 
 def _nearby_split_einsum_v2_sizes(
@@ -138,46 +151,70 @@ def _nearby_split_einsum_v2_sizes(
 def _sdxl_violations(recipe: Recipe) -> list[Violation]:
     violations = []
     if recipe.unet_batch_size != 2:
-        violations.append(Violation(
-            "unet_batch_size", "sdxl needs a batch-2 UNet: its Swift pipeline always uses classifier-free guidance",
-            "set `unet_batch_size: 2`",
-        ))
+        violations.append(
+            Violation(
+                "unet_batch_size",
+                "sdxl needs a batch-2 UNet: its Swift pipeline always uses classifier-free guidance",
+                "set `unet_batch_size: 2`",
+            )
+        )
     target = recipe.deployment_target
     if target.major < (17 if target.platform == "iOS" else 14):
-        violations.append(Violation(
-            "deployment_target", f"sdxl needs iOS17 or macOS14 or newer, not {target.value}",
-            "use one of: iOS17, iOS18, macOS14, macOS15",
-        ))
+        violations.append(
+            Violation(
+                "deployment_target",
+                f"sdxl needs iOS17 or macOS14 or newer, not {target.value}",
+                "use one of: iOS17, iOS18, macOS14, macOS15",
+            )
+        )
     if recipe.components.safety_checker is not None:
-        violations.append(Violation(
-            "components.safety_checker", "the sdxl pipeline has no safety checker",
-            "remove `safety_checker:` from components",
-        ))
+        violations.append(
+            Violation(
+                "components.safety_checker",
+                "the sdxl pipeline has no safety checker",
+                "remove `safety_checker:` from components",
+            )
+        )
     if recipe.components.text_encoder_2 is None:
-        violations.append(Violation(
-            "components.text_encoder_2", "sdxl needs its second text encoder",
-            "add `text_encoder_2: {}` under components",
-        ))
+        violations.append(
+            Violation(
+                "components.text_encoder_2",
+                "sdxl needs its second text encoder",
+                "add `text_encoder_2: {}` under components",
+            )
+        )
     if recipe.components.unet_refiner is not None and recipe.model.refiner is None:
-        violations.append(Violation(
-            "components.unet_refiner", "unet_refiner is converted from model.refiner, which is not given",
-            "add `refiner:` under model (hub, local or synthetic, like the model), or remove unet_refiner",
-        ))
+        violations.append(
+            Violation(
+                "components.unet_refiner",
+                "unet_refiner is converted from model.refiner, which is not given",
+                "add `refiner:` under model (hub, local or synthetic, like the model), or remove unet_refiner",
+            )
+        )
     if recipe.model.refiner is not None and recipe.components.unet_refiner is None:
-        violations.append(Violation(
-            "model.refiner", "model.refiner is given but components.unet_refiner is not built",
-            "add `unet_refiner: {}` under components, or remove model.refiner",
-        ))
+        violations.append(
+            Violation(
+                "model.refiner",
+                "model.refiner is given but components.unet_refiner is not built",
+                "add `unet_refiner: {}` under components, or remove model.refiner",
+            )
+        )
     if recipe.model.controlnets:
-        violations.append(Violation(
-            "model.controlnets", "the sdxl pipeline of the Swift package runs no ControlNet",
-            "remove `controlnets:` from model, or use family: sd",
-        ))
+        violations.append(
+            Violation(
+                "model.controlnets",
+                "the sdxl pipeline of the Swift package runs no ControlNet",
+                "remove `controlnets:` from model, or use family: sd",
+            )
+        )
     if recipe.components.controlnet is not None:
-        violations.append(Violation(
-            "components.controlnet", "the sdxl pipeline of the Swift package runs no ControlNet",
-            "remove `controlnet:` from components",
-        ))
+        violations.append(
+            Violation(
+                "components.controlnet",
+                "the sdxl pipeline of the Swift package runs no ControlNet",
+                "remove `controlnet:` from components",
+            )
+        )
     return violations
 
 
@@ -185,39 +222,58 @@ def _controlnet_violations(recipe: Recipe) -> list[Violation]:
     """ControlNets need a batch-2 UNet, and ControlNet settings need ControlNets."""
     violations = []
     if recipe.components.controlnet is not None and not recipe.model.controlnets:
-        violations.append(Violation(
-            "components.controlnet", "there is no ControlNet to build: model.controlnets is empty",
-            "add ControlNets under model.controlnets (hub, local or synthetic), or remove `controlnet:` from components",
-        ))
+        violations.append(
+            Violation(
+                "components.controlnet",
+                "there is no ControlNet to build: model.controlnets is empty",
+                "add ControlNets under model.controlnets (hub, local or synthetic), or remove `controlnet:` from components",
+            )
+        )
     if recipe.model.controlnets and recipe.unet_batch_size != 2:
-        violations.append(Violation(
-            "unet_batch_size",
-            "ControlNets need a batch-2 UNet: the Swift package always runs them at batch 2 "
-            "and adds their outputs to the UNet's inputs",
-            "set `unet_batch_size: 2`, or remove model.controlnets",
-        ))
+        violations.append(
+            Violation(
+                "unet_batch_size",
+                "ControlNets need a batch-2 UNet: the Swift package always runs them at batch 2 "
+                "and adds their outputs to the UNet's inputs",
+                "set `unet_batch_size: 2`, or remove model.controlnets",
+            )
+        )
     return violations
 
 
 def _sd_violations(recipe: Recipe) -> list[Violation]:
     violations = []
     if recipe.model.refiner is not None:
-        violations.append(Violation(
-            "model.refiner", "only sdxl has a refiner", "remove `refiner:` or set `family: sdxl`",
-        ))
+        violations.append(
+            Violation(
+                "model.refiner",
+                "only sdxl has a refiner",
+                "remove `refiner:` or set `family: sdxl`",
+            )
+        )
     if recipe.components.unet_refiner is not None:
-        violations.append(Violation(
-            "components.unet_refiner", "only sdxl has a refiner UNet", "remove `unet_refiner:` or set `family: sdxl`",
-        ))
+        violations.append(
+            Violation(
+                "components.unet_refiner",
+                "only sdxl has a refiner UNet",
+                "remove `unet_refiner:` or set `family: sdxl`",
+            )
+        )
     if recipe.components.text_encoder_2 is not None:
-        violations.append(Violation(
-            "components.text_encoder_2", "only sdxl has a second text encoder",
-            "remove `text_encoder_2:` or set `family: sdxl`",
-        ))
+        violations.append(
+            Violation(
+                "components.text_encoder_2",
+                "only sdxl has a second text encoder",
+                "remove `text_encoder_2:` or set `family: sdxl`",
+            )
+        )
     violations.extend(_controlnet_violations(recipe))
     if recipe.components.text_encoder is None:
-        violations.append(Violation(
-            "components.text_encoder", "sd needs its text encoder",
-            "add `text_encoder: {}` under components",
-        ))
+        violations.append(
+            Violation(
+                "components.text_encoder",
+                "sd needs its text encoder",
+                "add `text_encoder: {}` under components",
+            )
+        )
     return violations

@@ -28,12 +28,16 @@ class HubSource(RecipeModel):
     @classmethod
     def _pinned(cls, revision: str) -> str:
         if not _COMMIT.fullmatch(revision):
-            reject([Violation(
-                "",
-                f"'{revision}' is not a commit sha; a branch or tag can move and silently change the build",
-                "pin the commit: copy the full 40-hex sha from the repository's 'Files and versions' history "
-                "(or `huggingface_hub.model_info(id, revision=...).sha`) into `revision:`",
-            )])
+            reject(
+                [
+                    Violation(
+                        "",
+                        f"'{revision}' is not a commit sha; a branch or tag can move and silently change the build",
+                        "pin the commit: copy the full 40-hex sha from the repository's 'Files and versions' history "
+                        "(or `huggingface_hub.model_info(id, revision=...).sha`) into `revision:`",
+                    )
+                ]
+            )
         return revision.lower()
 
 
@@ -60,21 +64,25 @@ class VaeSource(RecipeModel):
     """A replacement VAE, e.g. a float16-safe VAE for SDXL whose own VAE overflows in float16."""
 
     hub: HubSource | None = Field(
-        default=None, description="Take the VAE from a hub repository holding an AutoencoderKL (config.json at its root)."
+        default=None,
+        description="Take the VAE from a hub repository holding an AutoencoderKL (config.json at its root).",
     )
     local: LocalSource | None = Field(
-        default=None, description="Take the VAE from a local AutoencoderKL folder (config.json at its root, or a vae/ subfolder)."
+        default=None,
+        description="Take the VAE from a local AutoencoderKL folder (config.json at its root, or a vae/ subfolder).",
     )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> VaeSource:
         violations = _exactly_one(self, ("hub", "local"))
         if self.local is not None and not self.local.path.is_dir():
-            violations.append(Violation(
-                "local.path",
-                f"'{self.local.path.name}' is a file; a replacement VAE is read from a diffusers AutoencoderKL folder",
-                "point to the folder holding the VAE's config.json and diffusion_pytorch_model.safetensors",
-            ))
+            violations.append(
+                Violation(
+                    "local.path",
+                    f"'{self.local.path.name}' is a file; a replacement VAE is read from a diffusers AutoencoderKL folder",
+                    "point to the folder holding the VAE's config.json and diffusion_pytorch_model.safetensors",
+                )
+            )
         reject(violations)
         return self
 
@@ -96,7 +104,9 @@ class ControlNetSource(RecipeModel):
     """One ControlNet: a diffusers ControlNetModel, from exactly one of hub, local or synthetic."""
 
     hub: HubSource | None = Field(default=None, description="A ControlNet repository on the hub at a pinned commit.")
-    local: LocalSource | None = Field(default=None, description="A diffusers ControlNetModel folder inside the workspace.")
+    local: LocalSource | None = Field(
+        default=None, description="A diffusers ControlNetModel folder inside the workspace."
+    )
     synthetic: SyntheticSource | None = Field(
         default=None, description="Seeded random weights in a ControlNet preset matching the synthetic pipeline."
     )
@@ -113,9 +123,7 @@ class ModelSource(RecipeModel):
     hub: HubSource | None = Field(default=None, description="Download from the Hugging Face hub at a pinned commit.")
     local: LocalSource | None = Field(default=None, description="Read a checkpoint inside the workspace.")
     synthetic: SyntheticSource | None = Field(default=None, description="Generate seeded random weights.")
-    vae: VaeSource | None = Field(
-        default=None, description="Replace the checkpoint's VAE (hub or local models only)."
-    )
+    vae: VaeSource | None = Field(default=None, description="Replace the checkpoint's VAE (hub or local models only).")
     refiner: RefinerSource | None = Field(
         default=None, description="SDXL's refiner pipeline, converted as components.unet_refiner (sdxl only)."
     )
@@ -129,17 +137,21 @@ class ModelSource(RecipeModel):
         violations = _exactly_one(self, ("hub", "local", "synthetic"))
         for index, controlnet in enumerate(self.controlnets):
             if controlnet.local is not None and not controlnet.local.path.is_dir():
-                violations.append(Violation(
-                    f"controlnets.{index}.local.path",
-                    f"a ControlNet is read from a diffusers folder, not the single file {controlnet.local.path.name}",
-                    "point to a folder holding the ControlNet's config.json and diffusion_pytorch_model.safetensors",
-                ))
+                violations.append(
+                    Violation(
+                        f"controlnets.{index}.local.path",
+                        f"a ControlNet is read from a diffusers folder, not the single file {controlnet.local.path.name}",
+                        "point to a folder holding the ControlNet's config.json and diffusion_pytorch_model.safetensors",
+                    )
+                )
         if self.synthetic is not None and self.vae is not None:
-            violations.append(Violation(
-                "vae",
-                "a replacement VAE applies to hub or local models, not synthetic ones",
-                "remove `vae:`; synthetic presets bring their own VAE",
-            ))
+            violations.append(
+                Violation(
+                    "vae",
+                    "a replacement VAE applies to hub or local models, not synthetic ones",
+                    "remove `vae:`; synthetic presets bring their own VAE",
+                )
+            )
         reject(violations)
         return self
 
@@ -151,8 +163,10 @@ def _exactly_one(model: RecipeModel, names: tuple[str, ...]) -> list[Violation]:
     choices = ", ".join(f"`{name}:`" for name in names)
     if not given:
         return [Violation("", f"no source given; expected one of {choices}", f"add one of {choices}")]
-    return [Violation(
-        given[1],
-        f"give exactly one source; found {' and '.join(given)}",
-        f"keep one of {', '.join(f'`{name}:`' for name in given)} and remove the others",
-    )]
+    return [
+        Violation(
+            given[1],
+            f"give exactly one source; found {' and '.join(given)}",
+            f"keep one of {', '.join(f'`{name}:`' for name in given)} and remove the others",
+        )
+    ]

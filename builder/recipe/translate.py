@@ -25,8 +25,9 @@ def _recipe_errors(detail: ErrorDetails, document: Document, root: type[BaseMode
     loc = detail["loc"]
     path = _data_path(document.data, loc, keep_missing=detail["type"] == "missing")
     if detail["type"] == RULE_ERROR:
-        return [_located(document, (*path, *parse_dotted(v.field)), v.message, v.hint)
-                for v in detail["ctx"]["violations"]]
+        return [
+            _located(document, (*path, *parse_dotted(v.field)), v.message, v.hint) for v in detail["ctx"]["violations"]
+        ]
     return [_located(document, path, _message(detail), _hint(detail, path, root))]
 
 

@@ -23,8 +23,9 @@ def read_document(file: Path, shown: str) -> Document:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise RecipeError(shown, f"cannot read the recipe: {error}",
-                          hint="check that the file is readable UTF-8 text") from None
+        raise RecipeError(
+            shown, f"cannot read the recipe: {error}", hint="check that the file is readable UTF-8 text"
+        ) from None
     try:
         loader = yaml.SafeLoader(text)
     except yaml.YAMLError as error:  # e.g. a control character the YAML reader refuses
@@ -40,11 +41,14 @@ def read_document(file: Path, shown: str) -> Document:
 def _document(loader: yaml.SafeLoader, folder: Path, shown: str) -> Document:
     root = loader.get_single_node()
     if root is None:
-        raise RecipeError(shown, "the recipe is empty", line=1,
-                          hint="write the recipe's fields, starting with `name:`")
+        raise RecipeError(shown, "the recipe is empty", line=1, hint="write the recipe's fields, starting with `name:`")
     if not isinstance(root, yaml.MappingNode):
-        raise RecipeError(shown, "the top level of a recipe must be a mapping of field: value",
-                          line=root.start_mark.line + 1, hint="start the file with `name: <recipe name>`")
+        raise RecipeError(
+            shown,
+            "the top level of a recipe must be a mapping of field: value",
+            line=root.start_mark.line + 1,
+            hint="start the file with `name: <recipe name>`",
+        )
     origins: dict[FieldPath, Origin] = {(): Origin(shown, root.start_mark.line + 1)}
     data = _Converter(loader, folder, shown, origins).value(root, (), ())
     return Document(data, origins)
@@ -76,8 +80,12 @@ class _Converter:
 
     def value(self, node: yaml.Node, path: FieldPath, parents: tuple[yaml.Node, ...]) -> Any:
         if node in parents:
-            raise self._error(node, path, "a YAML alias refers to a value containing itself",
-                              "write the value out instead of referring to itself")
+            raise self._error(
+                node,
+                path,
+                "a YAML alias refers to a value containing itself",
+                "write the value out instead of referring to itself",
+            )
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path, (*parents, node))
         if isinstance(node, yaml.SequenceNode):
@@ -93,17 +101,29 @@ class _Converter:
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
-                raise self._error(key_node, path, "YAML merge keys (<<) are not supported",
-                                  "use `extends: <base recipe>.yaml` to inherit from another recipe")
+                raise self._error(
+                    key_node,
+                    path,
+                    "YAML merge keys (<<) are not supported",
+                    "use `extends: <base recipe>.yaml` to inherit from another recipe",
+                )
             key = self.loader.construct_object(key_node)
             if not isinstance(key, str):
-                raise self._error(key_node, path, f"keys must be text, not {key!r}",
-                                  "use a field name from the recipe schema (`sdbuild schema`)")
+                raise self._error(
+                    key_node,
+                    path,
+                    f"keys must be text, not {key!r}",
+                    "use a field name from the recipe schema (`sdbuild schema`)",
+                )
             key_path = (*path, key)
             if key in result:
                 first = self.origins[key_path].line
-                raise self._error(key_node, key_path, f"duplicate key '{key}' (first written at line {first})",
-                                  f"keep a single `{key}:` in this mapping")
+                raise self._error(
+                    key_node,
+                    key_path,
+                    f"duplicate key '{key}' (first written at line {first})",
+                    f"keep a single `{key}:` in this mapping",
+                )
             self.origins[key_path] = Origin(self.shown, key_node.start_mark.line + 1)
             result[key] = self.value(value_node, key_path, parents)
         return result

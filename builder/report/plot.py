@@ -48,7 +48,12 @@ def psnr_vs_size_figure(candidates: list[Candidate], chosen: Candidate):
     for c in candidates:
         axes.annotate(_label(c), (c.size_bytes / _MB, c.psnr_db), fontsize=7, xytext=(4, 3), textcoords="offset points")
     axes.scatter(
-        [chosen.size_bytes / _MB], [chosen.psnr_db], s=160, marker="*", color="tab:red", zorder=3,
+        [chosen.size_bytes / _MB],
+        [chosen.psnr_db],
+        s=160,
+        marker="*",
+        color="tab:red",
+        zorder=3,
         label=f"this bundle: {_label(chosen)}",
     )
     axes.set_xlabel("UNet size (MB)")

@@ -29,5 +29,6 @@ def load_read_back_unet(bundle: Path, pipeline: Path) -> ReadBack:
         first.compressed.load_state_dict(state, strict=False)
         mapping |= other.mapping
         consts |= other.compressed_consts
-    return ReadBack(float16=first.float16, compressed=first.compressed, mapping=mapping,
-                    compressed_consts=frozenset(consts))
+    return ReadBack(
+        float16=first.float16, compressed=first.compressed, mapping=mapping, compressed_consts=frozenset(consts)
+    )

@@ -18,11 +18,11 @@ from PIL import Image
 
 from builder.report.plot import Candidate, load_candidates, psnr_vs_size_figure, save_png
 from builder.report.read_back import load_read_back_unet, unet_entries
-from builder.sd.read_back import ReadBack
 from builder.report.sampling import Sampler
 from builder.sd.components import ComponentShape, example_inputs, kind
 from builder.sd.manifest import Manifest, ModelEntry
 from builder.sd.psnr import psnr
+from builder.sd.read_back import ReadBack
 
 DEFAULT_PROMPTS = ("a photo of an astronaut riding a horse on mars", "a watercolor painting of a lighthouse at dawn")
 DEFAULT_SEEDS = (0, 1)
@@ -38,7 +38,9 @@ def _manifest(bundle: Path) -> Manifest:
 def _unet_psnr(unet: ReadBack, manifest: Manifest) -> float:
     """Output PSNR of the compressed UNet against the float16 one on the rewrite stage's fixed inputs."""
     k = kind("unet")
-    specs = k.inputs(unet.float16.unet, ComponentShape(latent_size=manifest.latent_size, batch_size=manifest.unet_batch_size))
+    specs = k.inputs(
+        unet.float16.unet, ComponentShape(latent_size=manifest.latent_size, batch_size=manifest.unet_batch_size)
+    )
     inputs = tuple(example_inputs("unet", unet.float16.unet, specs).values())
     with torch.no_grad():
         return round(psnr(unet.compressed(*inputs), unet.float16(*inputs)), 2)
@@ -124,11 +126,13 @@ def write_report(
     bits = [entry.bits_per_weight for entry in entries]
     chosen = Candidate(
         name=f"{manifest.name} {manifest.version}",
-        average_bits=None if None in bits else sum(b * w for b, w in zip(bits, weights)) / sum(weights),
+        average_bits=None if None in bits else sum(b * w for b, w in zip(bits, weights, strict=False)) / sum(weights),
         size_bytes=sum(entry.size_bytes for entry in entries),
         psnr_db=unet_psnr,
     )
-    save_png(psnr_vs_size_figure(load_candidates(candidates) if candidates else [], chosen), folder / "psnr_vs_size.png")
+    save_png(
+        psnr_vs_size_figure(load_candidates(candidates) if candidates else [], chosen), folder / "psnr_vs_size.png"
+    )
 
     lines = [
         f"# {manifest.name} {manifest.version}",

@@ -53,15 +53,17 @@ class Sampler:
         config = json.loads((self.pipeline / "scheduler" / "scheduler_config.json").read_text())
         return getattr(diffusers, config["_class_name"]).from_config(config)
 
-    def _noise_pred(self, unet: nn.Module, latents: torch.Tensor, t: torch.Tensor,
-                    conditioning: list[torch.Tensor]) -> torch.Tensor:
+    def _noise_pred(
+        self, unet: nn.Module, latents: torch.Tensor, t: torch.Tensor, conditioning: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Unconditional and conditional predictions (2, ...), in calls of the bundle's batch size."""
         sample = torch.cat([latents, latents])
         timestep = t.to(torch.float32).expand(2)
         if self.unet_batch_size == 2:
             return unet(sample, timestep, *conditioning)
-        return torch.cat([unet(sample[i : i + 1], timestep[i : i + 1], *(c[i : i + 1] for c in conditioning))
-                          for i in range(2)])
+        return torch.cat(
+            [unet(sample[i : i + 1], timestep[i : i + 1], *(c[i : i + 1] for c in conditioning)) for i in range(2)]
+        )
 
     @torch.no_grad()
     def generate(self, unet: nn.Module, prompt: str, seed: int, steps: int, guidance_scale: float) -> torch.Tensor:

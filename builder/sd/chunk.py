@@ -15,8 +15,8 @@ so parameter names, Core ML const names and mixed-bit recipe keys are the same a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -146,7 +146,7 @@ class UnetChunk(nn.Module):
         self.output_names = ["noise_pred"] if stop == len(steps) else _boundary_names(steps, stop)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        values = dict(zip(self.input_names, tensors))
+        values = dict(zip(self.input_names, tensors, strict=False))
         state = _State(
             inputs=values,
             hidden=values.get(HIDDEN_STATES),
@@ -283,8 +283,8 @@ class Chunks:
 
     def chain(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Chunk 1 then chunk 2, fed as the Swift package feeds them (by feature name)."""
-        handed = dict(zip(self.first.output_names, self.first(*inputs)))
-        handed |= {n: t for n, t in zip(self.first.input_names, inputs) if n not in handed}
+        handed = dict(zip(self.first.output_names, self.first(*inputs), strict=False))
+        handed |= {n: t for n, t in zip(self.first.input_names, inputs, strict=False) if n not in handed}
         return self.second(*(handed[name] for name in self.second.input_names))
 
 

@@ -8,9 +8,9 @@ reference answers. Stages call these; they never special-case a component themse
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -210,7 +210,9 @@ def _unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     ]
     if model.config.get("addition_embed_type") == "text_time":
         specs += [
-            TensorSpec(name="text_embeds", shape=[b, _text_embeds_width(model.config, shape.time_ids)], dtype="float16"),
+            TensorSpec(
+                name="text_embeds", shape=[b, _text_embeds_width(model.config, shape.time_ids)], dtype="float16"
+            ),
             TensorSpec(name="time_ids", shape=[b, shape.time_ids], dtype="float16"),
         ]
     return specs
@@ -232,7 +234,9 @@ def _text_embeds_width(config: dict, time_ids: int) -> int:
 
 def _controlled_unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     shapes = residual_shapes(model, shape.batch_size, shape.latent_size)
-    residuals = [TensorSpec(name=n, shape=s, dtype="float16") for n, s in zip(residual_names(len(shapes)), shapes)]
+    residuals = [
+        TensorSpec(name=n, shape=s, dtype="float16") for n, s in zip(residual_names(len(shapes)), shapes, strict=False)
+    ]
     return _unet_inputs(model, shape) + residuals
 
 
@@ -240,7 +244,11 @@ def _controlnet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSp
     h, w = shape.latent_size
     b = shape.batch_size
     return _unet_inputs(model, shape) + [
-        TensorSpec(name="controlnet_cond", shape=[b, model.config.conditioning_channels, VAE_SCALE * h, VAE_SCALE * w], dtype="float16")
+        TensorSpec(
+            name="controlnet_cond",
+            shape=[b, model.config.conditioning_channels, VAE_SCALE * h, VAE_SCALE * w],
+            dtype="float16",
+        )
     ]
 
 
@@ -255,7 +263,9 @@ def _vae_decoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorS
 
 def _vae_encoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
-    return [TensorSpec(name="sample", shape=[1, model.config.in_channels, VAE_SCALE * h, VAE_SCALE * w], dtype="float16")]
+    return [
+        TensorSpec(name="sample", shape=[1, model.config.in_channels, VAE_SCALE * h, VAE_SCALE * w], dtype="float16")
+    ]
 
 
 def _safety_checker_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:

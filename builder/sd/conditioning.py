@@ -29,8 +29,10 @@ from builder.errors import UserError
 from builder.sd.components import TEXT_SEQUENCE_LENGTH, VAE_SCALE, kind, pipeline_time_ids
 
 # (encoder, tokenizer) folders per family, in the order diffusers concatenates their hidden states
-_ENCODERS = {"sd": (("text_encoder", "tokenizer"),),
-             "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))}
+_ENCODERS = {
+    "sd": (("text_encoder", "tokenizer"),),
+    "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
+}
 # diffusers' StableDiffusionXLImg2ImgPipeline defaults for a refiner's time_ids
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
@@ -49,8 +51,10 @@ class TextConditioning:
         # A refiner pipeline has no text_encoder (diffusers then uses text_encoder_2 alone).
         encoders = [pair for pair in _ENCODERS[family] if family == "sd" or (pipeline / pair[0]).is_dir()]
         if family == "sdxl" and encoders[-1][0] != "text_encoder_2":
-            raise UserError(f"{pipeline} has no text_encoder_2, which gives SDXL's pooled text_embeds",
-                            hint="point the recipe's model at a complete SDXL pipeline folder")
+            raise UserError(
+                f"{pipeline} has no text_encoder_2, which gives SDXL's pooled text_embeds",
+                hint="point the recipe's model at a complete SDXL pipeline folder",
+            )
         self.encoders: list[tuple[object, nn.Module]] = []
         for component, tokenizer in encoders:
             k = kind(component, family)
@@ -65,8 +69,9 @@ class TextConditioning:
         """The conditional inputs for `prompts`, one row each (no unconditional half)."""
         hidden, pooled = [], None
         for tokenizer, module in self.encoders:
-            ids = tokenizer(prompts, padding="max_length", max_length=TEXT_SEQUENCE_LENGTH, truncation=True,
-                            return_tensors="pt").input_ids
+            ids = tokenizer(
+                prompts, padding="max_length", max_length=TEXT_SEQUENCE_LENGTH, truncation=True, return_tensors="pt"
+            ).input_ids
             states, pooled = module(ids.to(torch.float32))
             hidden.append(states)
         inputs = {"encoder_hidden_states": torch.cat(hidden, dim=-1).transpose(1, 2).unsqueeze(2).contiguous()}

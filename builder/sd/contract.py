@@ -143,7 +143,9 @@ class _Checker:
         available = {i.name: i.shape for i in first.inputs} | {o.name: o.shape for o in first.outputs}
         for feature in second.inputs:
             if feature.name not in available:
-                self.problems.append(f"{second_name}: input {feature.name} is neither an output nor an input of {first_name}")
+                self.problems.append(
+                    f"{second_name}: input {feature.name} is neither an output nor an input of {first_name}"
+                )
             elif feature.shape != available[feature.name]:
                 self.problems.append(
                     f"{second_name}: input {feature.name} has shape {feature.shape}, {first_name} gives "
@@ -194,7 +196,9 @@ def _check_sdxl(check: _Checker) -> None:
     second encoder's alone and 5 time_ids. Both take the second encoder's pooled output as text_embeds."""
     models = check.models
     first = check.text_encoder("TextEncoder", "hidden_embeds") if "TextEncoder" in models else None
-    second_width, pooled = check.text_encoder("TextEncoder2", "hidden_embeds") if "TextEncoder2" in models else (None, None)
+    second_width, pooled = (
+        check.text_encoder("TextEncoder2", "hidden_embeds") if "TextEncoder2" in models else (None, None)
+    )
     if first is not None:
         base_width = first[0] + second_width if first[0] is not None and second_width is not None else None
         check.unet("Unet", base_width, time_ids=6, pooled=pooled)
@@ -228,14 +232,18 @@ def _controlnet_problems(
     if not residuals:
         problems.append(f"{CONTROLLED_UNET}: no {RESIDUAL_PREFIX}<i> inputs")
     elif set(residuals) != expected_names:
-        problems.append(f"{CONTROLLED_UNET}: residual inputs {sorted(residuals)} are not numbered 0..{len(residuals) - 1}")
+        problems.append(
+            f"{CONTROLLED_UNET}: residual inputs {sorted(residuals)} are not numbered 0..{len(residuals) - 1}"
+        )
     for name, info in sorted(controlnets.items()):
         inputs = {i.name: i for i in info.inputs}
         for feature in ("sample", "timestep", "encoder_hidden_states", "controlnet_cond"):
             if feature not in inputs:
                 problems.append(f"{name}: no input named {feature}")
             elif feature == "timestep" and inputs[feature].shape != [CONTROLNET_BATCH]:
-                problems.append(f"{name}: timestep shape is {inputs[feature].shape}, the Swift package needs [{CONTROLNET_BATCH}]")
+                problems.append(
+                    f"{name}: timestep shape is {inputs[feature].shape}, the Swift package needs [{CONTROLNET_BATCH}]"
+                )
             elif feature == "controlnet_cond":
                 shape = inputs[feature].shape
                 wanted = [CONTROLNET_BATCH, shape[1] if len(shape) == 4 else "C", 8 * h, 8 * w]
@@ -253,7 +261,9 @@ def _controlnet_problems(
             )
         not_float32 = sorted(o.name for o in info.outputs if o.dtype != "float32")
         if not_float32:
-            problems.append(f"{name}: outputs {', '.join(not_float32)} are not float32, which the Swift package sums them as")
+            problems.append(
+                f"{name}: outputs {', '.join(not_float32)} are not float32, which the Swift package sums them as"
+            )
     return problems
 
 
@@ -261,17 +271,25 @@ def _safety_checker_problems(info: ModelInfo) -> list[str]:
     """SafetyChecker.swift resizes the image to clip_input's (square) shape, always sends 512 x 512
     float16 images and a (1,) adjustment, and reads has_nsfw_concepts[0] as a yes/no."""
     inputs = {i.name: i for i in info.inputs}
-    problems = [f"SafetyChecker: no input named {name}" for name in ("clip_input", "images", "adjustment") if name not in inputs]
+    problems = [
+        f"SafetyChecker: no input named {name}" for name in ("clip_input", "images", "adjustment") if name not in inputs
+    ]
 
     def expect(model: str, what: str, actual: object, wanted: object) -> None:
         if actual != wanted:
             problems.append(f"{model}: {what} is {actual}, the Swift package needs {wanted}")
+
     if "clip_input" in inputs:
         shape = inputs["clip_input"].shape
         side = shape[2] if len(shape) == 4 else "S"
         expect("SafetyChecker", "clip_input shape", shape, [1, 3, side, side])
     if "images" in inputs:
-        expect("SafetyChecker", "images shape", inputs["images"].shape, [1, SAFETY_CHECKER_IMAGE_SIZE, SAFETY_CHECKER_IMAGE_SIZE, 3])
+        expect(
+            "SafetyChecker",
+            "images shape",
+            inputs["images"].shape,
+            [1, SAFETY_CHECKER_IMAGE_SIZE, SAFETY_CHECKER_IMAGE_SIZE, 3],
+        )
         expect("SafetyChecker", "images dtype", inputs["images"].dtype, "float16")
     if "adjustment" in inputs:
         expect("SafetyChecker", "adjustment shape", inputs["adjustment"].shape, [1])

@@ -134,7 +134,9 @@ class SafetyCheckerModule(nn.Module):
         special = self._cosine(embeds, c.special_care_embeds) - c.special_care_embeds_weights + adjustment
         special_care = (special > 0).to(embeds.dtype).amax(dim=1, keepdim=True)
         concept_scores = (
-            self._cosine(embeds, c.concept_embeds) - c.concept_embeds_weights + adjustment
+            self._cosine(embeds, c.concept_embeds)
+            - c.concept_embeds_weights
+            + adjustment
             + special_care * self._SPECIAL_CARE_BOOST
         )
         flagged = (concept_scores > 0).to(embeds.dtype).amax(dim=1)

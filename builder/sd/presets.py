@@ -184,7 +184,12 @@ PRESETS: dict[str, Preset] = {
         scheduler=_SD_SCHEDULER,
         # 224-pixel input as the Swift package expects, in 32-pixel patches (50 tokens) to stay small
         safety_checker={
-            "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4},
+            "text_config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+            },
             "vision_config": {
                 "hidden_size": 32,
                 "intermediate_size": 64,
@@ -329,7 +334,8 @@ PRESETS: dict[str, Preset] = {
         description="Full-size SDXL 1.0 base architecture (CLIP ViT-L + OpenCLIP ViT-bigG, 2.6B-parameter UNet)",
         text_encoder=_SDXL_TEXT_ENCODER,
         text_encoder_2=_SDXL_TEXT_ENCODER_2,
-        unet=_SDXL_UNET_COMMON | {
+        unet=_SDXL_UNET_COMMON
+        | {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             "block_out_channels": [320, 640, 1280],
@@ -346,7 +352,8 @@ PRESETS: dict[str, Preset] = {
         description="Full-size SDXL 1.0 refiner architecture (OpenCLIP ViT-bigG only, 4-level UNet)",
         text_encoder=None,
         text_encoder_2=_SDXL_TEXT_ENCODER_2,
-        unet=_SDXL_UNET_COMMON | {
+        unet=_SDXL_UNET_COMMON
+        | {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             "block_out_channels": [384, 768, 1536, 1536],
@@ -375,8 +382,14 @@ def get_preset(name: str) -> Preset:
 # ControlNetModel configs for the synthetic pipelines' UNets: the UNet's down half and mid block, plus
 # the conditioning image encoder (its 4 widths mean 3 stride-2 steps: the image's 8x down to latents).
 _CONTROLNET_KEYS = (
-    "in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
-    "attention_head_dim", "norm_num_groups", "use_linear_projection",
+    "in_channels",
+    "down_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "norm_num_groups",
+    "use_linear_projection",
 )
 CONTROLNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-sd": {k: v for k, v in PRESETS["tiny-sd"].unet.items() if k in _CONTROLNET_KEYS}

@@ -90,7 +90,9 @@ def read_back(module: nn.Module, package: Path) -> ReadBack:
     compressed_consts = compressed_const_names(package)
     unreadable = sorted(compressed_consts - set(consts))
     if unreadable:
-        raise ValueError(f"{package.name}: cannot read back {len(unreadable)} compressed weight(s), e.g. {unreadable[0]}")
+        raise ValueError(
+            f"{package.name}: cannot read back {len(unreadable)} compressed weight(s), e.g. {unreadable[0]}"
+        )
     float16 = float16_weights(module)
     mapping = map_consts(consts, float16)
     unmapped = sorted(compressed_consts - set(mapping))

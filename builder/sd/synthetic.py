@@ -8,8 +8,8 @@ instead of downloading checkpoints.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -58,7 +58,9 @@ def _write_feature_extractor(folder: Path, image_size: int) -> None:
     """CLIP's preprocessing (resize, centre crop, normalise) for the safety checker's input."""
     from transformers import CLIPImageProcessor
 
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
 
 
 def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
@@ -123,7 +125,9 @@ def _model_index(preset: Preset) -> dict:
     has_first = preset.text_encoder is not None
     return common | {
         # diffusers' SDXL refiner checkpoint is an image-to-image pipeline without the first encoder
-        "_class_name": "StableDiffusionXLImg2ImgPipeline" if preset.requires_aesthetics_score else "StableDiffusionXLPipeline",
+        "_class_name": "StableDiffusionXLImg2ImgPipeline"
+        if preset.requires_aesthetics_score
+        else "StableDiffusionXLPipeline",
         "force_zeros_for_empty_prompt": not preset.requires_aesthetics_score,
         **({"requires_aesthetics_score": True} if preset.requires_aesthetics_score else {}),
         "text_encoder": ["transformers", "CLIPTextModel"] if has_first else [None, None],

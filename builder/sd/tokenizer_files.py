@@ -363,7 +363,7 @@ def _all_merges() -> tuple[tuple[str, str], ...]:
     pair_counts: Counter[tuple[str, str]] = Counter()
     pair_words: dict[tuple[str, str], set[int]] = {}
     for i, w in enumerate(words):
-        for pair in zip(w, w[1:]):
+        for pair in zip(w, w[1:], strict=False):
             pair_counts[pair] += freqs[i]
             pair_words.setdefault(pair, set()).add(i)
     heap = [(-c, p) for p, c in pair_counts.items()]
@@ -384,7 +384,7 @@ def _all_merges() -> tuple[tuple[str, str], ...]:
         touched: set[tuple[str, str]] = set()
         for i in sorted(pair_words.pop(pair, ())):
             w, f = words[i], freqs[i]
-            for p in zip(w, w[1:]):
+            for p in zip(w, w[1:], strict=False):
                 pair_counts[p] -= f
                 touched.add(p)
             merged: list[str] = []
@@ -397,7 +397,7 @@ def _all_merges() -> tuple[tuple[str, str], ...]:
                     merged.append(w[j])
                     j += 1
             words[i] = merged
-            for p in zip(merged, merged[1:]):
+            for p in zip(merged, merged[1:], strict=False):
                 pair_counts[p] += f
                 pair_words.setdefault(p, set()).add(i)
                 touched.add(p)
@@ -457,9 +457,7 @@ def write_clip_tokenizer(folder: Path, *, merges: int = 2000) -> TokenizerInfo:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = _vocab(merges)
-    (folder / "vocab.json").write_bytes(
-        json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    )
+    (folder / "vocab.json").write_bytes(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
     lines = ["#version: 0.2", *(f"{a} {b}" for a, b in _learn_merges(merges))]
     (folder / "merges.txt").write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
     return _info(len(vocab))

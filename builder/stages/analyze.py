@@ -44,41 +44,82 @@ class ProbeInputsParams(ProbeSettings):
     family: str = "sd"
 
 
-def probe_stage(*, rewritten: str, model: str | Path, tools: dict[str, str], memory_estimate_bytes: int,
-                family: str, component: str = "unet", probe: ProbeSettings = ProbeSettings()) -> StageSpec:
+def probe_stage(
+    *,
+    rewritten: str,
+    model: str | Path,
+    tools: dict[str, str],
+    memory_estimate_bytes: int,
+    family: str,
+    component: str = "unet",
+    probe: ProbeSettings = ProbeSettings(),
+) -> StageSpec:
     """The fixed workload (latents, prompt conditioning, scheduler) compressions are scored on."""
     params = ProbeInputsParams(**probe.model_dump(), family=family)
     return StageSpec(
-        id=f"analyze-inputs:{component}", stage="analyze-inputs", component=component, version=VERSION,
-        function="builder.stages.analyze:run_inputs", params=params.model_dump(mode="json"),
+        id=f"analyze-inputs:{component}",
+        stage="analyze-inputs",
+        component=component,
+        version=VERSION,
+        function="builder.stages.analyze:run_inputs",
+        params=params.model_dump(mode="json"),
         inputs=({"model": model} if isinstance(model, str) else {}) | {"rewritten": rewritten},
         external_inputs={"model": model} if isinstance(model, Path) else {},
-        tools=tools, memory_estimate_bytes=memory_estimate_bytes,
+        tools=tools,
+        memory_estimate_bytes=memory_estimate_bytes,
     )
 
 
-def analysis_stages(*, rewritten: str, model: str | Path, description: str, tools: dict[str, str],
-                    memory_estimate_bytes: int, family: str, component: str = "unet", chunks: int = 16,
-                    probe: ProbeSettings = ProbeSettings(), nbits: tuple[int, ...] = NBITS,
-                    targets_db: tuple[float, ...] = DEFAULT_TARGETS_DB) -> list[StageSpec]:
+def analysis_stages(
+    *,
+    rewritten: str,
+    model: str | Path,
+    description: str,
+    tools: dict[str, str],
+    memory_estimate_bytes: int,
+    family: str,
+    component: str = "unet",
+    chunks: int = 16,
+    probe: ProbeSettings = ProbeSettings(),
+    nbits: tuple[int, ...] = NBITS,
+    targets_db: tuple[float, ...] = DEFAULT_TARGETS_DB,
+) -> list[StageSpec]:
     """Stages of one analysis: `rewritten` is the rewrite stage id of the UNet; `model` the pipeline
     folder (text encoder, tokenizer, scheduler) as the source stage's id or a local folder's path.
     The last stage, `analyze:<component>`, holds `analysis.json` and `recipes/*.yaml`."""
-    common = {"component": component, "version": VERSION, "tools": tools, "memory_estimate_bytes": memory_estimate_bytes}
-    prepare = probe_stage(rewritten=rewritten, model=model, tools=tools, memory_estimate_bytes=memory_estimate_bytes,
-                          family=family, component=component, probe=probe)
+    common = {
+        "component": component,
+        "version": VERSION,
+        "tools": tools,
+        "memory_estimate_bytes": memory_estimate_bytes,
+    }
+    prepare = probe_stage(
+        rewritten=rewritten,
+        model=model,
+        tools=tools,
+        memory_estimate_bytes=memory_estimate_bytes,
+        family=family,
+        component=component,
+        probe=probe,
+    )
     layer_stages = [
         StageSpec(
-            id=f"analyze-layers:{component}:{chunk}", stage="analyze-layers", function="builder.stages.analyze:run_layers",
+            id=f"analyze-layers:{component}:{chunk}",
+            stage="analyze-layers",
+            function="builder.stages.analyze:run_layers",
             params=LayerParams(chunk=chunk, chunks=chunks, nbits=list(nbits)).model_dump(),
-            inputs={"rewritten": rewritten, "probe": prepare.id}, **common,
+            inputs={"rewritten": rewritten, "probe": prepare.id},
+            **common,
         )
         for chunk in range(chunks)
     ]
     assemble = StageSpec(
-        id=f"analyze:{component}", stage="analyze", function="builder.stages.analyze:run_candidates",
+        id=f"analyze:{component}",
+        stage="analyze",
+        function="builder.stages.analyze:run_candidates",
         params=CandidateParams(model=description, targets_db=list(targets_db)).model_dump(),
-        inputs={"rewritten": rewritten, "probe": prepare.id} | {f"layers.{s.params['chunk']}": s.id for s in layer_stages},
+        inputs={"rewritten": rewritten, "probe": prepare.id}
+        | {f"layers.{s.params['chunk']}": s.id for s in layer_stages},
         **common,
     )
     return [prepare, *layer_stages, assemble]
@@ -128,20 +169,37 @@ def run_candidates(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     for name, folder in inputs.items():
         if name.startswith("layers."):
             chunk = json.loads((folder / _SENSITIVITY_FILE).read_text())
-            sensitivity |= {identity: {int(bits): db for bits, db in scores.items()} for identity, scores in chunk.items()}
+            sensitivity |= {
+                identity: {int(bits): db for bits, db in scores.items()} for identity, scores in chunk.items()
+            }
     probe, layers = _probe(inputs, p.weight_threshold)
     candidates = search_candidates(probe, layers, sensitivity, p.targets_db)
     (out / "recipes").mkdir()
     for found in candidates:
-        recipe = MbpRecipe(model=p.model, target_psnr_db=found.target_psnr_db, psnr_db=found.psnr_db,
-                           bits_per_weight=found.bits_per_weight, layers=found.layers)
+        recipe = MbpRecipe(
+            model=p.model,
+            target_psnr_db=found.target_psnr_db,
+            psnr_db=found.psnr_db,
+            bits_per_weight=found.bits_per_weight,
+            layers=found.layers,
+        )
         write_recipe_file(recipe, out / "recipes" / f"{found.target_psnr_db:g}db.yaml")
     seconds = time.perf_counter() - start
-    analysis = {"sensitivity": sensitivity, "candidates": [c.model_dump(exclude={"layers"}) for c in candidates],
-                "unet_evaluations": probe.evaluations}
+    analysis = {
+        "sensitivity": sensitivity,
+        "candidates": [c.model_dump(exclude={"layers"}) for c in candidates],
+        "unet_evaluations": probe.evaluations,
+    }
     (out / "analysis.json").write_text(json.dumps(analysis, indent=1))
     # The same candidates in the form `sdbuild report --candidates` plots.
-    plotted = [{"name": f"{c.target_psnr_db:g}db", "average_bits": c.bits_per_weight, "size_bytes": c.size_bytes,
-                "psnr_db": c.psnr_db} for c in candidates]
+    plotted = [
+        {
+            "name": f"{c.target_psnr_db:g}db",
+            "average_bits": c.bits_per_weight,
+            "size_bytes": c.size_bytes,
+            "psnr_db": c.psnr_db,
+        }
+        for c in candidates
+    ]
     (out / "candidates.json").write_text(json.dumps(plotted, indent=1))
     return {"candidates": len(candidates), "unet_evaluations": probe.evaluations, "seconds": round(seconds, 2)}

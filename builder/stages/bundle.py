@@ -117,7 +117,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     controlled = any(c.startswith(f"{CONTROLNET_FOLDER}.") for c in p.components)  # then the UNet is ControlledUnet
     for component, compression in p.components.items():
         name = resource_name(component, controlled)
-        parts = zip((".chunk1", ".chunk2"), chunk_names(name)) if component in p.chunked else [("", name)]
+        parts = zip((".chunk1", ".chunk2"), chunk_names(name), strict=False) if component in p.chunked else [("", name)]
         for part, shipped_name in parts:
             precision = p.precision.get(component, "float16")
             models[shipped_name] = _ship(

@@ -42,7 +42,7 @@ def chunk_examples(chunks: Chunks, example: dict[str, torch.Tensor], index: int)
     if index == 1:
         return {name: example[name] for name in chunks.first.input_names}
     with torch.no_grad():
-        handed = dict(zip(chunks.first.output_names, chunks.first(*example.values()))) | example
+        handed = dict(zip(chunks.first.output_names, chunks.first(*example.values()), strict=False)) | example
     return {name: handed[name].contiguous() for name in chunks.second.input_names}
 
 
@@ -60,7 +60,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         traced = torch.jit.trace(chunk, tuple(own.values()), check_trace=False)
         whole = chunks.whole(*example.values())
         if p.chunk == 1:
-            handed = dict(zip(chunk.output_names, traced(*own.values()))) | example
+            handed = dict(zip(chunk.output_names, traced(*own.values()), strict=False)) | example
             chain = chunks.second(*(handed[name] for name in chunks.second.input_names))[0]
         else:
             chain = traced(*own.values())[0]

@@ -30,8 +30,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     traced = inputs["traced"]
     # A UNet chunk carries its own interface; a whole component has the rewrite stage's.
     interface = traced / "interface.json"
-    architecture = json.loads((interface if interface.is_file() else inputs["rewritten"] / "architecture.json").read_text())
+    architecture = json.loads(
+        (interface if interface.is_file() else inputs["rewritten"] / "architecture.json").read_text()
+    )
     dtypes = {"float32": np.float32, "float16": np.float16}
+
     # A float32 model takes float32 inputs: a float16 input would round the values before the first op.
     def dtype(spec: dict):
         return np.float32 if p.precision == "float32" else dtypes[spec["dtype"]]
@@ -53,10 +56,12 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         model = ct.convert(
             graph,
             inputs=[
-                ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtype(spec)) for spec in architecture["inputs"]
+                ct.TensorType(name=spec["name"], shape=spec["shape"], dtype=dtype(spec))
+                for spec in architecture["inputs"]
             ],
             outputs=[
-                ct.TensorType(name=name, dtype=dtypes[architecture["output_dtype"]]) if "output_dtype" in architecture
+                ct.TensorType(name=name, dtype=dtypes[architecture["output_dtype"]])
+                if "output_dtype" in architecture
                 else ct.TensorType(name=name)
                 for name in architecture["outputs"]
             ],

@@ -24,8 +24,16 @@ from builder.stages.tools import compile_unavailable, python_tools, xcode_versio
 
 GIB = 1024**3
 STAGE_VERSIONS = {
-    "source": "2", "rewrite": "2", "trace": "3", "convert": "2", "palettize": "2", "quantize": "1", "verify": "1", "compile": "1",
-    "bundle": "6", "chunk": "2",
+    "source": "2",
+    "rewrite": "2",
+    "trace": "3",
+    "convert": "2",
+    "palettize": "2",
+    "quantize": "1",
+    "verify": "1",
+    "compile": "1",
+    "bundle": "6",
+    "chunk": "2",
 }
 MINIMUM_PSNR_DB = 35.0
 
@@ -85,7 +93,8 @@ def _check_supported(loaded: LoadedRecipe) -> None:
         _check_controlnets(loaded)
         if recipe.components.unet.compression.mode == "mixed":
             raise _field_error(
-                loaded, "components.unet.compression.mode",
+                loaded,
+                "components.unet.compression.mode",
                 "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
                 "use mode: palettize with one nbits, or remove model.controlnets",
             )
@@ -118,8 +127,14 @@ def _source_stage(
         params = {"kind": hub_kind, "id": source.hub.id, "revision": source.hub.revision}
         origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
     stage = StageSpec(
-        id=stage_id, stage="source", version=STAGE_VERSIONS["source"], function="builder.stages.source:run",
-        params=params, param_origins=origins, external_inputs=checkpoint, tools=tools,
+        id=stage_id,
+        stage="source",
+        version=STAGE_VERSIONS["source"],
+        function="builder.stages.source:run",
+        params=params,
+        param_origins=origins,
+        external_inputs=checkpoint,
+        tools=tools,
         memory_estimate_bytes=memory_estimate(loaded, None),
     )
     return [stage], {"model": stage_id}, {}
@@ -134,13 +149,17 @@ def _check_controlnets(loaded: LoadedRecipe) -> None:
         field = f"model.controlnets.{index}"
         if source.synthetic is not None and source.synthetic.preset not in CONTROLNET_PRESETS:
             raise _field_error(
-                loaded, f"{field}.synthetic.preset", f"unknown synthetic ControlNet preset '{source.synthetic.preset}'",
+                loaded,
+                f"{field}.synthetic.preset",
+                f"unknown synthetic ControlNet preset '{source.synthetic.preset}'",
                 f"use one of: {', '.join(sorted(CONTROLNET_PRESETS))}",
             )
         name = controlnet_name(source)
         if name in seen:
             raise _field_error(
-                loaded, field, f"ControlNets {seen[name]} and {index} would both be controlnet/{name}",
+                loaded,
+                field,
+                f"ControlNets {seen[name]} and {index} would both be controlnet/{name}",
                 "list each ControlNet once (a local folder is named after its folder: rename one)",
             )
         seen[name] = index
@@ -151,13 +170,17 @@ def _check_has_safety_checker(loaded: LoadedRecipe) -> None:
     source = loaded.recipe.model
     if source.synthetic is not None and PRESETS[source.synthetic.preset].safety_checker is None:
         missing = f"synthetic preset '{source.synthetic.preset}' has no safety checker"
-    elif source.local is not None and source.local.path.is_dir() and not (source.local.path / "safety_checker").is_dir():
+    elif (
+        source.local is not None and source.local.path.is_dir() and not (source.local.path / "safety_checker").is_dir()
+    ):
         missing = f"{source.local.path} has no safety_checker/ folder"
     else:
         return
     with_checker = sorted(name for name, preset in PRESETS.items() if preset.safety_checker is not None)
     raise _field_error(
-        loaded, "components.safety_checker", missing,
+        loaded,
+        "components.safety_checker",
+        missing,
         f"remove safety_checker from components (SD 2.x pipelines ship without one); presets with one: {', '.join(with_checker)}",
     )
 
@@ -173,7 +196,13 @@ def _check_mixed_recipe(path: Path) -> None:
 # (UNet 5.6 GiB converting, when float32 and float16 weights coexist; text encoder 2.5 GiB; VAE
 # decoder 1.8 GiB; the synthetic source 5.6 GiB). Peaks grow with the weights: SDXL's UNet has 3x.
 _FULL_SIZE_PEAK_GIB = {
-    None: 6, "unet": 6, "unet_refiner": 6, "text_encoder": 3, "text_encoder_2": 3, "vae_decoder": 2, "vae_encoder": 2,
+    None: 6,
+    "unet": 6,
+    "unet_refiner": 6,
+    "text_encoder": 3,
+    "text_encoder_2": 3,
+    "vae_decoder": 2,
+    "vae_encoder": 2,
 }
 _SDXL_UNET_SCALE = 3
 
@@ -216,11 +245,19 @@ def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[
         else:
             params = {"kind": "controlnet_hub", "id": source.hub.id, "revision": source.hub.revision}
             origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
-        stages.append(StageSpec(
-            id=f"source:{label}", stage="source", component=label, version=STAGE_VERSIONS["source"],
-            function="builder.stages.source:run", params=params, param_origins=origins, tools=tools,
-            memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
-        ))
+        stages.append(
+            StageSpec(
+                id=f"source:{label}",
+                stage="source",
+                component=label,
+                version=STAGE_VERSIONS["source"],
+                function="builder.stages.source:run",
+                params=params,
+                param_origins=origins,
+                tools=tools,
+                memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
+            )
+        )
         jobs.append(_Job(label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
     return jobs
 
@@ -266,7 +303,9 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     precisions: dict[str, str] = {}
     controlled = bool(recipe.model.controlnets)  # then the UNet takes the ControlNets' residuals
     jobs = [
-        _Job(c.value, c.value, "controlled_unet" if controlled and c is Component.UNET else c.value, s, *sources[c.value])
+        _Job(
+            c.value, c.value, "controlled_unet" if controlled and c is Component.UNET else c.value, s, *sources[c.value]
+        )
         for c, s in recipe.components.enabled().items()
         if c is not Component.CONTROLNET
     ]
@@ -279,14 +318,25 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         rewrite_params = {"component": conversion_kind} | {name: settings[name][0] for name in depends_on}
         rewrite_origins = {name: settings[name][1] for name in depends_on}
 
-        def add(stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, part: str = "",
-                **extra) -> str:
+        def add(
+            stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, part: str = "", **extra
+        ) -> str:
             stage_id = f"{stage}:{c}{part}"
-            stages.append(StageSpec(
-                id=stage_id, stage=stage, component=f"{c}{part}", version=STAGE_VERSIONS[stage],
-                function=f"builder.stages.{stage}:run", params=params, param_origins=origins or {},
-                inputs=inputs, tools=extra.pop("tools", tools), memory_estimate_bytes=memory, **extra,
-            ))
+            stages.append(
+                StageSpec(
+                    id=stage_id,
+                    stage=stage,
+                    component=f"{c}{part}",
+                    version=STAGE_VERSIONS[stage],
+                    function=f"builder.stages.{stage}:run",
+                    params=params,
+                    param_origins=origins or {},
+                    inputs=inputs,
+                    tools=extra.pop("tools", tools),
+                    memory_estimate_bytes=memory,
+                    **extra,
+                )
+            )
             return stage_id
 
         rewrite = add("rewrite", component_inputs, rewrite_params, rewrite_origins, external_inputs=component_external)
@@ -296,10 +346,16 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             _check_mixed_recipe(compression.recipe)
             from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes
 
-            stages.append(probe_stage(
-                rewritten=rewrite, model=component_inputs.get("model") or component_external["model"], tools=tools,
-                memory_estimate_bytes=memory, family=recipe.family.value, component=c,
-            ))
+            stages.append(
+                probe_stage(
+                    rewritten=rewrite,
+                    model=component_inputs.get("model") or component_external["model"],
+                    tools=tools,
+                    memory_estimate_bytes=memory,
+                    family=recipe.family.value,
+                    component=c,
+                )
+            )
         chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
         # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared.
         for chunk in (1, 2) if chunked else (None,):
@@ -307,8 +363,13 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             chunk_params = {"chunk": chunk} if chunk else {}
             chunk_origins = {"chunk": "chunk_unet"} if chunk else {}
             if chunk:
-                trace = add("chunk", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB}
-                            | chunk_params, chunk_origins, part=part)
+                trace = add(
+                    "chunk",
+                    {"rewritten": rewrite},
+                    {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB} | chunk_params,
+                    chunk_origins,
+                    part=part,
+                )
             else:
                 trace = add("trace", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB})
             convert_params = {"component": c, "deployment_target": recipe.deployment_target.value} | chunk_params
@@ -323,22 +384,30 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             verify_inputs |= {"first": first_chunk} if chunk == 2 else {}
             if compression.mode == "mixed":
                 final = add(
-                    "palettize", {"model": final, "rewritten": rewrite},
+                    "palettize",
+                    {"model": final, "rewritten": rewrite},
                     {"weight_threshold": compression.weight_threshold} | chunk_params,
                     {"mbp_recipe": f"{settings_path}.recipe", "weight_threshold": f"{settings_path}.weight_threshold"}
                     | chunk_origins,
-                    external_inputs={"mbp_recipe": compression.recipe}, part=part,
+                    external_inputs={"mbp_recipe": compression.recipe},
+                    part=part,
                 )
                 scored = chunk != 1
                 bundle_inputs[f"verify.{c}{part}"] = add(
-                    "verify", verify_inputs | {"model": final} | ({"probe": f"analyze-inputs:{c}"} if scored else {}),
-                    chunk_params, chunk_origins, external_inputs={"mbp_recipe": compression.recipe} if scored else {},
+                    "verify",
+                    verify_inputs | {"model": final} | ({"probe": f"analyze-inputs:{c}"} if scored else {}),
+                    chunk_params,
+                    chunk_origins,
+                    external_inputs={"mbp_recipe": compression.recipe} if scored else {},
                     part=part,
                 )
             elif compression.mode in ("palettize", "quantize"):
                 params = compression.model_dump(mode="json", exclude={"mode"})
                 final = add(
-                    compression.mode, {"model": final}, params, {name: f"{settings_path}.{name}" for name in params},
+                    compression.mode,
+                    {"model": final},
+                    params,
+                    {name: f"{settings_path}.{name}" for name in params},
                     part=part,
                 )
                 if compression.mode == "palettize":
@@ -370,11 +439,18 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         "tools": compile_tools,
         "sdbuild_version": __version__,
     }
-    stages.append(StageSpec(
-        id="bundle", stage="bundle", version=STAGE_VERSIONS["bundle"], function="builder.stages.bundle:run",
-        params=bundle_params, param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
-        inputs=bundle_inputs | ({"tokenizer": "source"} if pipeline_inputs else {}),
-        external_inputs={"tokenizer": pipeline_external["model"]} if pipeline_external else {},
-        tools=tools, memory_estimate_bytes=1 * GIB,
-    ))
+    stages.append(
+        StageSpec(
+            id="bundle",
+            stage="bundle",
+            version=STAGE_VERSIONS["bundle"],
+            function="builder.stages.bundle:run",
+            params=bundle_params,
+            param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
+            inputs=bundle_inputs | ({"tokenizer": "source"} if pipeline_inputs else {}),
+            external_inputs={"tokenizer": pipeline_external["model"]} if pipeline_external else {},
+            tools=tools,
+            memory_estimate_bytes=1 * GIB,
+        )
+    )
     return Graph(stages)

@@ -19,7 +19,9 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = QuantizeParams.model_validate(params)
     model = ct.models.MLModel(str(inputs["model"] / "model.mlpackage"), skip_model_load=True)
     config = OptimizationConfig(
-        global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=p.weight_threshold),
+        global_config=OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", weight_threshold=p.weight_threshold
+        ),
         op_type_configs={"gather": None},  # embedding tables stay exact
     )
     package = out / "model.mlpackage"

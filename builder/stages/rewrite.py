@@ -31,7 +31,9 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = RewriteParams.model_validate(params)
     k = kind(p.component, p.family)
     reference = k.load(inputs["model"], k.subfolder).eval()
-    shape = ComponentShape(latent_size=p.latent_size, batch_size=p.batch_size, time_ids=pipeline_time_ids(inputs["model"]))
+    shape = ComponentShape(
+        latent_size=p.latent_size, batch_size=p.batch_size, time_ids=pipeline_time_ids(inputs["model"])
+    )
     specs = k.inputs(reference, shape)
     output_names = k.outputs_of(reference)
     examples = examples_for(p.component, inputs["model"], reference, specs)
@@ -40,7 +42,9 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     try:
         module = k.wrap(reference, p.attention).eval()  # may rewrite `reference` in place: outputs come first
     except ValueError as refused:  # a config the rewrite cannot honour, named by its key
-        raise UserError(f"{p.component}: {refused}", hint="this checkpoint's architecture is not supported yet") from None
+        raise UserError(
+            f"{p.component}: {refused}", hint="this checkpoint's architecture is not supported yet"
+        ) from None
 
     save_file({name: t.contiguous() for name, t in module.state_dict().items()}, out / "weights.safetensors")
     references = {f"input.{n}": t.contiguous() for n, t in examples.items()}

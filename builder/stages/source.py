@@ -12,12 +12,22 @@ from builder.sd.presets import get_controlnet_preset, get_preset
 from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
 
 # Only what conversion needs, and never pickled weights: safetensors, configs and tokenizer files.
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "scheduler/*.json", "tokenizer*/*",
-                 "feature_extractor/*.json"]
+_HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "*/*.safetensors",
+    "scheduler/*.json",
+    "tokenizer*/*",
+    "feature_extractor/*.json",
+]
 # Reduced-precision variants (SDXL's repositories hold float16 copies of every model) are never loaded.
 _HUB_EXCLUDED = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*.h5", "*.fp16.safetensors"]
 # A replacement VAE repository: one AutoencoderKL at the root (some also hold single-file copies).
-_VAE_HUB_PATTERNS = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model.safetensors.index.json"]
+_VAE_HUB_PATTERNS = [
+    "config.json",
+    "diffusion_pytorch_model*.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+]
 
 
 class SyntheticSourceParams(BaseModel):

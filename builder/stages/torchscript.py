@@ -22,8 +22,16 @@ import torch
 PLACEHOLDERS = "sdbuild/placeholders.json"
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -78,7 +86,9 @@ def read_tensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
     entries = _tensor_entries(path)
     missing = sorted(set(names) - set(entries))
     if missing:
-        raise ValueError(f"{path} holds no weight '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ValueError(
+            f"{path} holds no weight '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     tensors = {}
     with open(path, "rb") as file:
         for name in names:

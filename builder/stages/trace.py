@@ -43,7 +43,9 @@ def load_conversion_module(rewritten: Path) -> tuple[torch.nn.Module, dict]:
     return module.eval(), architecture
 
 
-def trace_capturing_outputs(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[torch.jit.ScriptModule, tuple]:
+def trace_capturing_outputs(
+    module: torch.nn.Module, example: tuple[torch.Tensor, ...]
+) -> tuple[torch.jit.ScriptModule, tuple]:
     """Trace `module` on `example` and keep the outputs of the forward pass tracing runs anyway.
 
     The trace records exactly the ops that produced these outputs, and running the traced graph
@@ -70,12 +72,12 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     decisions = set(architecture.get("decision_outputs", ()))
     scores = {
         name: round(psnr(value, references[f"output.{name}"]), 2)
-        for name, value in zip(architecture["outputs"], produced)
+        for name, value in zip(architecture["outputs"], produced, strict=False)
         if name not in decisions
     }
     agreement = {
         name: bool(torch.equal(value, references[f"output.{name}"]))
-        for name, value in zip(architecture["outputs"], produced)
+        for name, value in zip(architecture["outputs"], produced, strict=False)
         if name in decisions
     }
     save_graph(traced, out / "model.pt", inputs["rewritten"] / "weights.safetensors")

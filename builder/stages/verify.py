@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from builder.sd.psnr import psnr
 from builder.sd.chunk import Chunks
+from builder.sd.psnr import psnr
 from builder.sd.read_back import ReadBack, read_back
 from builder.stages.chunk import split
 from builder.stages.trace import load_conversion_module
@@ -41,7 +41,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     decisions = set(architecture.get("decision_outputs", ()))  # yes/no outputs: PSNR says nothing of them
     scores = {
         name: round(psnr(got, want), 2)
-        for name, got, want in zip(architecture["outputs"], produced, expected)
+        for name, got, want in zip(architecture["outputs"], produced, expected, strict=False)
         if name not in decisions
     }
     check: dict = {"read_back_psnr_db": scores}
@@ -64,7 +64,7 @@ def _chain_check(rewritten: Path, chunks: Chunks, first: ReadBack, second: ReadB
     example = {name: references[f"input.{name}"] for name in chunks.first.input_names}
     with torch.no_grad():
         expected = chunks.whole(*example.values())
-        handed = dict(zip(chunks.first.output_names, first.compressed(*example.values()))) | example
+        handed = dict(zip(chunks.first.output_names, first.compressed(*example.values()), strict=False)) | example
         produced = second.compressed(*(handed[name] for name in chunks.second.input_names))[0]
     return {"noise_pred": round(psnr(produced, expected), 2)}
 

@@ -57,8 +57,11 @@ class ControlledUnetModule(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, *residuals):
         return self.unet(
-            sample, timestep, encoder_hidden_states,
-            down_block_additional_residuals=residuals[:-1], mid_block_additional_residual=residuals[-1],
+            sample,
+            timestep,
+            encoder_hidden_states,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
             return_dict=False,
         )[0]
 
@@ -94,7 +97,10 @@ def controlled_unet_reference(unet: nn.Module, inputs: dict[str, torch.Tensor]) 
     text = inputs["encoder_hidden_states"].squeeze(2).transpose(1, 2)
     residuals = [value for name, value in inputs.items() if name.startswith(RESIDUAL_PREFIX)]
     out = unet(
-        inputs["sample"], inputs["timestep"], text,
-        down_block_additional_residuals=tuple(residuals[:-1]), mid_block_additional_residual=residuals[-1],
+        inputs["sample"],
+        inputs["timestep"],
+        text,
+        down_block_additional_residuals=tuple(residuals[:-1]),
+        mid_block_additional_residual=residuals[-1],
     )
     return [out.sample]

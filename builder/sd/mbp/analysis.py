@@ -63,8 +63,9 @@ class Candidate(BaseModel):
     layers: dict[str, int | None]
 
 
-def write_probe_inputs(pipeline: Path, family: str, latent_size: tuple[int, int], latent_channels: int,
-                       settings: ProbeSettings, out: Path) -> None:
+def write_probe_inputs(
+    pipeline: Path, family: str, latent_size: tuple[int, int], latent_channels: int, settings: ProbeSettings, out: Path
+) -> None:
     """Seeded latents and the UNet conditioning of the prompts (unconditional half first) from `pipeline`,
     made as the family's diffusers pipeline makes them (`builder.sd.conditioning`)."""
     import shutil
@@ -100,8 +101,9 @@ class Probe:
         config = json.loads((inputs / _SCHEDULER_DIR / "scheduler_config.json").read_text())
         self.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
         self.settings = ProbeSettings.model_validate_json((inputs / _SETTINGS_FILE).read_text())
-        self.originals = {layer.identity: module.get_parameter(layer.identity).detach().half().numpy().copy()
-                          for layer in layers}
+        self.originals = {
+            layer.identity: module.get_parameter(layer.identity).detach().half().numpy().copy() for layer in layers
+        }
         self.float16_weights = {name: p.detach().half().numpy().copy() for name, p in module.named_parameters()}
         self.applied: Recipe = {}
         self.evaluations = 0
@@ -111,7 +113,7 @@ class Probe:
         """Average PSNR over prompts of the final latents with `recipe` applied, against float16."""
         self._apply(recipe)
         produced = self._denoise()
-        return sum(psnr(p, r) for p, r in zip(produced, self.reference)) / len(self.reference)
+        return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=False)) / len(self.reference)
 
     def psnr_with(self, state: dict[str, torch.Tensor]) -> float:
         """Average PSNR over prompts with the given weights loaded (e.g. read back from a package)."""
@@ -123,7 +125,7 @@ class Probe:
         with torch.no_grad():
             for name in state:
                 self.module.get_parameter(name).copy_(torch.from_numpy(self.float16_weights[name].astype(np.float32)))
-        return sum(psnr(p, r) for p, r in zip(produced, self.reference)) / len(self.reference)
+        return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=False)) / len(self.reference)
 
     def _apply(self, recipe: Recipe) -> None:
         wanted = {identity: bits for identity, bits in recipe.items() if bits is not None}
@@ -175,8 +177,12 @@ def candidate(target_db: float, psnr_db: float, layers: Sequence[Layer], recipe:
     )
 
 
-def search_candidates(probe: Probe, layers: Sequence[Layer], sensitivity: dict[str, dict[int, float]],
-                      targets_db: Sequence[float] = DEFAULT_TARGETS_DB) -> list[Candidate]:
+def search_candidates(
+    probe: Probe,
+    layers: Sequence[Layer],
+    sensitivity: dict[str, dict[int, float]],
+    targets_db: Sequence[float] = DEFAULT_TARGETS_DB,
+) -> list[Candidate]:
     """One measured candidate per target, from the highest target down.
 
     Each target starts from the previous one's recipe and only lowers widths, so lower targets never
@@ -193,8 +199,11 @@ def search_candidates(probe: Probe, layers: Sequence[Layer], sensitivity: dict[s
     for target in sorted(targets_db, reverse=True):
         for bits in widths:
             eligible = sorted(
-                (identity for identity in order
-                 if (recipe.get(identity) or _FLOAT16_BITS) > bits and sensitivity[identity][bits] >= target),
+                (
+                    identity
+                    for identity in order
+                    if (recipe.get(identity) or _FLOAT16_BITS) > bits and sensitivity[identity][bits] >= target
+                ),
                 key=lambda identity: (-sensitivity[identity][bits], order[identity]),
             )
             low, high = 0, len(eligible)

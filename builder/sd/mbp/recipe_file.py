@@ -26,9 +26,8 @@ from typing import get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from builder.coreml.palettize import Nbits, PalettizeOptions
+from builder.coreml.palettize import Nbits, PalettizeOptions, float_weight_ops
 from builder.errors import RecipeError
-from builder.coreml.palettize import float_weight_ops
 from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD, Layer, const_name, op_names
 
 _APPLE_KEEP = 16  # Apple's recipes write 16 for a layer kept in float16
@@ -66,7 +65,10 @@ def load_recipe_file(path: Path) -> MbpRecipe:
         problem = invalid.errors()[0]
         location = tuple(problem["loc"])
         raise RecipeError(
-            path, problem["msg"], line=document.origin(location).line, field=".".join(map(str, location)),
+            path,
+            problem["msg"],
+            line=document.origin(location).line,
+            field=".".join(map(str, location)),
             hint=f"layer widths are one of {', '.join(map(str, get_args(Nbits)))} or null (float16); "
             "allowed keys: " + ", ".join(MbpRecipe.model_fields),
         ) from None
@@ -76,8 +78,14 @@ def write_recipe_file(recipe: MbpRecipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, width=200))
 
 
-def to_palettize_options(recipe_path: Path, layers: list[Layer], package: Path,
-                         weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD, *, chunk: bool = False) -> PalettizeOptions:
+def to_palettize_options(
+    recipe_path: Path,
+    layers: list[Layer],
+    package: Path,
+    weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD,
+    *,
+    chunk: bool = False,
+) -> PalettizeOptions:
     """Palettizer options applying the recipe file to the converted UNet `package`.
 
     `layers` are the conversion module's palettizable layers (`conversion_layers`). Every float weight
@@ -89,15 +97,21 @@ def to_palettize_options(recipe_path: Path, layers: list[Layer], package: Path,
     known = {layer.identity for layer in layers}
     unknown = [identity for identity in recipe.layers if identity not in known]
     if unknown:
-        raise RecipeError(recipe_path, f"no layer '{unknown[0]}' in this UNet ({len(unknown)} unknown in all)",
-                          field=f"layers.{unknown[0]}",
-                          hint="the recipe was made for another architecture; run `sdbuild analyze` for this model")
+        raise RecipeError(
+            recipe_path,
+            f"no layer '{unknown[0]}' in this UNet ({len(unknown)} unknown in all)",
+            field=f"layers.{unknown[0]}",
+            hint="the recipe was made for another architecture; run `sdbuild analyze` for this model",
+        )
     if chunk:
         present = {name for name, _ in float_weight_ops(package)}
         layers = [layer for layer in layers if const_name(layer.identity) in present]
     ops = op_names(layers, package)
-    by_op: dict[str, Nbits | None] = {name: None for name, shape in float_weight_ops(package)
-                                     if len(shape) > 1 and math.prod(shape) > weight_threshold}
+    by_op: dict[str, Nbits | None] = {
+        name: None
+        for name, shape in float_weight_ops(package)
+        if len(shape) > 1 and math.prod(shape) > weight_threshold
+    }
     for identity, op in ops.items():
         by_op[op] = recipe.layers.get(identity, recipe.default_nbits)
     return PalettizeOptions(weight_threshold=weight_threshold, nbits_by_op=by_op)
@@ -117,8 +131,11 @@ def import_apple_preanalysis(json_path: Path, identities: Collection[str]) -> Ap
         recipes, baselines = analysis["recipes"], analysis.get("baselines", {})
         model = analysis.get("model_version", json_path.stem)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise RecipeError(json_path, f"not an Apple pre-analysis file: {type(error).__name__}: {error}",
-                          hint="use the *_palettization_recipe.json that mixed_bit_compression_pre_analysis.py writes") from None
+        raise RecipeError(
+            json_path,
+            f"not an Apple pre-analysis file: {type(error).__name__}: {error}",
+            hint="use the *_palettization_recipe.json that mixed_bit_compression_pre_analysis.py writes",
+        ) from None
     known = set(identities)
     result, unmapped = {}, set()
     for key, layers in recipes.items():
@@ -131,10 +148,18 @@ def import_apple_preanalysis(json_path: Path, identities: Collection[str]) -> Ap
             ours[identity] = None if bits == _APPLE_KEEP else bits
         average = _APPLE_RECIPE_KEY.match(key)
         try:
-            result[key] = MbpRecipe(model=f"{model} (Apple pre-analysis, {key})", psnr_db=baselines.get(key),
-                                    bits_per_weight=float(average.group(1)) if average else None, layers=ours)
+            result[key] = MbpRecipe(
+                model=f"{model} (Apple pre-analysis, {key})",
+                psnr_db=baselines.get(key),
+                bits_per_weight=float(average.group(1)) if average else None,
+                layers=ours,
+            )
         except ValidationError as invalid:
             problem = invalid.errors()[0]
-            raise RecipeError(json_path, problem["msg"], field=f"recipes.{key}.{problem['loc'][-1]}",
-                              hint="Apple's widths are 1, 2, 4, 6, 8 or 16 (float16)") from None
+            raise RecipeError(
+                json_path,
+                problem["msg"],
+                field=f"recipes.{key}.{problem['loc'][-1]}",
+                hint="Apple's widths are 1, 2, 4, 6, 8 or 16 (float16)",
+            ) from None
     return AppleImport(recipes=result, unmapped=sorted(unmapped))
