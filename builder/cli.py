@@ -109,13 +109,17 @@ def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
 
 
 def _located(failure: StageFailed, loaded: LoadedRecipe, graph) -> UserError:
-    """An expected stage failure told against the recipe field it comes from, when one is known."""
-    if not failure.expected or failure.stage_id is None:
+    """A stage failure told against the recipe: an expected one at the field its params came from,
+    an unexpected one (a bug, or the machine) at the component whose stage failed."""
+    if failure.stage_id is None or failure.stage_id not in graph:
         return failure
-    origins = graph[failure.stage_id].param_origins
-    if not origins:
+    spec = graph[failure.stage_id]
+    if failure.expected and spec.param_origins:
+        field = next(iter(spec.param_origins.values()))
+    elif not failure.expected and spec.component is not None:
+        field = f"components.{spec.component.split('.')[0]}"
+    else:
         return failure
-    field = next(iter(origins.values()))
     file, _, line = loaded.origin(field).rpartition(":")
     return RecipeError(
         file, failure.message, line=int(line) if line.isdigit() else None, field=field, hint=failure.hint
@@ -204,6 +208,7 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
         report = write_report(
             bundle,
             pipeline=pipeline,
+            verified=[engine.output_path(r) for stage_id, r in results.items() if stage_id.startswith("verify:unet")],
             candidates=args.candidates,
             prompts=args.prompts or DEFAULT_PROMPTS,
             seeds=args.seeds or DEFAULT_SEEDS,

@@ -135,3 +135,17 @@ def held_graph(control: Path) -> Graph:
 if __name__ == "__main__":
     # python engine_stages.py CACHE CONTROL: build held_graph, for tests that kill or race a build.
     Engine(Path(sys.argv[1]), "held").build(held_graph(Path(sys.argv[2])), jobs=1)
+
+
+
+def threads_seen(inputs: dict[str, Path], params: dict, out: Path) -> dict:
+    """Reports the torch thread count the worker was given, and journals its start and end."""
+    import torch
+
+    _journal(params, f"start {params['name']}")
+    if "peer" in params:  # succeeds only if the peer runs at the same time
+        control = Path(params["control"])
+        (control / f"{params['name']}.started").touch()
+        _wait_for(lambda: (control / f"{params['peer']}.started").exists(), f"stage {params['peer']}")
+    _journal(params, f"end {params['name']}")
+    return {"threads": torch.get_num_threads()}

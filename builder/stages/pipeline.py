@@ -30,12 +30,15 @@ STAGE_VERSIONS = {
     "convert": "2",
     "palettize": "2",
     "quantize": "1",
-    "verify": "1",
+    "verify": "2",
     "compile": "1",
-    "bundle": "6",
-    "chunk": "2",
+    "bundle": "7",
+    "chunk": "3",
 }
 MINIMUM_PSNR_DB = 35.0
+# Stages whose work one core does (writing seeded weights or downloading, coremltools' conversion,
+# the Core ML compiler, copying files): given one thread, so they run beside the stages that use many.
+SINGLE_THREADED = frozenset({"source", "convert", "compile", "bundle"})
 
 
 def _field_error(loaded: LoadedRecipe, field: str, message: str, hint: str) -> RecipeError:
@@ -136,6 +139,7 @@ def _source_stage(
         external_inputs=checkpoint,
         tools=tools,
         memory_estimate_bytes=memory_estimate(loaded, None),
+        parallel=False,
     )
     return [stage], {"model": stage_id}, {}
 
@@ -256,6 +260,7 @@ def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[
                 param_origins=origins,
                 tools=tools,
                 memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
+                parallel=False,
             )
         )
         jobs.append(_Job(label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
@@ -334,6 +339,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     inputs=inputs,
                     tools=extra.pop("tools", tools),
                     memory_estimate_bytes=memory,
+                    parallel=stage not in SINGLE_THREADED,
                     **extra,
                 )
             )
@@ -357,7 +363,9 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                 )
             )
         chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
-        # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared.
+        # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared. Chunk 2's
+        # stages read chunk 1's: its trace takes chunk 1's hand-over, its verify chunk 1's read-back.
+        first: dict[str, str] = {}
         for chunk in (1, 2) if chunked else (None,):
             part = f".chunk{chunk}" if chunk else ""
             chunk_params = {"chunk": chunk} if chunk else {}
@@ -365,7 +373,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             if chunk:
                 trace = add(
                     "chunk",
-                    {"rewritten": rewrite},
+                    {"rewritten": rewrite} | ({"first": first["trace"]} if chunk == 2 else {}),
                     {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB} | chunk_params,
                     chunk_origins,
                     part=part,
@@ -377,11 +385,14 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             if precision != "float16":  # float16 is the default, so float16 components keep their keys
                 convert_params["precision"] = precision
                 convert_origins["precision"] = "family"
-            final = add("convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part)
+            converted = add(
+                "convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part
+            )
+            final = converted
             settings_path = f"components.{c}.compression"
-            # Chunk 2's verify also runs both compressed chunks in sequence (and scores a mixed-bit recipe).
-            verify_inputs = {"rewritten": rewrite} | ({"traced": trace} if chunk else {})
-            verify_inputs |= {"first": first_chunk} if chunk == 2 else {}
+            verify_inputs = {"rewritten": rewrite, "float16": converted} | ({"traced": trace} if chunk else {})
+            verify_inputs |= {"handover": first["verify"]} if chunk == 2 else {}
+            verified = None
             if compression.mode == "mixed":
                 final = add(
                     "palettize",
@@ -392,10 +403,13 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     external_inputs={"mbp_recipe": compression.recipe},
                     part=part,
                 )
+                # The analysis workload runs the whole UNet: scored unchunked, or at chunk 2 with both chunks.
                 scored = chunk != 1
-                bundle_inputs[f"verify.{c}{part}"] = add(
+                verify_inputs |= {"probe": f"analyze-inputs:{c}"} if scored else {}
+                verify_inputs |= {"first": first["final"]} if chunk == 2 else {}
+                verified = add(
                     "verify",
-                    verify_inputs | {"model": final} | ({"probe": f"analyze-inputs:{c}"} if scored else {}),
+                    verify_inputs | {"model": final},
                     chunk_params,
                     chunk_origins,
                     external_inputs={"mbp_recipe": compression.recipe} if scored else {},
@@ -411,10 +425,10 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     part=part,
                 )
                 if compression.mode == "palettize":
-                    bundle_inputs[f"verify.{c}{part}"] = add(
-                        "verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part
-                    )
-            first_chunk = final
+                    verified = add("verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part)
+            if verified is not None:
+                bundle_inputs[f"verify.{c}{part}"] = verified
+            first = {"trace": trace, "final": final, "verify": verified or ""}
             compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable, part=part)
             bundle_inputs |= {f"model.{c}{part}": final, f"compiled.{c}{part}": compiled, f"check.{c}{part}": trace}
         if chunked:
@@ -451,6 +465,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             external_inputs={"tokenizer": pipeline_external["model"]} if pipeline_external else {},
             tools=tools,
             memory_estimate_bytes=1 * GIB,
+            parallel=False,
         )
     )
     return Graph(stages)

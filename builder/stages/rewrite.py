@@ -65,4 +65,4 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     if k.decision_outputs:
         architecture["decision_outputs"] = list(k.decision_outputs)
     (out / "architecture.json").write_text(json.dumps(architecture, indent=2, sort_keys=True, default=str))
-    return {"parameters": sum(t.numel() for t in module.state_dict().values())}
+    return {"parameters": sum(t.numel() for t in module.state_dict().values()), "forward_passes": 1}
