@@ -39,7 +39,7 @@ class Workspace:
         return load_recipe(Path(recipe), workspace=self.root)
 
     def engine(self, loaded: LoadedRecipe) -> Engine:
-        return Engine(self.cache, target=loaded.recipe.name)
+        return Engine(self.cache, target=loaded.recipe.name, inputs_root=self.root)
 
 
 def _gib(value: int | None) -> str:
