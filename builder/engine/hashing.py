@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from builder.engine.files import write_json_atomic
 from builder.errors import UserError
+from builder.faults import FAULT_ERRNOS
 
 _BLOCK = 1 << 20
 _MEMO_FORMAT = 1
@@ -98,7 +99,12 @@ class DigestMemo:
                 return
             snapshot = {"format": _MEMO_FORMAT, "entries": dict(self._entries)}
             self._dirty = False
-        write_json_atomic(self.path, snapshot)
+        try:
+            write_json_atomic(self.path, snapshot)
+        except OSError as problem:
+            # The memo only saves re-hashing: a read-only or full cache can still be planned and verified.
+            if problem.errno not in FAULT_ERRNOS:
+                raise
 
 
 class NotRegularFile(ValueError):

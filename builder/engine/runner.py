@@ -15,11 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.engine.files import remove_tree
 from builder.engine.hashing import FileDigest, NotRegularFile, digest_folder
 from builder.engine.launch import Launcher, WorkerProcess
-from builder.engine.protocol import USER_ERROR_EXIT, WorkerRequest, WorkerResult, WorkerUserError, user_error_path
+from builder.engine.protocol import (
+    FAULT_EXIT,
+    USER_ERROR_EXIT,
+    WorkerRequest,
+    WorkerResult,
+    WorkerUserError,
+    user_error_path,
+)
 from builder.engine.spec import StageSpec
 from builder.errors import StageFailed
+from builder.faults import free_bytes, size_text
 
 _LOG_TAIL_LINES = 20
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -126,13 +135,35 @@ def watch(job: Job, outcomes: queue.Queue[Outcome]) -> None:
 
 
 def _collect(job: Job, returncode: int, seconds: float) -> Outcome:
+    outcome = _outcome(job, returncode, seconds)
+    if outcome.error is not None:  # keep the log, give back the space a failed output took
+        remove_tree(job.out)
+        remove_tree(job.folder / "tmp")
+    return outcome
+
+
+def _outcome(job: Job, returncode: int, seconds: float) -> Outcome:
     if returncode < 0:
         return Outcome(job, seconds, error=_failure(job, f"was killed by {signal.Signals(-returncode).name}"))
     reported = user_error_path(job.folder / "result.json")
     if returncode == USER_ERROR_EXIT and reported.is_file():
         problem = WorkerUserError.model_validate_json(reported.read_bytes())
-        error = StageFailed(f"{job.spec.id}: {problem.message}", problem.hint, stage_id=job.spec.id, expected=True)
+        error = StageFailed(
+            f"{job.spec.id}: {problem.message}", problem.hint, stage_id=job.spec.id, expected=not problem.fault
+        )
         return Outcome(job, seconds, error=error)
+    if returncode == FAULT_EXIT:
+        free = free_bytes(job.folder)
+        return Outcome(
+            job,
+            seconds,
+            error=StageFailed(
+                f"stage {job.spec.id} failed: the cache's file system is full or unwritable"
+                + (f" ({size_text(free)} free)" if free is not None else ""),
+                "free space there or use another --cache-dir; stages that finished are cached",
+                stage_id=job.spec.id,
+            ),
+        )
     if returncode > 0:
         return Outcome(job, seconds, error=_failure(job, f"failed (exit status {returncode})"))
     result_file = job.folder / "result.json"

@@ -56,7 +56,7 @@ def resolve_written(value: str | Path, folder: Path) -> Path:
     """A path as written in a recipe, resolved against the folder of the file that wrote it; the
     empty string, which would silently name that folder, is refused."""
     if str(value).strip() == "":
-        raise UnresolvablePath("the path is empty")
+        raise UnresolvablePath("the path is empty (it would name the folder of the recipe itself)")
     try:
         return resolve(folder / value)
     except UnresolvablePath as problem:
