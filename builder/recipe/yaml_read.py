@@ -21,6 +21,7 @@ from .document import Document, FieldPath, Origin, dotted
 from .paths import WrittenIn
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ def read_document(file: Path, shown: str, limits: Limits = RECIPE_LIMITS) -> Doc
     try:
         loader = _BoundedLoader(text, shown, limits)
     except yaml.YAMLError as error:  # e.g. a control character the YAML reader refuses
-        raise _syntax_error(shown, error) from None
+        raise _syntax_error(shown, error, text) from None
     try:
         return _document(loader, file.parent, shown, limits)
     except yaml.YAMLError as error:
-        raise _syntax_error(shown, error) from None
+        raise _syntax_error(shown, error, text) from None
     finally:
         loader.dispose()
 
@@ -118,16 +119,21 @@ def _document(loader: _BoundedLoader, folder: Path, shown: str, limits: Limits) 
     return Document(data, origins)
 
 
-def _syntax_error(shown: str, error: yaml.YAMLError) -> RecipeError:
+def _syntax_error(shown: str, error: yaml.YAMLError, text: str) -> RecipeError:
+    line = None
     if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark or error.context_mark
         problem = "; ".join(part for part in (error.context, error.problem) if part)
+        line = mark.line + 1 if mark else None
+    elif isinstance(error, yaml.reader.ReaderError):  # a character YAML refuses, by its position
+        mark, problem = None, f"character {error.character!r} is not allowed in YAML"
+        line = text.count("\n", 0, error.position) + 1
     else:
         mark, problem = None, str(error)
     return RecipeError(
         shown,
         f"invalid YAML: {problem}" + (f" (column {mark.column + 1})" if mark else ""),
-        line=mark.line + 1 if mark else None,
+        line=line,
         hint="fix the YAML syntax here: check the indentation, a missing ':' after a key, "
         "or an unclosed quote or bracket",
     )
@@ -161,6 +167,13 @@ class _Converter:
                 path,
                 f"values are nested more than {self.limits.max_depth} levels deep (aliases expanded)",
                 "write the values out instead of nesting aliases",
+            )
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
+            raise self._error(
+                node,
+                path,
+                f"the YAML tag {node.tag} is not supported",
+                "remove the tag: recipes hold plain mappings, lists and values",
             )
         if node in parents:
             raise self._error(
