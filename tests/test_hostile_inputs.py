@@ -148,3 +148,19 @@ def test_mutated_recipes_exit_0_or_2_with_a_located_error(hostile_workspace, tex
         assert outcome.located(recipe), f"{outcome.output}\n--- recipe:\n{text}"
     assert outcome.seconds < BOUND_SECONDS
     assert "secret" not in outcome.output
+
+
+def test_a_size_the_machine_cannot_hold_is_refused_before_any_stage(hostile_workspace, monkeypatch):
+    """tiny-sd at its largest size: ORIGINAL attention's scores alone take about 100 GB."""
+    from builder.stages import preflight
+
+    monkeypatch.setattr(preflight, "machine_memory_bytes", lambda: 16 << 30)
+    workspace, _ = hostile_workspace
+    recipe = write_case(workspace, Case("largest", VALID.replace("[16, 16]", "[192, 192]"), ""))
+    outcome = plan(workspace, recipe)
+    assert outcome.code == 2 and outcome.located(recipe), outcome.output
+    message = " ".join(outcome.output.split())
+    assert "latent_size" in message and "this machine has 16.0 GiB" in message and "--force" in message
+    assert plan(workspace, recipe, "--force").code == 0
+    smaller = write_case(workspace, Case("smaller", VALID.replace("[16, 16]", "[64, 64]"), ""))
+    assert plan(workspace, smaller).code == 0
