@@ -173,7 +173,7 @@ def plan(workspace: Path, recipe: str, *extra: str) -> Outcome:
             code: int | str = main(
                 ["--workspace", str(workspace), "--cache-dir", str(workspace / "cache"), "plan", recipe, *extra]
             )
-    except BaseException as error:  # noqa: BLE001 - whatever escapes is what the test reports
+    except Exception as error:  # whatever escapes main is what the test reports
         code = f"{type(error).__name__}: {str(error)[:200]}"
     finally:
         os.chdir(cwd)

@@ -71,7 +71,7 @@ class Outcome:
 
 
 def work_folder(tmp: Path, stage_id: str) -> Path:
-    readable = re.sub(r"[^A-Za-z0-9._-]", "_", stage_id)
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", stage_id)[:100]  # a long ControlNet name must not overflow NAME_MAX
     return tmp / f"{readable}-{hashlib.sha256(stage_id.encode()).hexdigest()[:8]}"
 
 

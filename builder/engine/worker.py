@@ -79,7 +79,7 @@ def main(request_file: str) -> None:
 
 def _fault(error: Exception, request: WorkerRequest) -> EnvironmentFault | None:
     """A disk-full or unwritable-folder failure, with how much the stage had written when it struck."""
-    fault = as_fault(error, "writing the stage's output", where=request.out)
+    fault = as_fault(error, "running the stage", where=request.out)
     if fault is None:
         return None
     written = sum(
