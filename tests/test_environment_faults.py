@@ -92,6 +92,27 @@ def test_building_into_a_read_only_cache_is_one_clear_error(copied, monkeypatch,
     assert "read-only" in err and str(copied.cache) in err and "fix:" in err
 
 
+def test_disk_full_in_the_build_process_is_one_block_and_the_next_build_resumes(copied, monkeypatch, capsys):
+    """The parent writes each stage's record after moving its output in; a full disk there loses nothing."""
+    from builder.engine.store import Store
+
+    recipe = copied.root / "recipes" / "tiny-sd.yaml"
+    recipe.write_text(recipe.read_text().replace("compute_unit: CPU_AND_GPU", "compute_unit: CPU_AND_NE"))
+    real_write_record = Store.write_record
+
+    def write_record(self, record):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.record_path(record.key)))
+
+    monkeypatch.setattr(Store, "write_record", write_record)
+    assert _cli(copied, "build", "recipes/tiny-sd.yaml") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err
+    assert f"writing the cache {copied.cache} failed: no space left on the device" in err and "free there" in err
+    monkeypatch.setattr(Store, "write_record", real_write_record)
+    assert _cli(copied, "verify", "--full") == 0
+    assert _cli(copied, "build", "recipes/tiny-sd.yaml") == 0
+
+
 def test_publishing_into_read_only_artifacts_is_one_clear_error(copied, monkeypatch, capsys):
     shutil.rmtree(copied.root / "artifacts")
     real_copytree = shutil.copytree
