@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang-seconds", type=int, default=60)
     parser.add_argument("--source", type=Path, default=None, help="measure the builder package in this folder")
+    parser.add_argument("--list", action="store_true", help="name every case that is not a clean located error")
     args = parser.parse_args()
     if args.source is not None:
         _use_source(args.source.resolve())
@@ -81,6 +82,7 @@ def main() -> None:
     cases = catalogue(workspace, root / "outside")
     mutated = [Case(f"mutation {i}", text, "") for i, text in enumerate(_mutations(VALID, args.mutations, args.seed))]
     counts: Counter[str] = Counter()
+    named: dict[str, list[str]] = {}
     slowest = 0.0
     for case in [*cases, *mutated]:
         bad = not case.name.startswith("mutation")
@@ -90,6 +92,7 @@ def main() -> None:
             outcome = plan(workspace, recipe)
         except Hang:
             counts["hang"] += 1
+            named.setdefault("hang", []).append(case.name)
             continue
         finally:
             signal.alarm(0)
@@ -97,13 +100,16 @@ def main() -> None:
             counts["flood (>200 lines)"] += 1
         slowest = max(slowest, outcome.seconds)
         if outcome.traceback or outcome.code not in (0, 2):
-            counts["traceback"] += 1
+            kind = "traceback"
         elif outcome.code == 0:
-            counts["accepted bad recipe" if bad else "valid after mutation"] += 1
+            kind = "accepted bad recipe" if bad else "valid after mutation"
         elif outcome.located(case.where or recipe, line=case.line):
-            counts["clean located error"] += 1
+            kind = "clean located error"
         else:
-            counts["error without a line or fix"] += 1
+            kind = "error without a line or fix"
+        counts[kind] += 1
+        if kind != "clean located error":
+            named.setdefault(kind, []).append(case.name)
     print(
         json.dumps(
             {
@@ -112,7 +118,8 @@ def main() -> None:
                 "mutations": len(mutated),
                 "outcomes": dict(sorted(counts.items())),
                 "slowest_seconds": round(slowest, 2),
-            },
+            }
+            | ({"cases": named} if args.list else {}),
             indent=1,
         )
     )

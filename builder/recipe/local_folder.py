@@ -68,7 +68,11 @@ def folder_entries(root: Path, workspace: Path | None) -> tuple[list[str], list[
                     continue
                 target = real
             else:
-                info = entry.stat(follow_symlinks=False)
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except OSError as error:
+                    problems.append(_problem(relative, f"cannot be read ({error.strerror})"))
+                    continue
             if stat.S_ISDIR(info.st_mode):
                 key = os.path.realpath(target)
                 if key in seen:
