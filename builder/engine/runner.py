@@ -31,6 +31,7 @@ from builder.errors import StageFailed
 from builder.faults import free_bytes, size_text
 
 _LOG_TAIL_LINES = 20
+_NEARLY_FULL_BYTES = 1 << 20
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # The folder holding the `builder` package, so `-m builder.engine.worker` works even when not installed.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
@@ -152,14 +153,18 @@ def _outcome(job: Job, returncode: int, seconds: float) -> Outcome:
             f"{job.spec.id}: {problem.message}", problem.hint, stage_id=job.spec.id, expected=not problem.fault
         )
         return Outcome(job, seconds, error=error)
-    if returncode == FAULT_EXIT:
+    if returncode == FAULT_EXIT:  # the worker could not even write why: the disk is full or not writable
         free = free_bytes(job.folder)
+        why = (
+            f"no space left on the device ({size_text(free)} free at {job.folder})"
+            if free is not None and free < _NEARLY_FULL_BYTES
+            else f"its work folder {job.folder} cannot be written"
+        )
         return Outcome(
             job,
             seconds,
             error=StageFailed(
-                f"stage {job.spec.id} failed: the cache's file system is full or unwritable"
-                + (f" ({size_text(free)} free)" if free is not None else ""),
+                f"stage {job.spec.id} failed: {why}",
                 "free space there or use another --cache-dir; stages that finished are cached",
                 stage_id=job.spec.id,
             ),
