@@ -124,7 +124,6 @@ def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
             raise EnvironmentFault(
                 f"{doing} needs {size_text(needed)}, but {dest.parent} has {size_text(free)} free",
                 "free space there; the built stages stay cached, so the next build only publishes",
-                path=str(dest.parent),
             )
         try:
             publish_tree(bundle, dest, extra={OWNER_FILE: owner_record(loaded, workspace.root)})

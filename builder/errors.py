@@ -74,8 +74,3 @@ class EnvironmentFault(UserError):
     """The machine, not the input, stopped the work: no space left, a read-only or unwritable folder,
     a name the file system cannot hold. Says what was being done, where, and (for a full disk) how
     much space was needed and is free. Whatever was already built is kept."""
-
-    def __init__(self, message: str, hint: str, *, path: str | None = None, reason: str = ""):
-        super().__init__(message, hint)
-        self.path = path
-        self.reason = reason

@@ -77,4 +77,4 @@ def as_fault(
             message += f"; needed {size_text(needed_bytes)}"
         if free is not None:
             message += f"; {size_text(free)} free there now"
-    return EnvironmentFault(message, hint + "; nothing already built was lost", path=path, reason=reason)
+    return EnvironmentFault(message, hint + "; nothing already built was lost")
