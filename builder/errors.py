@@ -68,3 +68,9 @@ class StageFailed(UserError):
         super().__init__(message, hint)
         self.stage_id = stage_id
         self.expected = expected
+
+
+class EnvironmentFault(UserError):
+    """The machine, not the input, stopped the work: no space left, a read-only or unwritable folder,
+    a name the file system cannot hold. Says what was being done, where, and (for a full disk) how
+    much space was needed and is free. Whatever was already built is kept."""

@@ -26,6 +26,8 @@ class WorkerRequest(BaseModel):
 
 # Exit status meaning "the stage reported a UserError, see user-error.json".
 USER_ERROR_EXIT = 3
+# Exit status meaning "the environment failed the stage (e.g. disk full) and even its report could not be written".
+FAULT_EXIT = 4
 
 
 def user_error_path(result: Path) -> Path:
@@ -38,6 +40,7 @@ class WorkerUserError(BaseModel):
 
     message: str
     hint: str | None
+    fault: bool = False  # the environment, not the input, failed the stage: no recipe line to blame
 
 
 class WorkerResult(BaseModel):

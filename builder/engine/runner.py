@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder.engine.files import remove_tree
 from builder.engine.hashing import FileDigest, NotRegularFile, digest_folder
 from builder.engine.launch import Launcher, WorkerProcess
 from builder.engine.protocol import (
+    FAULT_EXIT,
     USER_ERROR_EXIT,
     WorkerCrash,
     WorkerRequest,
@@ -29,8 +31,10 @@ from builder.engine.protocol import (
 from builder.engine.spec import StageSpec
 from builder.engine.threads import USER_VARIABLES
 from builder.errors import StageFailed
+from builder.faults import free_bytes, size_text
 
 _LOG_TAIL_LINES = 20
+_NEARLY_FULL_BYTES = 1 << 20
 # The folder holding the `builder` package, so `-m builder.engine.worker` works even when not installed.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -71,7 +75,7 @@ class Outcome:
 
 
 def work_folder(tmp: Path, stage_id: str) -> Path:
-    readable = re.sub(r"[^A-Za-z0-9._-]", "_", stage_id)
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", stage_id)[:100]  # a long ControlNet name must not overflow NAME_MAX
     return tmp / f"{readable}-{hashlib.sha256(stage_id.encode()).hexdigest()[:8]}"
 
 
@@ -140,13 +144,39 @@ def watch(job: Job, outcomes: queue.Queue[Outcome]) -> None:
 
 
 def _collect(job: Job, returncode: int, seconds: float) -> Outcome:
+    outcome = _outcome(job, returncode, seconds)
+    if outcome.error is not None:  # keep the log, give back the space a failed output took
+        remove_tree(job.out)
+        remove_tree(job.folder / "tmp")
+    return outcome
+
+
+def _outcome(job: Job, returncode: int, seconds: float) -> Outcome:
     if returncode < 0:
         return Outcome(job, seconds, error=_failure(job, f"was killed by {signal.Signals(-returncode).name}"))
     reported = user_error_path(job.folder / "result.json")
     if returncode == USER_ERROR_EXIT and reported.is_file():
         problem = WorkerUserError.model_validate_json(reported.read_bytes())
-        error = StageFailed(f"{job.spec.id}: {problem.message}", problem.hint, stage_id=job.spec.id, expected=True)
+        error = StageFailed(
+            f"{job.spec.id}: {problem.message}", problem.hint, stage_id=job.spec.id, expected=not problem.fault
+        )
         return Outcome(job, seconds, error=error)
+    if returncode == FAULT_EXIT:  # the worker could not even write why: the disk is full or not writable
+        free = free_bytes(job.folder)
+        why = (
+            f"no space left on the device ({size_text(free)} free at {job.folder})"
+            if free is not None and free < _NEARLY_FULL_BYTES
+            else f"its work folder {job.folder} cannot be written"
+        )
+        return Outcome(
+            job,
+            seconds,
+            error=StageFailed(
+                f"stage {job.spec.id} failed: {why}",
+                "free space there or use another --cache-dir; stages that finished are cached",
+                stage_id=job.spec.id,
+            ),
+        )
     if returncode > 0:
         return Outcome(job, seconds, error=_failure(job, f"failed (exit status {returncode})"))
     result_file = job.folder / "result.json"

@@ -20,6 +20,7 @@ from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
 from builder.sd.settings import ANALYSED_COMPONENTS, CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
+from builder.stages.preflight import check_sources, size_extra_bytes
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
@@ -212,13 +213,15 @@ _SDXL_UNET_SCALE = 3
 
 
 def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
-    """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot."""
+    """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot;
+    sizes above the family's native one add what their attention scores take."""
+    extra = size_extra_bytes(loaded, component)
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
-        return 1 * GIB
+        return 1 * GIB + extra
     estimate = _FULL_SIZE_PEAK_GIB.get(component, 4)
     if component in ("unet", "unet_refiner") and loaded.recipe.family.value == "sdxl":
         estimate *= _SDXL_UNET_SCALE
-    return estimate * GIB
+    return estimate * GIB + extra
 
 
 class _Job(NamedTuple):
@@ -270,6 +273,7 @@ def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[
 def build_graph(loaded: LoadedRecipe) -> Graph:
     """The stage graph for `loaded`, or a RecipeError naming the field this version cannot build."""
     _check_supported(loaded)
+    check_sources(loaded)
     recipe = loaded.recipe
     tools = python_tools()
     stages: list[StageSpec] = []

@@ -57,9 +57,11 @@ class AppleImport(BaseModel):
 
 def load_recipe_file(path: Path) -> MbpRecipe:
     """Read and validate an MBP recipe file; problems raise RecipeError at the offending key."""
-    from builder.recipe.yaml_read import read_document
+    from builder.recipe.yaml_read import Limits, read_document
 
-    document = read_document(path, str(path))
+    # One key per palettizable layer: an SDXL UNet has a few thousand.
+    limits = Limits(max_bytes=8 << 20, max_depth=16, max_aliases=64, max_values=100_000)
+    document = read_document(path, str(path), limits)
     try:
         return MbpRecipe.model_validate(document.data)
     except ValidationError as invalid:
