@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from builder.coreml import bits
 from builder.coreml.program import ValueReader, is_float_blob, op_name, operations, read_spec, value_reader
 
 _CONSTEXPR_PREFIX = "constexpr_"
@@ -30,12 +31,10 @@ def compressed_const_names(package: Path) -> frozenset[str]:
 def _lut_weight(op: Any, read: ValueReader) -> np.ndarray:
     """Dense weight of a `constexpr_lut_to_dense` op, in either target's form."""
     if "lut" in op.attributes:  # iOS16/17: one LUT, indices packed into bytes, and the shape
-        from coremltools.optimize._utils import restore_elements_from_packed_bits
-
         lut, shape = read(op.attributes["lut"]), read(op.attributes["shape"])
         nbits = int(np.log2(lut.size))
-        packed = restore_elements_from_packed_bits(read(op.attributes["indices"]), nbits, int(np.prod(shape)))
-        return lut[packed].reshape(tuple(shape))
+        indices = bits.unpack(read(op.attributes["indices"]), nbits, int(np.prod(shape)))
+        return lut[indices].reshape(tuple(shape))
     # iOS18: a (groups per axis..., entries, 1) LUT; each axis's groups split it into equal blocks.
     lut, indices = (read(op.inputs[p].arguments[0].value) for p in ("lut", "indices"))
     if lut.shape[-1] != 1:
