@@ -154,6 +154,13 @@ def fill_disk(inputs: dict[str, Path], params: dict, out: Path) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "weights.bin"))
 
 
+def edit_file(inputs: dict[str, Path], params: dict, out: Path) -> None:
+    """Replaces text in a file (a source file, for the tests of code-keyed caching)."""
+    path = Path(params["path"])
+    path.write_text(path.read_text().replace(params["old"], params["new"]))
+    (out / "done.txt").write_text("done")
+
+
 if __name__ == "__main__":
     # python engine_stages.py CACHE CONTROL: build held_graph, for tests that kill or race a build.
     Engine(Path(sys.argv[1]), "held").build(held_graph(Path(sys.argv[2])), jobs=1)
