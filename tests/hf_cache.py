@@ -84,6 +84,7 @@ class FakeHub:
         import threading
 
         self.requests: list[tuple[str, str]] = []
+        self.authorizations: set[str | None] = set()  # the Authorization header of every repository request
         files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
         hub = self
 
@@ -100,6 +101,8 @@ class FakeHub:
             def _answer(self, body: bool) -> None:
                 path = self.path.split("?")[0]
                 hub.requests.append((self.command, path))
+                if repo_id in path:
+                    hub.authorizations.add(self.headers.get("Authorization"))
                 if path == f"/api/models/{repo_id}/tree/{revision}":
                     listing = [_tree_entry(name, data) for name, data in files.items()]
                     return self._send(200, json.dumps(listing).encode(), {"Content-Type": "application/json"}, body)

@@ -161,12 +161,14 @@ def test_fetch_downloads_into_the_hf_cache_once(workspace, tiny_weights, tmp_pat
     size = sum((tiny_weights / f).stat().st_size for f in files)
     with FakeHub(SD21_BASE, REVISION, tiny_weights) as fake:
         env = {"HF_HUB_CACHE": str(hf_cache), "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": fake.endpoint}
-        env["HF_HUB_OFFLINE"] = "0"
+        env |= {"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_secret_for_gated_repos"}
         first = workspace.run("fetch", recipe, "--json", env=env, check=True)
         report = json.loads(first.stdout)
         assert report["size_bytes"] == size and report["downloaded_bytes"] == size
         assert sorted(p.split(f"/resolve/{REVISION}/")[1] for p in fake.downloads()) == files
         assert "to download" in first.stderr and "HF_HUB_OFFLINE=1" in first.stderr
+        assert fake.authorizations == {"Bearer hf_secret_for_gated_repos"}  # HF_TOKEN sent, and only to the Hub
+        assert "hf_secret" not in first.stdout + first.stderr
 
         fake.requests.clear()
         again = json.loads(workspace.run("fetch", recipe, "--json", env=env, check=True).stdout)
@@ -193,7 +195,10 @@ def test_fetch_offline_reports_what_the_cache_holds(workspace, tiny_weights, tmp
     assert "model.hub" in error and "HF_HUB_OFFLINE" in error
 
     write_hf_cache(hf_cache, SD21_BASE, REVISION, tiny_weights)
-    report = json.loads(workspace.run("fetch", recipe, "--json", env=_env(hf_cache, hub), check=True).stdout)
+    # HF_HOME alone places the cache at HF_HOME/hub, as the client does
+    home = {"HF_HOME": str(hf_cache.parent), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": hub.endpoint}
+    report = json.loads(workspace.run("fetch", recipe, "--json", env=home, check=True).stdout)
+    assert report["cache"] == str(hf_cache)
     files = [p for p in tiny_weights.rglob("*") if p.is_file()]
     [fetched] = report["inputs"]
     assert fetched["repo_id"] == SD21_BASE and fetched["files"] == len(files) and fetched["downloaded_bytes"] == 0
