@@ -99,11 +99,11 @@ def environment() -> dict:
         if name in packages:
             continue
         try:
-            distribution = metadata.distribution(name)
+            found = metadata.distribution(name).metadata  # parsed once: it is most of this function's time
         except metadata.PackageNotFoundError:
             continue  # a requirement this platform's markers need but nothing installed provides
-        packages[name] = distribution.version
-        for line in distribution.requires or []:
+        packages[name] = found["Version"]
+        for line in found.get_all("Requires-Dist") or []:
             requirement = Requirement(line)
             if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
                 pending.append(requirement.name)
