@@ -123,7 +123,7 @@ def _reference(src: Path, dst: Path, nbits: int) -> dict:
 def _errors(palettized: Path, reference: Path) -> dict:
     import numpy as np
 
-    from builder.coreml.palettize import reconstruction_errors
+    from builder.coreml.weights import reconstruction_errors
 
     # Kept weights are exact on both sides; only palettized ones (error > 0) are compared.
     values = np.array([e for e in reconstruction_errors(palettized, reference).values() if e > 0])

@@ -18,7 +18,8 @@ from rich.live import Live
 from rich.table import Table
 
 from builder.engine import Engine, Event, Heartbeat, StageFinished, StageResult, StageStarted, WorkersReady
-from builder.errors import RecipeError, StageFailed, UserError
+from builder.errors import EnvironmentFault, RecipeError, StageFailed, UserError
+from builder.faults import as_fault, free_bytes, size_text
 from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
 from builder.sd.settings import ANALYSED_COMPONENTS
 
@@ -39,7 +40,7 @@ class Workspace:
         return load_recipe(Path(recipe), workspace=self.root)
 
     def engine(self, loaded: LoadedRecipe) -> Engine:
-        return Engine(self.cache, target=loaded.recipe.name)
+        return Engine(self.cache, target=loaded.recipe.name, inputs_root=self.root)
 
 
 def _gib(value: int | None) -> str:
@@ -71,7 +72,8 @@ class Progress:
             self.console.print(_result_line(event.result), soft_wrap=True)
         elif isinstance(event, WorkersReady):
             self.console.print(
-                f"[dim]workers: stage modules imported once, in {event.import_seconds:.1f} s; each stage forks from there"
+                f"[dim]workers: stage modules imported once, in {event.import_seconds:.1f} s; "
+                "each stage forks from there"
             )
         self.live.update(self._table())
 
@@ -86,8 +88,20 @@ def _result_line(result: StageResult) -> str:
     return line
 
 
+def _preflight(workspace: Workspace, loaded: LoadedRecipe, graph, args: argparse.Namespace) -> None:
+    """Before the first stage: the machine has the memory the largest stage needs (unless --force),
+    and the artifacts folder the build publishes to is not another recipe's (unless --overwrite)."""
+    from builder.artifacts import check_claim
+    from builder.stages.preflight import check_memory
+
+    check_memory(loaded, graph, force=args.force)
+    dest = workspace.artifacts / loaded.recipe.name / loaded.recipe.version
+    check_claim(dest, loaded, workspace.root, overwrite=getattr(args, "overwrite", False))
+
+
 def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
     """Copy the bundle to artifacts/<name>/<version>/ (unless it is already there) and point `latest` at it."""
+    from builder.artifacts import OWNER_FILE, owner_record
     from builder.engine.publish import point_link, publish_tree
 
     recipe = loaded.recipe
@@ -103,19 +117,34 @@ def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
         )
     )
     if not same:
-        publish_tree(bundle, dest)
+        needed = sum(entry["size"] for entry in json.loads(manifest.read_text())["files"].values())
+        free = free_bytes(dest.parent)
+        doing = f"publishing {dest.relative_to(workspace.root)}"
+        if free is not None and free < needed:
+            raise EnvironmentFault(
+                f"{doing} needs {size_text(needed)}, but {dest.parent} has {size_text(free)} free",
+                "free space there; the built stages stay cached, so the next build only publishes",
+            )
+        try:
+            publish_tree(bundle, dest, extra={OWNER_FILE: owner_record(loaded, workspace.root)})
+        except OSError as error:
+            raise as_fault(error, doing, where=dest, needed_bytes=needed) or error from None
     point_link(dest.parent / "latest", recipe.version)
     return dest
 
 
 def _located(failure: StageFailed, loaded: LoadedRecipe, graph) -> UserError:
-    """An expected stage failure told against the recipe field it comes from, when one is known."""
-    if not failure.expected or failure.stage_id is None:
+    """A stage failure told against the recipe: an expected one at the field its params came from,
+    an unexpected one (a bug, or the machine) at the component whose stage failed."""
+    if failure.stage_id is None or failure.stage_id not in graph:
         return failure
-    origins = graph[failure.stage_id].param_origins
-    if not origins:
+    spec = graph[failure.stage_id]
+    if failure.expected and spec.param_origins:
+        field = next(iter(spec.param_origins.values()))
+    elif not failure.expected and spec.component is not None:
+        field = f"components.{spec.component.split('.')[0]}"
+    else:
         return failure
-    field = next(iter(origins.values()))
     file, _, line = loaded.origin(field).rpartition(":")
     return RecipeError(
         file, failure.message, line=int(line) if line.isdigit() else None, field=field, hint=failure.hint
@@ -128,6 +157,7 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
     started = time.monotonic()
     loaded = workspace.load(args.recipe)
     graph = build_graph(loaded)
+    _preflight(workspace, loaded, graph, args)
     engine = workspace.engine(loaded)
     console.print(f"[bold]sdbuild[/] {loaded.recipe.name} {loaded.recipe.version}  cache {workspace.cache}")
     progress = Progress(console)
@@ -175,7 +205,8 @@ def _refuse_controlnets(loaded: LoadedRecipe, command: str) -> None:
     """Analysis and reports run the plain UNet; a recipe with ControlNets builds the ControlledUnet."""
     if loaded.recipe.model.controlnets:
         raise UserError(
-            f"`sdbuild {command}` runs the plain UNet, but {loaded.path.name} builds a ControlledUnet (model.controlnets)",
+            f"`sdbuild {command}` runs the plain UNet, "
+            f"but {loaded.path.name} builds a ControlledUnet (model.controlnets)",
             hint="run it on a copy of the recipe without model.controlnets and components.controlnet",
         )
 
@@ -188,6 +219,7 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
     loaded = workspace.load(args.recipe)
     _refuse_controlnets(loaded, "report")
     graph = build_graph(loaded)
+    _preflight(workspace, loaded, graph, args)
     engine = workspace.engine(loaded)
     progress = Progress(console)
     try:
@@ -204,6 +236,7 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
         report = write_report(
             bundle,
             pipeline=pipeline,
+            verified=[engine.output_path(r) for stage_id, r in results.items() if stage_id.startswith("verify:unet")],
             candidates=args.candidates,
             prompts=args.prompts or DEFAULT_PROMPTS,
             seeds=args.seeds or DEFAULT_SEEDS,
@@ -248,6 +281,7 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
         chunks=args.chunks,
     )
     graph = Graph([*needed, *stages])
+    _preflight(workspace, loaded, graph, args)
     engine = workspace.engine(loaded)
     progress = Progress(console)
     try:
@@ -260,7 +294,8 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
     publish_tree(analysis, dest)
     summary = json.loads((analysis / "analysis.json").read_text())
     table = Table(
-        title=f"mixed-bit candidates for {loaded.recipe.name} (UNet evaluations in the search: {summary['unet_evaluations']})"
+        title=f"mixed-bit candidates for {loaded.recipe.name} "
+        f"(UNet evaluations in the search: {summary['unet_evaluations']})"
     )
     for column in ("target dB", "measured dB", "bits/weight", "MB", "recipe file"):
         table.add_column(column)
@@ -322,7 +357,9 @@ def cmd_plan(args: argparse.Namespace, workspace: Workspace, console: Console) -
     from builder.stages.pipeline import build_graph
 
     loaded = workspace.load(args.recipe)
-    entries = workspace.engine(loaded).plan(build_graph(loaded))
+    graph = build_graph(loaded)
+    _preflight(workspace, loaded, graph, args)
+    entries = workspace.engine(loaded).plan(graph)
     if args.json:
         print(
             json.dumps(
@@ -425,6 +462,18 @@ def cmd_gc(args: argparse.Namespace, workspace: Workspace, console: Console) -> 
     return 0
 
 
+def _add_safety_overrides(command: argparse.ArgumentParser, *, overwrite: bool) -> None:
+    command.add_argument(
+        "--force", action="store_true", help="build even if the memory estimate exceeds this machine's memory"
+    )
+    if overwrite:
+        command.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace artifacts/<name>/<version>/ even if another recipe published it",
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbuild", description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", type=Path, default=Path.cwd(), help="workspace root (default: current folder)")
@@ -440,11 +489,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("recipe")
     build.add_argument("--json", action="store_true", help="print a JSON report of every stage on stdout")
     build.add_argument("--jobs", type=int, default=2, help="stages run at once when memory allows (default 2)")
+    _add_safety_overrides(build, overwrite=True)
     build.set_defaults(run=cmd_build)
 
     plan = commands.add_parser("plan", help="show which stages are cached or stale, and why")
     plan.add_argument("recipe")
     plan.add_argument("--json", action="store_true")
+    _add_safety_overrides(plan, overwrite=True)
     plan.set_defaults(run=cmd_plan)
 
     explain = commands.add_parser("explain", help="show a stage's key inputs now and at its last build")
@@ -463,6 +514,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", dest="seeds", type=int, action="append", help="seed for the images (repeatable)")
     report.add_argument("--steps", type=int, default=10, help="denoising steps per image (default 10)")
     report.add_argument("--jobs", type=int, default=2, help="stages run at once if the bundle must be built")
+    _add_safety_overrides(report, overwrite=True)
     report.set_defaults(run=cmd_report)
 
     analyze = commands.add_parser("analyze", help="mixed-bit palettization analysis of the recipe's UNet")
@@ -470,6 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--component", choices=ANALYSED_COMPONENTS, default="unet", help="the UNet to analyse")
     analyze.add_argument("--chunks", type=int, default=16, help="layers are measured in this many cached chunks")
     analyze.add_argument("--jobs", type=int, default=2)
+    _add_safety_overrides(analyze, overwrite=False)
     analyze.set_defaults(run=cmd_analyze)
 
     imported = commands.add_parser("import-mbp", help="convert Apple's mixed-bit pre-analysis JSON into recipe files")
@@ -498,6 +551,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _doing(workspace: Workspace, filename: object) -> str:
+    """What a failed write was for, from where it went."""
+    path = Path(str(filename)).absolute() if filename else None
+    if path is not None and path.is_relative_to(workspace.cache):
+        return f"writing the cache {workspace.cache}"
+    if path is not None and path.is_relative_to(workspace.artifacts):
+        return f"writing {workspace.artifacts}"
+    return "writing"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Progress goes to stderr so `--json` output on stdout stays machine-readable.
@@ -507,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args, workspace, console)
     except UserError as error:
         console.print(error.render(), markup=False, highlight=False, soft_wrap=True)
+        return EXIT_USER_ERROR
+    except OSError as error:  # disk full, read-only, permission denied, name too long: the machine's side
+        fault = as_fault(error, _doing(workspace, error.filename))
+        if fault is None:
+            raise
+        console.print(fault.render(), markup=False, highlight=False, soft_wrap=True)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # e.g. `sdbuild plan --json | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -70,6 +70,12 @@ class StageFailed(UserError):
         self.expected = expected
 
 
+class EnvironmentFault(UserError):
+    """The machine, not the input, stopped the work: no space left, a read-only or unwritable folder,
+    a name the file system cannot hold. Says what was being done, where, and (for a full disk) how
+    much space was needed and is free. Whatever was already built is kept."""
+
+
 def first_line(error: BaseException) -> str:
     """An unexpected library error as one line for the user: its type and its message's first line."""
     lines = str(error).strip().splitlines()

@@ -98,20 +98,20 @@ def one_torch_thread():
 
 def run_stages_in_process(specs, done: dict, folder: Path) -> dict[str, Path]:
     """Run stage functions in this process, in order, without workers or cache: for tests that need
-    many related builds fast. `done` (stage id and params -> output folder) is shared between calls,
-    so a stage with the same params runs once. Returns stage id -> output folder for these specs."""
+    many related builds fast. `done` (stage id, params and input folders -> output folder) is shared
+    between calls, so a stage with the same params and inputs runs once. Returns stage id -> output folder for these specs."""
     import importlib
 
     produced: dict[str, Path] = {}
     for spec in specs:
         if spec.unavailable:
             continue
-        key = (spec.id, json.dumps(spec.params, sort_keys=True))
+        inputs = {name: produced[up] for name, up in spec.inputs.items() if up in produced} | spec.external_inputs
+        key = (spec.id, json.dumps(spec.params, sort_keys=True), json.dumps({n: str(p) for n, p in inputs.items()}))
         if key not in done:
             out = folder / str(len(done))
             out.mkdir()
             module, function = spec.function.split(":")
-            inputs = {name: produced[up] for name, up in spec.inputs.items() if up in produced} | spec.external_inputs
             getattr(importlib.import_module(module), function)(inputs, spec.params, out)
             done[key] = out
         produced[spec.id] = done[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -130,6 +131,28 @@ def held_graph(control: Path) -> Graph:
             ),
         ]
     )
+
+
+def threads_seen(inputs: dict[str, Path], params: dict, out: Path) -> dict:
+    """Reports the torch thread count the worker was given, and journals its start and end."""
+    import torch
+
+    _journal(params, f"start {params['name']}")
+    if "peer" in params:  # succeeds only if the peer runs at the same time
+        control = Path(params["control"])
+        (control / f"{params['name']}.started").touch()
+        _wait_for(lambda: (control / f"{params['peer']}.started").exists(), f"stage {params['peer']}")
+    _journal(params, f"end {params['name']}")
+    return {"threads": torch.get_num_threads()}
+
+
+def fill_disk(inputs: dict[str, Path], params: dict, out: Path) -> None:
+    """Writes part of its output, then fails as a write on a full disk does (a library may re-raise
+    the OSError as a RuntimeError that keeps only its text, as torch's C++ writers do)."""
+    (out / "partial.bin").write_bytes(b"x" * 4096)
+    if params.get("as_text"):
+        raise RuntimeError(f"[enforce fail at inline_container.cc] . unexpected pos: {os.strerror(errno.ENOSPC)}")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "weights.bin"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from conftest import PROJECT, Workspace
 from diffusers import UNet2DConditionModel
 
 from builder.coreml.package import WEIGHTS_DIR, FeatureInfo, ModelInfo, describe_mlpackage, package_size
+from builder.coreml.weights import compressed_const_names
 from builder.recipe import load_recipe
 from builder.sd.ane import rewrite_unet
 from builder.sd.ane.controlnet import residual_names, residual_shapes, rewrite_controlled_unet
@@ -18,7 +19,6 @@ from builder.sd.chunk import balanced_boundary, parameter_bytes, split_unet, une
 from builder.sd.components import ComponentShape, example_inputs, kind
 from builder.sd.contract import check_models
 from builder.sd.presets import get_preset
-from builder.sd.read_back import compressed_const_names
 from builder.sd.synthetic import _randomize
 from builder.stages.pipeline import build_graph
 
@@ -197,11 +197,14 @@ def test_chunked_graph_runs_each_unet_stage_after_rewrite_per_chunk(tmp_path):
     assert graph["verify:unet.chunk2"].inputs == {
         "rewritten": "rewrite:unet",
         "traced": "chunk:unet.chunk2",
-        "first": "palettize:unet.chunk1",
+        "float16": "convert:unet.chunk2",
+        "handover": "verify:unet.chunk1",  # chunk 1's float16 and compressed outputs
+        "first": "palettize:unet.chunk1",  # the mixed-bit workload runs both compressed chunks
         "model": "palettize:unet.chunk2",
         "probe": "analyze-inputs:unet",
     }
-    assert "probe" not in graph["verify:unet.chunk1"].inputs
+    assert "probe" not in graph["verify:unet.chunk1"].inputs and "handover" not in graph["verify:unet.chunk1"].inputs
+    assert graph["chunk:unet.chunk2"].inputs == {"rewritten": "rewrite:unet", "first": "chunk:unet.chunk1"}
     assert {k for k in graph["bundle"].inputs if "unet" in k} == {
         f"{kind}.unet.chunk{k}" for kind in ("model", "compiled", "check", "verify") for k in (1, 2)
     }
@@ -235,6 +238,7 @@ def test_chunked_build_ships_palettized_chunks_and_toggles_cheaply(built, tmp_pa
     assert infos["UnetChunk1"].inputs == describe_mlpackage(ws.bundle / "Resources" / "Unet.mlpackage").inputs
 
     manifest = json.loads((copy.bundle / "manifest.json").read_text())
+    whole = json.loads((ws.bundle / "manifest.json").read_text())["models"]["Unet"]
     chunk_weights = 0
     for name in ("UnetChunk1", "UnetChunk2"):
         entry = manifest["models"][name]
@@ -243,7 +247,8 @@ def test_chunked_build_ships_palettized_chunks_and_toggles_cheaply(built, tmp_pa
         assert 6 < entry["bits_per_weight"] < 8 and entry["compression"]["nbits"] == 6
         assert min(entry["read_back_psnr_db"].values()) > 25
         assert entry["psnr_db"]["noise_pred"] >= 35
-        assert entry["chunk"]["whole_max_abs_diff"] <= 1e-5
+        # The chain is the whole UNet cut in two: it scores what the unchunked trace scored.
+        assert entry["psnr_db"] == whole["psnr_db"]
         assert entry["chunk"]["weight_bytes"] == package_size(package / WEIGHTS_DIR)
         chunk_weights += entry["chunk"]["weight_bytes"]
     first, second = (manifest["models"][n]["chunk"]["weight_bytes"] for n in ("UnetChunk1", "UnetChunk2"))
@@ -251,7 +256,6 @@ def test_chunked_build_ships_palettized_chunks_and_toggles_cheaply(built, tmp_pa
     # Each chunk carries only its own weights: together they weigh what the whole UNet does.
     whole_weights = package_size(ws.bundle / "Resources" / "Unet.mlpackage" / WEIGHTS_DIR)
     assert abs(chunk_weights - whole_weights) < 0.02 * whole_weights
-    whole = json.loads((ws.bundle / "manifest.json").read_text())["models"]["Unet"]
     assert whole["chunk"] is None
     # Palettized chunk by chunk, the weights are those of the palettized whole UNet: same end-to-end PSNR.
     chain = manifest["models"]["UnetChunk2"]["chunk"]["chain_read_back_psnr_db"]["noise_pred"]

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.coreml.palettize import float_weight_ops, palettize_package, read_back_weights
+from builder.coreml.palettize import palettize_package
+from builder.coreml.program import float_weight_ops
+from builder.coreml.weights import read_back_weights
 from builder.errors import RecipeError
 from builder.sd.mbp.analysis import Probe, ProbeSettings, measure_layers, search_candidates, write_probe_inputs
 from builder.sd.mbp.layers import conversion_layers, op_names

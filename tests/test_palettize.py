@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from builder.coreml.palettize import PalettizeOptions, palettize_package, read_back_weights, reconstruction_errors
+from builder.coreml.palettize import PalettizeOptions, palettize_package
+from builder.coreml.weights import read_back_weights, reconstruction_errors
 
 EMBEDDING = "emb_weight_to_fp16"
 

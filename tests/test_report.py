@@ -18,9 +18,11 @@ from conftest import make_workspace, run_stages_in_process
 from PIL import Image
 from pydantic import ValidationError
 
+from builder.coreml.weights import read_back_weights
 from builder.recipe import load_recipe
 from builder.report import Candidate, load_candidates, load_read_back_unet, verify_read_back, write_report
 from builder.report.plot import psnr_vs_size_figure
+from builder.sd.mbp.layers import const_name
 from builder.stages.pipeline import build_graph
 
 UNET_COMPRESSION = {
@@ -42,35 +44,41 @@ def bundles(tmp_path_factory: pytest.TempPathFactory, one_torch_thread) -> dict[
         recipe.write_text(default.replace(UNET_COMPRESSION["6"], compression).replace("  vae_encoder: {}\n", ""))
         produced = run_stages_in_process(build_graph(load_recipe(recipe, workspace=ws.root)).order(), outputs, ws.root)
         found[variant] = produced["bundle"]
+        found[f"{variant} verified"] = [produced["verify:unet"]] if "verify:unet" in produced else []
         found["pipeline"] = produced["source"]
     return found
 
 
+def _read_back(bundles: dict, variant: str):
+    return load_read_back_unet(bundles[variant], bundles["pipeline"], bundles[f"{variant} verified"])
+
+
 def test_every_compressed_weight_maps_onto_a_torch_parameter(bundles):
-    unet = load_read_back_unet(bundles["6"], bundles["pipeline"])
-    assert unet.compressed_consts and unet.compressed_consts <= set(unet.mapping)
+    unet = _read_back(bundles, "6")
+    float16 = {name: p.detach().clone() for name, p in unet.module.named_parameters()}
+    assert unet.compress() == len(unet.sources) > 0
     # Query projections keep their names: the scale is applied to the scores, not folded in.
-    assert any(parameter.endswith("to_q.weight") for parameter in unet.mapping.values())
-    compressed = dict(unet.compressed.named_parameters())
-    for const in unet.compressed_consts:
-        assert len(np.unique(compressed[unet.mapping[const]].numpy())) <= 2**6, const
+    assert any(source.tensor.endswith("to_q.weight") for (source,) in unet.sources.values())
+    compressed = dict(unet.module.named_parameters())
+    for const, (source,) in unet.sources.items():
+        assert len(np.unique(compressed[source.tensor].numpy())) <= 2**6, const
+        assert not torch.equal(compressed[source.tensor], float16[source.tensor]), const
 
 
 def test_float16_bundle_reproduces_the_torch_weights(bundles):
-    unet = load_read_back_unet(bundles["float16"], bundles["pipeline"])
-    assert not unet.compressed_consts
-    mapped = set(unet.mapping.values())
-    reference = dict(unet.float16.named_parameters())
-    assert {name for name, p in reference.items() if p.dim() >= 2} <= mapped  # every matrix and kernel
-    for name, read_back in unet.compressed.named_parameters():
-        exact = reference[name]
-        torch.testing.assert_close(read_back, exact, rtol=0, atol=0, msg=name)
-    assert verify_read_back(bundles["float16"], bundles["pipeline"])["Unet"] > 100
+    unet = _read_back(bundles, "float16")
+    assert not unet.sources and unet.compress() == 0
+    stored = read_back_weights(unet.packages[0])
+    kernels = {name: p for name, p in unet.module.named_parameters() if p.dim() >= 2}
+    assert kernels
+    for name, parameter in kernels.items():  # every matrix and kernel, under its own name
+        np.testing.assert_array_equal(stored[const_name(name)], parameter.detach().half().numpy(), err_msg=name)
+    assert verify_read_back(bundles["float16"], bundles["pipeline"], [])["Unet"] > 100
 
 
 def test_read_back_psnr_falls_with_fewer_bits(bundles):
-    six = verify_read_back(bundles["6"], bundles["pipeline"])["Unet"]
-    eight = verify_read_back(bundles["8"], bundles["pipeline"])["Unet"]
+    six = verify_read_back(bundles["6"], bundles["pipeline"], bundles["6 verified"])["Unet"]
+    eight = verify_read_back(bundles["8"], bundles["pipeline"], bundles["8 verified"])["Unet"]
     assert math.isfinite(six) and 20 < six < eight
 
 
@@ -95,7 +103,14 @@ def test_report_writes_table_plot_and_side_by_side_images_deterministically(bund
     candidates = tmp_path / "candidates.json"
     candidates.write_text(json.dumps([{"name": "4-bit", "average_bits": 4.1, "size_bytes": 1_300_000, "psnr_db": 30}]))
     bundle = bundles["6"]
-    options = dict(pipeline=bundles["pipeline"], candidates=candidates, prompts=["a red apple"], seeds=[0, 1], steps=6)
+    options = dict(
+        pipeline=bundles["pipeline"],
+        verified=bundles["6 verified"],
+        candidates=candidates,
+        prompts=["a red apple"],
+        seeds=[0, 1],
+        steps=6,
+    )
 
     report = write_report(bundle, **options)
     first = {

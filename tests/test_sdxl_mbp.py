@@ -144,10 +144,11 @@ def mixed(analysed) -> dict[str, Path]:
     recipe = ws.root / "recipes" / "mixed.yaml"
     recipe.write_text(RECIPE.replace("COMPRESSION", "{mode: mixed, recipe: mbp.yaml}"))
     graph = build_graph(load_recipe(recipe, workspace=ws.root))
-    # The build scores the recipe on the analysis' own probe inputs (same params), so PSNRs compare.
-    probe = graph["analyze-inputs:unet"]
-    assert probe.params["family"] == "sdxl" and (probe.id, json.dumps(probe.params, sort_keys=True)) in analysed["done"]
-    return run_stages_in_process(graph.order(), analysed["done"], analysed["work"])
+    assert graph["analyze-inputs:unet"].params["family"] == "sdxl"
+    produced = run_stages_in_process(graph.order(), analysed["done"], analysed["work"])
+    # The build scores the recipe on the analysis' own probe inputs (same params and inputs), so PSNRs compare.
+    assert produced["analyze-inputs:unet"] == outputs["analyze-inputs:unet"]
+    return produced
 
 
 def test_mixed_recipe_palettizes_and_verifies_the_unet(mixed):
@@ -171,6 +172,7 @@ def test_report_on_the_mixed_sdxl_bundle(analysed, mixed):
     report = write_report(
         bundle,
         pipeline=mixed["source"],
+        verified=[mixed["verify:unet"]],
         candidates=analysed["outputs"]["analyze:unet"] / "candidates.json",
         prompts=["a red apple"],
         seeds=[0],

@@ -5,9 +5,9 @@ elements with scikit-learn (whose result changes with the thread count) and re-r
 default pass pipeline when it saves: on an SD UNet about half its time is those passes. Here the
 saved spec is edited instead. Each eligible float `const` becomes the `constexpr_lut_to_dense` op
 coremltools emits for the model's target (same name suffix, LUT and index conventions), every LUT
-comes from coremltools' exact weighted 1-D k-means over the weight's distinct values, and the
-weight file is rewritten blob by blob. Nothing else in the program changes, and k-means results are
-pure functions of their input, so the bytes do not depend on how many workers ran them.
+comes from exact weighted 1-D k-means over the weight's distinct values (`lut.py`), and the weight
+file is rewritten blob by blob. Nothing else in the program changes, and k-means results are pure
+functions of their input, so the bytes do not depend on how many workers ran them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +24,26 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 
-from builder.coreml.kmeans import weighted_kmeans_1d
+from builder.coreml import lut as lut_math
 from builder.coreml.package import WEIGHTS_DIR, normalize_mlpackage, package_size
+from builder.coreml.program import (
+    SPEC_PATH,
+    WEIGHT_FILE,
+    const_shape,
+    consumers,
+    function_blocks,
+    is_float_blob,
+    mil_proto,
+    op_name,
+    read_spec,
+    value_reader,
+)
+from builder.coreml.weights import PALETTIZED_SUFFIX
 
 Nbits = Literal[1, 2, 3, 4, 6, 8]
 
-_SPEC_PATH = Path("Data/com.apple.CoreML/model.mlmodel")
-_WEIGHT_FILE = "weight.bin"
-_SUFFIX = "_palettized"  # coremltools names the replacement op and its output this way
 _IOS16_SPEC_VERSION = 7  # first version with constexpr ops
 _IOS18_SPEC_VERSION = 9  # constexpr_lut_to_dense takes per-group LUTs and unpacked uintN indices
-_FLOAT16_SIGN_ZERO = 0x8000  # bit pattern of -0.0, folded into +0.0 as np.unique would
 
 
 class PalettizeOptions(BaseModel):
@@ -74,15 +82,6 @@ class PalettizeReport(BaseModel):
     seconds: float
 
 
-@dataclass(frozen=True)
-class _Histogram:
-    """Distinct values of one weight group (ascending, float64), their counts and float16 codes."""
-
-    values: np.ndarray
-    counts: np.ndarray
-    codes: np.ndarray | None  # uint16 bit patterns of float16 values; None for float32
-
-
 @dataclass
 class _Job:
     """One weight to palettize: where its channels split into groups and its pending LUTs."""
@@ -90,69 +89,8 @@ class _Job:
     nbits: int
     axis: int | None  # grouped channel axis; None for per-tensor
     groups: int
-    histograms: list[_Histogram]
+    histograms: list[lut_math.Histogram]
     centroids: list[Future]
-
-
-def _mil():
-    from coremltools.proto import MIL_pb2
-
-    return MIL_pb2
-
-
-def _read_spec(package: Path):
-    from coremltools.proto import Model_pb2
-
-    spec = Model_pb2.Model()
-    spec.ParseFromString((package / _SPEC_PATH).read_bytes())
-    return spec
-
-
-def _value_reader(package: Path):
-    """Decode any MIL proto value (immediate or in the weight file) with coremltools' own loader."""
-    from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
-
-    context = TranscriptionContext(str(package / WEIGHTS_DIR))
-    return lambda value: _load_value(context, value)
-
-
-def _blocks(block) -> Iterator:
-    yield block
-    for op in block.operations:
-        for inner in op.blocks:
-            yield from _blocks(inner)
-
-
-def _function_blocks(program) -> Iterator[tuple[str, list]]:
-    for name, function in program.functions.items():
-        for block in function.block_specializations.values():
-            yield name, list(_blocks(block))
-
-
-def _op_name(op) -> str:
-    return op.attributes["name"].immediateValue.tensor.strings.values[0]
-
-
-def _float_blob(op) -> bool:
-    if op.type != "const" or op.attributes["val"].WhichOneof("value") != "blobFileValue":
-        return False
-    return op.attributes["val"].type.tensorType.dataType in (_mil().FLOAT16, _mil().FLOAT32)
-
-
-def _shape(op) -> tuple[int, ...]:
-    return tuple(d.constant.size for d in op.attributes["val"].type.tensorType.dimensions)
-
-
-def _consumers(blocks: list) -> dict[str, list]:
-    """Var name -> (op, parameter) pairs reading it, over a function's nested blocks."""
-    readers: dict[str, list] = {}
-    for block in blocks:
-        for op in block.operations:
-            for parameter, argument in op.inputs.items():
-                for binding in argument.arguments:
-                    if binding.WhichOneof("binding") == "name":
-                        readers.setdefault(binding.name, []).append((op, parameter))
-    return readers
 
 
 def _flag(op, parameter: str, consts: dict, read) -> bool:
@@ -180,53 +118,6 @@ def _output_channel_axis(rank: int, readers: list, consts: dict, read) -> int | 
     return outputs.pop()
 
 
-def _histogram(flat: np.ndarray) -> _Histogram:
-    if flat.dtype == np.float16:
-        counts = np.bincount(flat.view(np.uint16), minlength=1 << 16)
-        counts[0] += counts[_FLOAT16_SIGN_ZERO]
-        counts[_FLOAT16_SIGN_ZERO] = 0
-        codes = np.flatnonzero(counts).astype(np.uint16)
-        values = codes.view(np.float16).astype(np.float64)
-        order = np.argsort(values, kind="stable")
-        return _Histogram(values[order], counts[codes[order]], codes[order])
-    values, counts = np.unique(flat, return_counts=True)
-    return _Histogram(values.astype(np.float64), counts, None)
-
-
-def _centroids(values: np.ndarray, counts: np.ndarray, clusters: int) -> np.ndarray:
-    """Optimal weighted 1-D k-means centres (ascending), or the values themselves if few enough."""
-    return weighted_kmeans_1d(values, counts, clusters)
-
-
-def _lut_and_assignment(histogram: _Histogram, centres: np.ndarray, nbits: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The stored LUT, and the nearest stored entry for each distinct value.
-
-    Assigning after rounding the centres to the LUT's dtype never does worse than keeping the
-    k-means clusters, so the error is at most that of coremltools' LUT from the same centres.
-    """
-    lut = np.zeros(1 << nbits, dtype)
-    lut[: len(centres)] = centres
-    if len(histogram.values) <= len(lut):
-        return lut, np.arange(len(histogram.values), dtype=np.uint8)
-    stored = lut.astype(np.float64)
-    return lut, np.searchsorted((stored[1:] + stored[:-1]) / 2, histogram.values).astype(np.uint8)
-
-
-def _indices(flat: np.ndarray, histogram: _Histogram, assignment: np.ndarray) -> np.ndarray:
-    if histogram.codes is None:
-        return assignment[np.searchsorted(histogram.values.astype(flat.dtype), flat)]
-    table = np.zeros(1 << 16, np.uint8)
-    table[histogram.codes] = assignment
-    table[_FLOAT16_SIGN_ZERO] = table[0]
-    return table[flat.view(np.uint16)]
-
-
-def _squared_error(histogram: _Histogram, lut: np.ndarray, assignment: np.ndarray) -> tuple[float, float]:
-    """Sum of squared reconstruction errors and of squared values, from the histogram alone."""
-    error = histogram.values - lut.astype(np.float64)[assignment]
-    return float(histogram.counts @ error**2), float(histogram.counts @ histogram.values**2)
-
-
 def _groups(weight: np.ndarray, axis: int | None, groups: int) -> np.ndarray:
     """The weight as (groups, elements per group), channels of a group contiguous along `axis`."""
     if axis is None:
@@ -240,8 +131,8 @@ class _BlobCopier:
     def __init__(self, source: Path, destination: Path):
         from coremltools.libmilstoragepython import _BlobStorageWriter
 
-        self.read = _value_reader(source)
-        self.writer = _BlobStorageWriter(str(destination / WEIGHTS_DIR / _WEIGHT_FILE))
+        self.read = value_reader(source)
+        self.writer = _BlobStorageWriter(str(destination / WEIGHTS_DIR / WEIGHT_FILE))
         self.copied: dict[tuple[str, int], int] = {}
 
     def write(self, array: np.ndarray, dtype) -> int:
@@ -262,7 +153,7 @@ class _BlobCopier:
             from coremltools.converters.mil.frontend.milproto.helper import proto_to_types
 
             self.copied[key] = self.write(self.read(value), proto_to_types(value.type).get_primitive())
-        value.blobFileValue.fileName = f"@model_path/weights/{_WEIGHT_FILE}"
+        value.blobFileValue.fileName = f"@model_path/weights/{WEIGHT_FILE}"
         value.blobFileValue.offset = self.copied[key]
 
 
@@ -273,7 +164,7 @@ def _file_or_immediate(array: np.ndarray, dtype, blobs: _BlobCopier):
     if array.size < 10:
         return helper.create_tensor_value(array)
     return helper.create_file_value_tensor(
-        file_name=f"@model_path/weights/{_WEIGHT_FILE}",
+        file_name=f"@model_path/weights/{WEIGHT_FILE}",
         offset=blobs.write(array, dtype),
         dim=array.shape,
         data_type=helper.types_to_proto_primitive(dtype),
@@ -289,8 +180,8 @@ def _lut_op(const, indices: np.ndarray, lut: np.ndarray, nbits: int, ios18: bool
     from coremltools.converters.mil.mil import types
     from coremltools.optimize._utils import pack_elements_into_bits
 
-    mil = _mil()
-    name = _op_name(const) + _SUFFIX
+    mil = mil_proto()
+    name = op_name(const) + PALETTIZED_SUFFIX
     op = mil.Operation(type="constexpr_lut_to_dense")
     op.attributes["name"].CopyFrom(helper.create_scalar_value(name))
     lut_dtype = types.numpy_type_to_builtin_type(lut.dtype)
@@ -314,18 +205,18 @@ def _plan(spec, options: PalettizeOptions, read, pool: ThreadPoolExecutor) -> tu
     jobs: dict[tuple[str, str], _Job] = {}
     weights: list[WeightReport] = []
     names: set[str] = set()
-    for function, blocks in _function_blocks(spec.mlProgram):
-        readers = _consumers(blocks)
+    for function, blocks in function_blocks(spec.mlProgram):
+        readers = consumers(blocks)
         consts = {op.outputs[0].name: op for block in blocks for op in block.operations if op.type == "const"}
         for block in blocks:
             for op in block.operations:
-                if not _float_blob(op):
+                if not is_float_blob(op):
                     continue
-                name, shape = _op_name(op), _shape(op)
+                name, shape = op_name(op), const_shape(op)
                 names.add(name)
                 nbits = options.nbits_by_op.get(name, options.nbits)
                 job = _job(op, shape, nbits, options, readers.get(op.outputs[0].name, []), consts, read)
-                stored_bits = 16 if op.attributes["val"].type.tensorType.dataType == _mil().FLOAT16 else 32
+                stored_bits = 16 if op.attributes["val"].type.tensorType.dataType == mil_proto().FLOAT16 else 32
                 weights.append(
                     WeightReport(
                         name=name,
@@ -340,9 +231,11 @@ def _plan(spec, options: PalettizeOptions, read, pool: ThreadPoolExecutor) -> tu
                     continue
                 grouped = _groups(read(op.attributes["val"]), job.axis, job.groups)
                 for flat in grouped:
-                    histogram = _histogram(flat)
+                    histogram = lut_math.histogram(flat)
                     job.histograms.append(histogram)
-                    job.centroids.append(pool.submit(_centroids, histogram.values, histogram.counts, 1 << job.nbits))
+                    job.centroids.append(
+                        pool.submit(lut_math.centroids, histogram.values, histogram.counts, 1 << job.nbits)
+                    )
                 jobs[(function, op.outputs[0].name)] = job
     unknown = sorted(set(options.nbits_by_op) - names)
     if unknown:
@@ -373,10 +266,10 @@ def _palettize(const, job: _Job, ios18: bool, blobs: _BlobCopier, report: Weight
     luts, indices = [], []
     error = energy = 0.0
     for flat, histogram, centres in zip(grouped, job.histograms, job.centroids, strict=False):
-        lut, assignment = _lut_and_assignment(histogram, centres.result(), job.nbits, weight.dtype)
+        lut, assignment = lut_math.lut_and_assignment(histogram, centres.result(), job.nbits, weight.dtype)
         luts.append(lut)
-        indices.append(_indices(flat, histogram, assignment))
-        group_error, group_energy = _squared_error(histogram, lut, assignment)
+        indices.append(lut_math.indices(flat, histogram, assignment))
+        group_error, group_energy = lut_math.squared_error(histogram, lut, assignment)
         error, energy = error + group_error, energy + group_energy
     dense_indices = np.stack(indices)
     lut_shape = [1] * weight.ndim + [1 << job.nbits, 1]
@@ -395,7 +288,7 @@ def _palettize(const, job: _Job, ios18: bool, blobs: _BlobCopier, report: Weight
 def _rewrite(spec, jobs: dict, weights: list[WeightReport], ios18: bool, blobs: _BlobCopier) -> None:
     """Replace planned consts by LUT ops, point their readers at them and copy every other blob."""
     reports = iter(weights)
-    for function, blocks in _function_blocks(spec.mlProgram):
+    for function, blocks in function_blocks(spec.mlProgram):
         renamed: dict[str, str] = {}
         for block in blocks:
             for index, op in enumerate(block.operations):
@@ -405,7 +298,7 @@ def _rewrite(spec, jobs: dict, weights: list[WeightReport], ios18: bool, blobs: 
                             binding.name = renamed.get(binding.name, binding.name)
                         else:
                             blobs.copy(binding.value)
-                report = next(reports) if _float_blob(op) else None
+                report = next(reports) if is_float_blob(op) else None
                 job = jobs.get((function, op.outputs[0].name)) if op.outputs else None
                 if job is not None:
                     replacement = _palettize(op, job, ios18, blobs, report)
@@ -432,19 +325,19 @@ def palettize_package(
     the same for any number of them.
     """
     start = time.perf_counter()
-    spec = _read_spec(src)
+    spec = read_spec(src)
     if spec.WhichOneof("Type") != "mlProgram" or spec.specificationVersion < _IOS16_SPEC_VERSION:
         raise ValueError(f"{src}: palettization needs an ML Program for iOS16/macOS13 or later")
     ios18 = spec.specificationVersion >= _IOS18_SPEC_VERSION
     if options.granularity == "per_grouped_channel" and not ios18:
         raise ValueError("per_grouped_channel palettization needs an iOS18/macOS15 or later target")
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(_WEIGHT_FILE))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(WEIGHT_FILE))
     blobs = _BlobCopier(src, dst)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         jobs, weights = _plan(spec, options, blobs.read, pool)
         _rewrite(spec, jobs, weights, ios18, blobs)
     blobs.close()
-    (dst / _SPEC_PATH).write_bytes(spec.SerializeToString())
+    (dst / SPEC_PATH).write_bytes(spec.SerializeToString())
     normalize_mlpackage(dst)
     return PalettizeReport(
         weights=weights,
@@ -454,78 +347,3 @@ def palettize_package(
         bytes_after=package_size(dst),
         seconds=time.perf_counter() - start,
     )
-
-
-def _lut_op_weight(op, read) -> np.ndarray:
-    """Dense weight of a `constexpr_lut_to_dense` op, in either target's form."""
-    if "lut" in op.attributes:  # iOS16/17: one LUT, indices packed into bytes, and the shape
-        from coremltools.optimize._utils import restore_elements_from_packed_bits
-
-        lut, shape = read(op.attributes["lut"]), read(op.attributes["shape"])
-        nbits = int(np.log2(lut.size))
-        indices = restore_elements_from_packed_bits(read(op.attributes["indices"]), nbits, int(np.prod(shape)))
-        return lut[indices].reshape(tuple(shape))
-    # iOS18: a (groups per axis..., entries, 1) LUT; each axis's groups split it into equal blocks.
-    lut, indices = (read(op.inputs[p].arguments[0].value) for p in ("lut", "indices"))
-    if lut.shape[-1] != 1:
-        raise ValueError(f"{_op_name(op)}: vector palettization is not supported")
-    groups = [
-        (np.arange(size) // (size // count)).reshape([-1 if d == axis else 1 for d in range(indices.ndim)])
-        for axis, (size, count) in enumerate(zip(indices.shape, lut.shape[:-2], strict=False))
-    ]
-    return lut[(*groups, indices.astype(np.intp), 0)]
-
-
-def read_back_weights(package: Path) -> dict[str, np.ndarray]:
-    """Every float weight of a saved package as a dense array, keyed by the float weight's name.
-
-    Palettized weights are rebuilt from their stored LUT and indices (what Core ML will compute),
-    so they can be compared with the float model or loaded into torch.
-    """
-    spec = _read_spec(package)
-    read = _value_reader(package)
-    weights = {}
-    for _, blocks in _function_blocks(spec.mlProgram):
-        for block in blocks:
-            for op in block.operations:
-                if _float_blob(op):
-                    weights[_op_name(op)] = read(op.attributes["val"])
-                elif op.type == "constexpr_lut_to_dense":
-                    weights[_op_name(op).removesuffix(_SUFFIX)] = _lut_op_weight(op, read)
-    return weights
-
-
-def reconstruction_errors(palettized: Path, reference: Path) -> dict[str, float]:
-    """Relative RMSE (RMSE over the weight's RMS) of each weight of `palettized` against `reference`."""
-    approximations = read_back_weights(palettized)
-    errors = {}
-    for name, exact in read_back_weights(reference).items():
-        exact = exact.astype(np.float64)
-        energy = float(np.sum(exact**2))
-        error = float(np.sum((approximations[name].astype(np.float64) - exact) ** 2))
-        errors[name] = float(np.sqrt(error / energy)) if energy else 0.0
-    return errors
-
-
-def palettize_array(weight: np.ndarray, nbits: int) -> np.ndarray:
-    """`weight` as this palettizer stores it per tensor (its k-means table looked up by index).
-
-    Used to predict compression in torch with exactly the clustering the real palettization uses.
-    """
-    flat = np.ascontiguousarray(weight, dtype=np.float16).reshape(-1)
-    histogram = _histogram(flat)
-    centres = _centroids(histogram.values, histogram.counts, 1 << nbits)
-    lut, assignment = _lut_and_assignment(histogram, centres, nbits, np.float16)
-    return lut[_indices(flat, histogram, assignment)].reshape(weight.shape)
-
-
-def float_weight_ops(package: Path) -> list[tuple[str, tuple[int, ...]]]:
-    """(op name, shape) of every float const stored in the package's weight file, in program order."""
-    spec = _read_spec(package)
-    return [
-        (_op_name(op), _shape(op))
-        for _, blocks in _function_blocks(spec.mlProgram)
-        for block in blocks
-        for op in block.operations
-        if _float_blob(op)
-    ]

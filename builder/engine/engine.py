@@ -20,10 +20,12 @@ from builder.errors import UserError
 
 
 class Engine:
-    """`target` names this build's index (e.g. the recipe), which remembers what each stage id last used."""
+    """`target` names this build's index (e.g. the recipe), which remembers what each stage id last used.
+    `inputs_root`, when given, is the folder external inputs are read from: a path or link in them
+    leading elsewhere is refused before any stage reads it."""
 
-    def __init__(self, cache_dir: Path, target: str):
-        self.store = Store(Path(cache_dir).absolute())
+    def __init__(self, cache_dir: Path, target: str, inputs_root: Path | None = None):
+        self.store = Store(Path(cache_dir).absolute(), inputs_root.resolve() if inputs_root else None)
         self.target = target
         self.store.index_path(target)  # reject a bad target name before any work
 

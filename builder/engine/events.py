@@ -32,4 +32,11 @@ class WorkersReady(BaseModel):
     import_seconds: float
 
 
-Event = StageStarted | Heartbeat | StageFinished | WorkersReady
+class ThreadsShared(BaseModel):
+    """A running stage was given a new share of the cores (when a stage beside it started or ended)."""
+
+    id: str
+    threads: int
+
+
+Event = StageStarted | Heartbeat | StageFinished | WorkersReady | ThreadsShared

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from builder.engine.files import write_json_atomic
 from builder.errors import UserError
+from builder.faults import FAULT_ERRNOS
 
 _BLOCK = 1 << 20
 _MEMO_FORMAT = 1
@@ -98,7 +99,12 @@ class DigestMemo:
                 return
             snapshot = {"format": _MEMO_FORMAT, "entries": dict(self._entries)}
             self._dirty = False
-        write_json_atomic(self.path, snapshot)
+        try:
+            write_json_atomic(self.path, snapshot)
+        except OSError as problem:
+            # The memo only saves re-hashing: a read-only or full cache can still be planned and verified.
+            if problem.errno not in FAULT_ERRNOS:
+                raise
 
 
 class NotRegularFile(ValueError):
@@ -110,18 +116,32 @@ class NotRegularFile(ValueError):
         self.what = what
 
 
-def list_files(root: Path, *, follow_symlinks: bool) -> list[str]:
+def list_files(root: Path, *, follow_symlinks: bool, within: Path | None = None) -> list[str]:
     """Relative posix paths of the regular files under `root`; empty folders do not count.
 
     Stage outputs must not contain symlinks (they could point anywhere, so the digest would not
-    describe the content); external inputs may, e.g. the Hugging Face cache links to blobs.
+    describe the content); external inputs may, e.g. the Hugging Face cache links to blobs, but
+    when `within` is given every link must lead inside it, checked before it is followed.
     """
     found: list[str] = []
+    seen = {os.path.realpath(root)}
     for folder, dirs, names in os.walk(root, followlinks=follow_symlinks):
         base = Path(folder)
         for name in [*dirs, *names]:
-            if not follow_symlinks and (base / name).is_symlink():
-                raise NotRegularFile((base / name).relative_to(root).as_posix(), "is a symlink")
+            if not (base / name).is_symlink():
+                continue
+            relative = (base / name).relative_to(root).as_posix()
+            if not follow_symlinks:
+                raise NotRegularFile(relative, "is a symlink")
+            real = Path(os.path.realpath(base / name))
+            if within is not None and not real.is_relative_to(within):
+                raise NotRegularFile(relative, f"is a symlink to {real}, outside {within}")
+        if follow_symlinks:
+            for name in dirs:
+                real_dir = os.path.realpath(base / name)
+                if real_dir in seen:
+                    raise NotRegularFile((base / name).relative_to(root).as_posix(), "links back to a folder (a loop)")
+                seen.add(real_dir)
         for name in names:
             if not (base / name).is_file():
                 raise NotRegularFile((base / name).relative_to(root).as_posix(), "is not a regular file")
@@ -135,18 +155,26 @@ def file_digest(path: Path) -> FileDigest:
     return FileDigest(sha256=sha256_file(path), size=info.st_size, executable=bool(info.st_mode & stat.S_IXUSR))
 
 
-def digest_folder(root: Path, memo: DigestMemo | None, *, follow_symlinks: bool = False) -> dict[str, FileDigest]:
+def digest_folder(
+    root: Path, memo: DigestMemo | None, *, follow_symlinks: bool = False, within: Path | None = None
+) -> dict[str, FileDigest]:
     digest = memo.digest if memo is not None else file_digest
-    return {rel: digest(root / rel) for rel in list_files(root, follow_symlinks=follow_symlinks)}
+    return {rel: digest(root / rel) for rel in list_files(root, follow_symlinks=follow_symlinks, within=within)}
 
 
-def content_digest(path: Path, memo: DigestMemo) -> str:
-    """Digest of an external input: a file's sha256, or a folder's tree digest (symlinks followed)."""
-    if path.is_file():
-        return memo.digest(path.resolve()).sha256
-    if not path.is_dir():
+def content_digest(path: Path, memo: DigestMemo, within: Path | None = None) -> str:
+    """Digest of an external input: a file's sha256, or a folder's tree digest (symlinks followed,
+    and, when `within` is given, refused unless they lead inside it)."""
+    real = Path(os.path.realpath(path))
+    if within is not None and not real.is_relative_to(within):
+        raise UserError(f"input {path} resolves to {real}, outside {within}", "move it inside the workspace")
+    if real.is_file():
+        return memo.digest(real).sha256
+    if not real.is_dir():
         raise UserError(f"input not found: {path}", "check the path in the recipe, or create the file first")
     try:
-        return tree_digest(digest_folder(path.resolve(), memo, follow_symlinks=True))
+        return tree_digest(digest_folder(real, memo, follow_symlinks=True, within=within))
     except NotRegularFile as problem:
-        raise UserError(f"cannot read input {path}: {problem}", "remove the broken link or special file") from None
+        raise UserError(
+            f"cannot read input {path}: {problem}", "remove the link or special file from the folder"
+        ) from None

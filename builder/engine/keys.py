@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import platform
 from typing import Any
 
+from builder.engine.code import stage_code
 from builder.engine.hashing import canonical_json, sha256_json
 from builder.engine.spec import StageSpec
 
@@ -16,17 +18,23 @@ def key_inputs(
 ) -> dict[str, Any]:
     """Everything the output depends on. Id and component are left out, so identical work is shared.
 
+    The code is part of it (`engine.code`): the digest of every project module the stage function
+    reaches through imports, and the versions of the third-party distributions they import, so
+    editing what a stage runs makes it stale without anyone bumping a version.
+
     An input digest is None while its upstream stage is stale (not known until it is rebuilt).
     Stage outputs and external paths are both keyed by content alone, in one map, so a folder on
     disk and a stage output with the same bytes give the same key. Round-tripped through JSON so
     values compare equal to those read back from a record.
     """
+    code = stage_code(spec.function)
     inputs = {
         "stage": spec.stage,
         "version": spec.version,
         "params": spec.params,
         "inputs": input_digests | external_digests,
-        "tools": spec.tools,
+        "tools": {"python": platform.python_version()} | code.packages | spec.tools,
+        "code": code.modules,
     }
     return json.loads(canonical_json(inputs))
 
@@ -81,6 +89,16 @@ def describe_changes(
             changes.append(f"input '{name}' removed")
         elif old[name] != new[name]:
             changes.append(f"input '{name}' content changed")
+
+    old_code, new_code = previous.get("code", {}), current["code"]
+    changed = sorted(name for name in set(old_code) | set(new_code) if old_code.get(name) != new_code.get(name))
+    for name in changed:
+        if name not in old_code:
+            changes.append(f"code: now imports {name}")
+        elif name not in new_code:
+            changes.append(f"code: no longer imports {name}")
+        else:
+            changes.append(f"code of {name} changed")
 
     old_tools, new_tools = previous.get("tools", {}), current["tools"]
     for name in sorted(set(old_tools) | set(new_tools)):

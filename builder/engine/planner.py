@@ -75,7 +75,7 @@ def assess(
 
 def _external_digest(store: Store, spec: StageSpec, name: str, path: Path) -> str:
     try:
-        return content_digest(path, store.memo)
+        return content_digest(path, store.memo, within=store.inputs_root)
     except UserError as problem:
         raise UserError(f"stage {spec.id} input '{name}': {problem.message}", problem.hint) from None
 

@@ -20,10 +20,14 @@ class WorkerRequest(BaseModel):
     parent_pid: int
     # The parent's import path, so "module:function" resolves in the worker exactly as it would in the parent.
     python_path: list[str]
+    # Threads the stage runs (`engine.threads`); None when the user fixed the thread counts.
+    threads: int | None = None
 
 
 # Exit status meaning "the stage reported a UserError, see user-error.json".
 USER_ERROR_EXIT = 3
+# Exit status meaning "the environment failed the stage (e.g. disk full) and even its report could not be written".
+FAULT_EXIT = 4
 
 
 def user_error_path(result: Path) -> Path:
@@ -36,9 +40,23 @@ class WorkerUserError(BaseModel):
 
     message: str
     hint: str | None
+    fault: bool = False  # the environment, not the input, failed the stage: no recipe line to blame
 
 
 class WorkerResult(BaseModel):
     summary: dict[str, Any] | None
     peak_memory_bytes: int
     cpu_seconds: float
+
+
+def crash_path(result: Path) -> Path:
+    """Where a worker describes an unexpected exception, beside its result file (the log has the traceback)."""
+    return result.with_name("crash.json")
+
+
+class WorkerCrash(BaseModel):
+    """An exception the stage did not expect: what it was and the innermost line of ours that raised it."""
+
+    type: str
+    message: str
+    where: str | None  # "builder/sd/read_back.py:100 in read_back"

@@ -11,8 +11,8 @@ from builder.engine.files import remove_tree, set_writable
 from builder.errors import UserError
 
 
-def publish_tree(src: Path, dest: Path) -> None:
-    """Make `dest` a writable copy of `src`: copy beside it, then swap it in by renames.
+def publish_tree(src: Path, dest: Path, extra: dict[str, bytes] | None = None) -> None:
+    """Make `dest` a writable copy of `src` plus the `extra` files: copy beside it, then swap it in by renames.
 
     The copy is complete before `dest` changes; an old `dest` is renamed aside, replaced, then
     deleted, and put back if the replacement fails.
@@ -23,6 +23,8 @@ def publish_tree(src: Path, dest: Path) -> None:
     try:
         shutil.copytree(src, staging)
         set_writable(staging, True)
+        for name, data in (extra or {}).items():
+            (staging / name).write_bytes(data)
     except BaseException:
         remove_tree(staging)
         raise

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from builder.engine import runner
+from builder.engine import threads as thread_share
 from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted, WorkersReady
 from builder.engine.files import remove_tree
 from builder.engine.hashing import tree_digest
@@ -40,7 +41,12 @@ class Scheduler:
         self.store = store
         self.target = target
         self.jobs = jobs
-        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self.cores = os.cpu_count() or 1
+        self.threads = max(1, self.cores // jobs)  # what the zygote's libraries start with
+        # Longest remaining chain first; threads per stage fixed by the graph (engine.threads).
+        self.priority = thread_share.chain_lengths(order)[1]
+        self.critical = thread_share.critical_path(order)
+        self.stage_threads = None if thread_share.user_fixed() else thread_share.plan_threads(order, self.cores)
         self.worker_mode = worker_mode()
         self.launcher: Launcher | None = None
         self.told_workers_ready = False
@@ -119,32 +125,46 @@ class Scheduler:
             self.ready.append(found)
 
     def _admit(self) -> None:
-        """Start ready stages in order while jobs and memory allow; one too big for the budget runs alone."""
-        while self.ready and len(self.running) < self.jobs:
-            found = self.ready[0]
+        """Start ready stages, longest remaining chain first, while jobs and memory allow (one too big
+        for the budget runs alone). A stage on the critical path never waits for a core; any other
+        starts only on a free one."""
+        self.ready = deque(sorted(self.ready, key=lambda found: -self.priority[found.spec.id]))
+        for found in list(self.ready):
+            if len(self.running) >= self.jobs:
+                return
             spec = found.spec
             in_use = sum(job.spec.memory_estimate_bytes for job in self.running.values())
             if self.running and in_use + spec.memory_estimate_bytes > self.budget:
                 return
-            self.ready.popleft()
-            assert found.key is not None and found.key_inputs is not None
-            if found.key in self.built:
-                self._hit(spec, found.key, self.built[found.key])
+            threads = self.stage_threads[spec.id] if self.stage_threads is not None else None
+            busy = sum(job.threads or 0 for job in self.running.values())
+            if threads is not None and spec.id not in self.critical and busy + threads > self.cores:
                 continue
-            if any(job.key == found.key for job in self.running.values()):
-                self.waiting.setdefault(found.key, []).append(found)
-                continue
-            inputs: dict[str, Path] = {
-                name: self.store.object_path(self.results[up].digest)
-                for name, up in spec.inputs.items()
-                if self.results[up].digest is not None
-            }
-            inputs.update(external_paths(spec))
-            folder = runner.work_folder(self.store.tmp, spec.id)
-            job = runner.start(spec, found.key, found.key_inputs, found.reason, inputs, folder, self._launcher(spec))
-            self.running[spec.id] = job
-            runner.watch(job, self.outcomes)
-            self.emit(StageStarted(id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason))
+            self.ready.remove(found)
+            self._start(found, threads)
+
+    def _start(self, found: Assessment, threads: int | None) -> None:
+        spec = found.spec
+        assert found.key is not None and found.key_inputs is not None
+        if found.key in self.built:
+            self._hit(spec, found.key, self.built[found.key])
+            return
+        if any(job.key == found.key for job in self.running.values()):
+            self.waiting.setdefault(found.key, []).append(found)
+            return
+        inputs: dict[str, Path] = {
+            name: self.store.object_path(self.results[up].digest)
+            for name, up in spec.inputs.items()
+            if self.results[up].digest is not None
+        }
+        inputs.update(external_paths(spec))
+        folder = runner.work_folder(self.store.tmp, spec.id)
+        job = runner.start(
+            spec, found.key, found.key_inputs, found.reason, inputs, folder, self._launcher(spec), threads
+        )
+        self.running[spec.id] = job
+        runner.watch(job, self.outcomes)
+        self.emit(StageStarted(id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason))
 
     def _launcher(self, starting: StageSpec) -> Launcher:
         """Made at the first stale stage, so a build with nothing to do starts no process.

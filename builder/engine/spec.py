@@ -30,6 +30,9 @@ class StageSpec(BaseModel):
     external_inputs: dict[str, Path] = {}
     tools: dict[str, str] = {}
     memory_estimate_bytes: int = Field(default=GIB, ge=0)
+    # Whether the stage's work spreads over threads (torch, k-means); False for work one core does
+    # (a conversion, copying files), which is then given one thread (`engine.threads`).
+    parallel: bool = True
     unavailable: str | None = None
 
     @field_validator("params")

@@ -50,8 +50,10 @@ class UnreadableRecord(Exception):
 
 
 class Store:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, inputs_root: Path | None = None):
         self.root = root
+        # External inputs (and every link inside them) must lead inside this folder; None: anywhere.
+        self.inputs_root = inputs_root
         self.objects = root / "objects"
         self.actions = root / "actions"
         self.index_dir = root / "index"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field
 
 from .base import RecipeModel
 from .paths import MixedBitRecipePath
+from .strict import ExactNonNegativeInt, ExactPositiveInt, WholeNumber
 
 
 class Float16(RecipeModel):
@@ -21,7 +22,7 @@ class Palettize(RecipeModel):
     """k-means palettization: each weight becomes an n-bit index into a lookup table."""
 
     mode: Literal["palettize"] = Field(description="Palettize weights with k-means.")
-    nbits: Literal[1, 2, 3, 4, 6, 8] = Field(
+    nbits: Annotated[Literal[1, 2, 3, 4, 6, 8], WholeNumber] = Field(
         description="Bits per weight index (1, 2, 3, 4, 6 or 8); 6 keeps SD quality at ~38% of the float16 size."
     )
     granularity: Literal["per_tensor", "per_grouped_channel"] = Field(
@@ -29,12 +30,13 @@ class Palettize(RecipeModel):
         description="One lookup table per weight (per_tensor), or one per group of output channels "
         "(per_grouped_channel: more accurate at low bits; needs iOS18/macOS15).",
     )
-    group_size: PositiveInt = Field(
+    group_size: ExactPositiveInt = Field(
         default=32, description="Output channels sharing a lookup table with per_grouped_channel."
     )
-    weight_threshold: NonNegativeInt = Field(
+    weight_threshold: ExactNonNegativeInt = Field(
         default=2048,
-        description="Weights with at most this many elements stay float16 (their tables would cost more than they save).",
+        description="Weights with at most this many elements stay float16 "
+        "(their tables would cost more than they save).",
     )
 
 
@@ -42,7 +44,7 @@ class Quantize(RecipeModel):
     """Linear 8-bit quantization: int8 weights with a float16 scale per output channel."""
 
     mode: Literal["quantize"] = Field(description="Quantize weights linearly to 8 bits.")
-    weight_threshold: NonNegativeInt = Field(
+    weight_threshold: ExactNonNegativeInt = Field(
         default=2048, description="Weights with at most this many elements stay float16."
     )
 
@@ -54,7 +56,7 @@ class MixedPalettize(RecipeModel):
     recipe: MixedBitRecipePath = Field(
         description="The mixed-bit recipe (YAML, e.g. recipes/mbp/tiny-sd-40db.yaml), relative to this recipe file."
     )
-    weight_threshold: NonNegativeInt = Field(
+    weight_threshold: ExactNonNegativeInt = Field(
         default=2048, description="Weights with at most this many elements stay float16."
     )
 

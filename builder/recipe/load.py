@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from ..errors import RecipeError
 from .document import Document, merge, parse_dotted
 from .model import Recipe
-from .paths import confinement
+from .paths import UnresolvablePath, confinement, resolve
 from .translate import translate
 from .yaml_read import read_document
 
@@ -45,7 +45,12 @@ def load_recipe(path: Path, workspace: Path | None = None) -> LoadedRecipe:
     """Load and validate `path`; every local path it names must stay inside `workspace` (default:
     the current directory). Raises RecipeError or RecipeErrors."""
     workspace = (workspace or Path.cwd()).resolve()
-    file = Path(path).resolve()
+    try:
+        file = resolve(Path(path))
+    except UnresolvablePath as problem:
+        raise RecipeError(str(path), str(problem), hint="point at the recipe file itself") from None
+    for violation in confinement(path, file, workspace):
+        raise RecipeError(_shown(file, workspace), violation.message, hint=violation.hint)
     if not file.is_file():
         raise RecipeError(_shown(file, workspace), "recipe file not found", hint=_available(file))
     document, files = _read_with_bases(file, workspace, ())
@@ -78,7 +83,10 @@ def _base_file(document: Document, file: Path, workspace: Path, chain: tuple[Pat
         raise error(
             "extends takes the file name of one base recipe", "write `extends: base.yaml` (relative to this file)"
         )
-    base = (file.parent / value).resolve()
+    try:
+        base = resolve(file.parent / value)
+    except UnresolvablePath as problem:
+        raise error(str(problem), "write the path of the base recipe file, relative to this file") from None
     for violation in confinement(value, base, workspace):
         raise error(violation.message, violation.hint)
     if base in chain:

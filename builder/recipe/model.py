@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, StrictBool, model_validator
 
 from .base import RecipeModel
 from .compression import Compression, Float16
 from .enums import Attention, Component, ComputeUnit, DeploymentTarget, Family
 from .rules import recipe_violations
 from .sources import ModelSource
+from .strict import ExactPositiveInt, WholeNumber
 from .violations import reject
 
-Size = tuple[PositiveInt, PositiveInt]
+Size = tuple[ExactPositiveInt, ExactPositiveInt]
+NAME_LENGTH = 64
+"""Longest name and version: each names a folder, and the cache keeps a file per name."""
 
 
 class ComponentSettings(RecipeModel):
@@ -64,11 +67,13 @@ class Recipe(RecipeModel):
 
     name: str = Field(
         pattern=r"^[a-z0-9][a-z0-9-]*$",
-        description="Bundle name: lowercase letters, digits and '-', starting with a letter or digit.",
+        max_length=NAME_LENGTH,
+        description="Bundle name: lowercase letters, digits and '-', starting with a letter or digit (at most 64).",
     )
     version: str = Field(
         pattern=r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$",
-        description="Semantic version of the bundle, MAJOR.MINOR.PATCH with an optional -prerelease.",
+        max_length=NAME_LENGTH,
+        description="Semantic version of the bundle, MAJOR.MINOR.PATCH with an optional -prerelease (at most 64).",
     )
     family: Family = Field(description="Pipeline family: sd (SD 1.x/2.x) or sdxl.")
     model: ModelSource = Field(description="The checkpoint to convert: exactly one of hub, local or synthetic.")
@@ -83,16 +88,17 @@ class Recipe(RecipeModel):
         description="[height, width] of the image in pixels, multiples of 64; give this or latent_size.",
     )
     attention: Attention = Field(
-        description="Attention implementation: ORIGINAL for the GPU, SPLIT_EINSUM or SPLIT_EINSUM_V2 for the Neural Engine."
+        description="Attention implementation: ORIGINAL for the GPU, "
+        "SPLIT_EINSUM or SPLIT_EINSUM_V2 for the Neural Engine."
     )
     compute_unit: ComputeUnit = Field(description="Core ML compute units the bundle is tuned for.")
     deployment_target: DeploymentTarget = Field(
         description="Oldest OS the models load on; sdxl needs iOS17 or macOS14 or newer."
     )
-    unet_batch_size: Literal[1, 2] = Field(
+    unet_batch_size: Annotated[Literal[1, 2], WholeNumber] = Field(
         default=2, description="UNet batch: 2 runs classifier-free guidance in one call (required for sdxl)."
     )
-    chunk_unet: bool = Field(
+    chunk_unet: StrictBool = Field(
         default=False, description="Split the UNet into UnetChunk1/2 so each half fits iOS memory limits."
     )
     components: Components = Field(description="The components to build and how to compress each.")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BeforeValidator, ValidationInfo
 
+from .local_folder import folder_violations
 from .violations import Violation, reject
 
 
@@ -20,6 +23,53 @@ class WrittenIn(str):
         text = super().__new__(cls, value)
         text.folder = folder
         return text
+
+
+class UnresolvablePath(ValueError):
+    """A path that cannot be followed to a file: a symlink loop, a name too long, no permission."""
+
+
+def resolve(path: Path) -> Path:
+    """`path` absolute with every symlink followed; a missing path resolves as far as it exists.
+
+    Path.resolve raises RuntimeError for a symlink loop and lets the file system's errors through,
+    so this says what went wrong in a form the callers report against the recipe line.
+    """
+    try:
+        real = Path(os.path.realpath(path))
+        os.stat(real)
+    except FileNotFoundError:
+        return real
+    except OSError as problem:
+        if problem.errno == errno.ENOTDIR:
+            return real
+        what = {errno.ELOOP: "symlinks point at each other in a loop", errno.ENAMETOOLONG: "the name is too long"}
+        raise UnresolvablePath(
+            f"'{path}' cannot be followed: {what.get(problem.errno, problem.strerror or str(problem))}"
+        ) from None
+    except (RuntimeError, ValueError) as problem:  # a NUL byte in the name, a loop on older Pythons
+        raise UnresolvablePath(f"'{path}' cannot be followed: {problem}") from None
+    return real
+
+
+def resolve_written(value: str | Path, folder: Path) -> Path:
+    """A path as written in a recipe, resolved against the folder of the file that wrote it; the
+    empty string, which would silently name that folder, is refused."""
+    if str(value).strip() == "":
+        raise UnresolvablePath("the path is empty (it would name the folder of the recipe itself)")
+    try:
+        return resolve(folder / value)
+    except UnresolvablePath as problem:
+        raise UnresolvablePath(str(problem)) from None
+
+
+def _unresolvable(problem: UnresolvablePath, folder: Path) -> Violation:
+    return Violation(
+        "",
+        str(problem),
+        f"write the path of an existing file or folder, relative to the recipe's folder ({folder}), "
+        "without symlink loops",
+    )
 
 
 def confinement(value: str | Path, path: Path, workspace: Path | None) -> list[Violation]:
@@ -40,15 +90,20 @@ def _local_model_path(value: object, info: ValidationInfo) -> object:
     if not isinstance(value, (str, Path)):
         return value  # pydantic's own Path validation reports the wrong type
     folder = value.folder if isinstance(value, WrittenIn) else Path.cwd()
-    path = (folder / value).resolve()
-    reject(confinement(value, path, (info.context or {}).get("workspace")))
+    try:
+        path = resolve_written(value, folder)
+    except UnresolvablePath as problem:
+        reject([_unresolvable(problem, folder)])
+    workspace = (info.context or {}).get("workspace")
+    reject(confinement(value, path, workspace))
     if not path.exists():
         reject(
             [
                 Violation(
                     "",
                     f"'{value}' does not exist (looked for {path})",
-                    f"fix the path; a relative path is resolved against the folder of the recipe that writes it ({folder})",
+                    "fix the path; a relative path is resolved against the folder of the recipe that writes it "
+                    f"({folder})",
                 )
             ]
         )
@@ -58,10 +113,13 @@ def _local_model_path(value: object, info: ValidationInfo) -> object:
                 Violation(
                     "",
                     f"'{path.name}' is neither a diffusers folder nor a .safetensors file",
-                    "point to a diffusers folder or a single-file .safetensors checkpoint (pickled .ckpt files are not loaded)",
+                    "point to a diffusers folder or a single-file .safetensors checkpoint "
+                    "(pickled .ckpt files are not loaded)",
                 )
             ]
         )
+    if path.is_dir():
+        reject(folder_violations(path, workspace))
     return path
 
 
@@ -74,7 +132,10 @@ def _recipe_file_path(value: object, info: ValidationInfo) -> object:
     if not isinstance(value, (str, Path)):
         return value
     folder = value.folder if isinstance(value, WrittenIn) else Path.cwd()
-    path = (folder / value).resolve()
+    try:
+        path = resolve_written(value, folder)
+    except UnresolvablePath as problem:
+        reject([_unresolvable(problem, folder)])
     reject(confinement(value, path, (info.context or {}).get("workspace")))
     if path.suffix not in (".yaml", ".yml") or not path.is_file():
         reject(

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 SPLIT_EINSUM_V2_CHUNK = 512
 """SPLIT_EINSUM_V2 splits the attention queries in chunks of this length."""
+MAX_IMAGE_SIDE = {Family.SD: 1536, Family.SDXL: 2048}
+"""Largest image side in pixels: twice the family's largest native resolution (SD 2.x 768, SDXL
+1024). Beyond it the models produce repeated content and converting needs tens of GiB."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ def _compression_violations(recipe: Recipe) -> list[Violation]:
     return [
         Violation(
             f"components.{component.value}.compression.granularity",
-            f"per_grouped_channel palettization needs iOS18 or macOS15; deployment_target is {recipe.deployment_target.value}",
+            "per_grouped_channel palettization needs iOS18 or macOS15; "
+            f"deployment_target is {recipe.deployment_target.value}",
             "use granularity: per_tensor, or raise deployment_target to iOS18 / macOS15",
         )
         for component, settings in recipe.components.enabled().items()
@@ -92,6 +96,16 @@ def _size_violations(recipe: Recipe) -> list[Violation]:
             )
         ]
     field, scale, (height, width) = _written_size(recipe)
+    largest = MAX_IMAGE_SIDE[recipe.family] // 8 * scale
+    if max(height, width) > largest:
+        return [
+            Violation(
+                field,
+                f"{field} [{height}, {width}] is larger than {family_name(recipe.family)} supports "
+                f"({largest} per side; {MAX_IMAGE_SIDE[recipe.family]} pixels)",
+                f"use at most [{largest}, {largest}]; the family's native sizes are far below it",
+            )
+        ]
     multiple = max(layout.multiple for layout in unet_layouts(recipe))
     halvings = multiple.bit_length() - 1
     step = multiple * scale
@@ -109,6 +123,10 @@ def _size_violations(recipe: Recipe) -> list[Violation]:
     below = [max(step, side // step * step) for side in (height, width)]
     above = [-(-side // step) * step for side in (height, width)]
     return [Violation(field, f"{field} [{height}, {width}] {why}", f"use multiples of {step}, e.g. {below} or {above}")]
+
+
+def family_name(family: Family) -> str:
+    return {Family.SD: "family sd", Family.SDXL: "family sdxl"}[family]
 
 
 def _long_unaligned_levels(height: int, width: int, layouts: list[UnetLayout]) -> list[tuple[int, int]]:
@@ -226,7 +244,8 @@ def _controlnet_violations(recipe: Recipe) -> list[Violation]:
             Violation(
                 "components.controlnet",
                 "there is no ControlNet to build: model.controlnets is empty",
-                "add ControlNets under model.controlnets (hub, local or synthetic), or remove `controlnet:` from components",
+                "add ControlNets under model.controlnets (hub, local or synthetic), "
+                "or remove `controlnet:` from components",
             )
         )
     if recipe.model.controlnets and recipe.unet_batch_size != 2:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field, NonNegativeInt, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import RecipeModel
 from .paths import LocalModelPath
+from .strict import Seed
 from .violations import Violation, reject
 
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
@@ -57,7 +58,7 @@ class SyntheticSource(RecipeModel):
         pattern=r"^[a-z0-9][a-z0-9-]*$",
         description="Name of a synthetic architecture preset known to sdbuild, e.g. tiny-sd.",
     )
-    seed: NonNegativeInt = Field(default=0, description="Random seed of the weights; same seed, same weights.")
+    seed: Seed = Field(default=0, description="Random seed of the weights, 0 to 2**32-1; same seed, same weights.")
 
 
 class VaeSource(RecipeModel):
@@ -79,7 +80,8 @@ class VaeSource(RecipeModel):
             violations.append(
                 Violation(
                     "local.path",
-                    f"'{self.local.path.name}' is a file; a replacement VAE is read from a diffusers AutoencoderKL folder",
+                    f"'{self.local.path.name}' is a file; "
+                    "a replacement VAE is read from a diffusers AutoencoderKL folder",
                     "point to the folder holding the VAE's config.json and diffusion_pytorch_model.safetensors",
                 )
             )
@@ -129,7 +131,8 @@ class ModelSource(RecipeModel):
     )
     controlnets: list[ControlNetSource] = Field(
         default_factory=list,
-        description="ControlNets for this pipeline (sd only); each becomes controlnet/<Name> and the UNet ControlledUnet.",
+        description="ControlNets for this pipeline (sd only); "
+        "each becomes controlnet/<Name> and the UNet ControlledUnet.",
     )
 
     @model_validator(mode="after")
@@ -140,8 +143,10 @@ class ModelSource(RecipeModel):
                 violations.append(
                     Violation(
                         f"controlnets.{index}.local.path",
-                        f"a ControlNet is read from a diffusers folder, not the single file {controlnet.local.path.name}",
-                        "point to a folder holding the ControlNet's config.json and diffusion_pytorch_model.safetensors",
+                        "a ControlNet is read from a diffusers folder, "
+                        f"not the single file {controlnet.local.path.name}",
+                        "point to a folder holding the ControlNet's config.json "
+                        "and diffusion_pytorch_model.safetensors",
                     )
                 )
         if self.synthetic is not None and self.vae is not None:

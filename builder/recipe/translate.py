@@ -13,12 +13,57 @@ from .document import Document, FieldPath, dotted, parse_dotted
 from .fields import Loc, described, field_names, literals, models_at
 from .violations import RULE_ERROR
 
+_GROUPED_UNKNOWN = 3
+"""More unknown fields than this in one mapping are reported as one error with their count."""
+_SHOWN_VALUE = 80
+"""Longer values are cut in messages."""
+_SHOWN_ERRORS = 20
+"""At most this many errors are listed; the rest are counted."""
+
 
 def translate(error: ValidationError, document: Document, root: type[BaseModel]) -> RecipeError | RecipeErrors:
-    """One RecipeError per problem, in file and line order (a single one is returned as is)."""
-    errors = [found for detail in error.errors() for found in _recipe_errors(detail, document, root)]
+    """One RecipeError per problem, in file and line order (a single one is returned as is); a
+    flood of unknown fields in one mapping is one error with a count."""
+    details = error.errors()
+    unknown: dict[Loc, list[ErrorDetails]] = {}
+    for detail in details:
+        if detail["type"] == "extra_forbidden":
+            unknown.setdefault(detail["loc"][:-1], []).append(detail)
+    flooded = {parent for parent, found in unknown.items() if len(found) > _GROUPED_UNKNOWN}
+    errors = [
+        found
+        for detail in details
+        if not (detail["type"] == "extra_forbidden" and detail["loc"][:-1] in flooded)
+        for found in _recipe_errors(detail, document, root)
+    ]
+    errors += [_unknown_fields(unknown[parent], document, root) for parent in flooded]
     errors.sort(key=lambda e: (e.file, e.line or 0))
+    if len(errors) > _SHOWN_ERRORS:
+        rest = errors[_SHOWN_ERRORS:]
+        errors = errors[:_SHOWN_ERRORS] + [
+            RecipeError(
+                rest[0].file,
+                f"and {len(rest)} more problem(s), from line {rest[0].line} on",
+                line=rest[0].line,
+                hint="fix the ones above first",
+            )
+        ]
     return errors[0] if len(errors) == 1 else RecipeErrors(errors)
+
+
+def _unknown_fields(details: list[ErrorDetails], document: Document, root: type[BaseModel]) -> RecipeError:
+    """One error for many unknown fields of one mapping, at the first of them."""
+    names = [str(detail["loc"][-1]) for detail in details]
+    shown = ", ".join(f"'{name}'" for name in names[:_GROUPED_UNKNOWN])
+    first = _data_path(document.data, details[0]["loc"], keep_missing=False)
+    parent = dotted(first[:-1])
+    allowed = field_names(models_at(root, details[0]["loc"][:-1]))
+    return _located(
+        document,
+        first,
+        f"{len(names)} unknown fields{' under ' + parent if parent else ''}: {shown} and {len(names) - 3} more",
+        f"remove them; allowed here: {', '.join(allowed)}",
+    )
 
 
 def _recipe_errors(detail: ErrorDetails, document: Document, root: type[BaseModel]) -> list[RecipeError]:
@@ -58,7 +103,10 @@ def _message(detail: ErrorDetails) -> str:
     if detail["type"] == "extra_forbidden":
         return f"unknown field '{name}'"
     value = detail["input"]
-    return detail["msg"] if isinstance(value, (dict, list)) else f"{detail['msg']}, got {value!r}"
+    if isinstance(value, (dict, list)):
+        return detail["msg"]
+    shown = repr(value)
+    return f"{detail['msg']}, got {shown if len(shown) <= _SHOWN_VALUE else shown[:_SHOWN_VALUE] + '...'}"
 
 
 def _hint(detail: ErrorDetails, path: FieldPath, root: type[BaseModel]) -> str | None:

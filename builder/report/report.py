@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from builder.report.plot import Candidate, load_candidates, psnr_vs_size_figure, save_png
-from builder.report.read_back import load_read_back_unet, unet_entries
+from builder.report.read_back import ReadBackUnet, load_read_back_unet, unet_entries
 from builder.report.sampling import Sampler
 from builder.sd.components import ComponentShape, example_inputs, kind
 from builder.sd.manifest import Manifest, ModelEntry
 from builder.sd.psnr import psnr
-from builder.sd.read_back import ReadBack
 
 DEFAULT_PROMPTS = ("a photo of an astronaut riding a horse on mars", "a watercolor painting of a lighthouse at dawn")
 DEFAULT_SEEDS = (0, 1)
@@ -35,23 +35,25 @@ def _manifest(bundle: Path) -> Manifest:
     return Manifest.model_validate_json((bundle / "manifest.json").read_text())
 
 
-def _unet_psnr(unet: ReadBack, manifest: Manifest) -> float:
-    """Output PSNR of the compressed UNet against the float16 one on the rewrite stage's fixed inputs."""
+def _fixed_inputs(unet: ReadBackUnet, manifest: Manifest) -> tuple[torch.Tensor, ...]:
     k = kind("unet")
-    specs = k.inputs(
-        unet.float16.unet, ComponentShape(latent_size=manifest.latent_size, batch_size=manifest.unet_batch_size)
-    )
-    inputs = tuple(example_inputs("unet", unet.float16.unet, specs).values())
-    with torch.no_grad():
-        return round(psnr(unet.compressed(*inputs), unet.float16(*inputs)), 2)
+    shape = ComponentShape(latent_size=manifest.latent_size, batch_size=manifest.unet_batch_size)
+    specs = k.inputs(unet.module.unet, shape)
+    return tuple(example_inputs("unet", unet.module.unet, specs).values())
 
 
-def verify_read_back(bundle: Path, pipeline: Path) -> dict[str, float]:
+def verify_read_back(bundle: Path, pipeline: Path, verified: Sequence[Path]) -> dict[str, float]:
     """PSNR (dB) per model of the bundle's stored weights against float16, run in torch.
 
     Only the UNet is read back so far: {"Unet": dB}. A float16 UNet scores far above 100 dB.
+    `verified` are the UNet's verify stage outputs (see `load_read_back_unet`).
     """
-    return {"Unet": _unet_psnr(load_read_back_unet(bundle, pipeline), _manifest(bundle))}
+    unet = load_read_back_unet(bundle, pipeline, verified)
+    inputs = _fixed_inputs(unet, _manifest(bundle))
+    with torch.no_grad():
+        expected = unet.module(*inputs)
+        unet.compress()
+        return {"Unet": round(psnr(unet.module(*inputs), expected), 2)}
 
 
 def _compression(entry: ModelEntry) -> str:
@@ -82,20 +84,28 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return ((image[0].permute(1, 2, 0).double() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def _images(sampler: Sampler, unet: nn.Module, prompts: Sequence[str], seeds: Sequence[int], steps: int) -> list:
+    return [sampler.generate(unet, prompt, seed, steps, GUIDANCE_SCALE) for prompt in prompts for seed in seeds]
+
+
 def _write_images(
-    sampler: Sampler, unet: ReadBack, prompts: Sequence[str], seeds: Sequence[int], steps: int, folder: Path
+    references: list[torch.Tensor],
+    compressed: list[torch.Tensor],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    folder: Path,
 ) -> list[str]:
     """Side-by-side PNGs (float16 left, compressed right) and their report rows."""
     folder.mkdir()
     rows = ["| prompt | seed | float16 \\| compressed | image PSNR (dB) |", "|---|---|---|---|"]
+    pairs = iter(zip(references, compressed, strict=True))
     for index, prompt in enumerate(prompts):
         for seed in seeds:
-            reference = sampler.generate(unet.float16, prompt, seed, steps, GUIDANCE_SCALE)
-            compressed = sampler.generate(unet.compressed, prompt, seed, steps, GUIDANCE_SCALE)
+            reference, image = next(pairs)
             name = f"{index}-{seed}.png"
-            pixels = np.concatenate([_to_uint8(reference), _to_uint8(compressed)], axis=1)
+            pixels = np.concatenate([_to_uint8(reference), _to_uint8(image)], axis=1)
             Image.fromarray(pixels).save(folder / name, format="PNG")
-            rows.append(f"| {prompt} | {seed} | ![{name}](images/{name}) | {psnr(compressed, reference):.2f} |")
+            rows.append(f"| {prompt} | {seed} | ![{name}](images/{name}) | {psnr(image, reference):.2f} |")
     return rows
 
 
@@ -103,6 +113,7 @@ def write_report(
     bundle: Path,
     *,
     pipeline: Path,
+    verified: Sequence[Path],
     candidates: Path | None = None,
     prompts: Sequence[str] = DEFAULT_PROMPTS,
     seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -110,23 +121,31 @@ def write_report(
 ) -> Path:
     """Write `bundle/report/` (replacing an old one) and return its `report.md`.
 
-    `pipeline` is the diffusers folder the bundle was built from; `candidates` a JSON list of
-    `Candidate`s to plot the bundle against. Images are made only when the bundle has a text
-    encoder and a VAE decoder.
+    `pipeline` is the diffusers folder the bundle was built from; `verified` the UNet's verify stage
+    outputs (none for a float16 UNet); `candidates` a JSON list of `Candidate`s to plot the bundle
+    against. Images are made only when the bundle has a text encoder and a VAE decoder. Everything
+    float16 is computed first, then the compressed weights replace the float16 ones in place.
     """
     manifest = _manifest(bundle)
     folder = bundle / "report"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir()
-    unet = load_read_back_unet(bundle, pipeline)
-    unet_psnr = _unet_psnr(unet, manifest)
+    unet = load_read_back_unet(bundle, pipeline, verified)
+    inputs = _fixed_inputs(unet, manifest)
+    sampler = Sampler.load(pipeline, manifest) if {"TextEncoder", "VAEDecoder"} <= set(manifest.models) else None
+    with torch.no_grad():
+        expected = unet.module(*inputs)
+        references = _images(sampler, unet.module, prompts, seeds, steps) if sampler else []
+        unet.compress()
+        unet_psnr = round(psnr(unet.module(*inputs), expected), 2)
+        compressed = _images(sampler, unet.module, prompts, seeds, steps) if sampler else []
     entries = unet_entries(manifest)  # chunks: their bits averaged by the weights each holds
     weights = [entry.chunk.parameter_bytes[entry.chunk.index - 1] if entry.chunk else 1 for entry in entries]
     bits = [entry.bits_per_weight for entry in entries]
     chosen = Candidate(
         name=f"{manifest.name} {manifest.version}",
-        average_bits=None if None in bits else sum(b * w for b, w in zip(bits, weights, strict=False)) / sum(weights),
+        average_bits=None if None in bits else sum(b * w for b, w in zip(bits, weights, strict=True)) / sum(weights),
         size_bytes=sum(entry.size_bytes for entry in entries),
         psnr_db=unet_psnr,
     )
@@ -148,15 +167,14 @@ def write_report(
         "## Compressed UNet read back",
         "",
         f"The UNet weights stored in {' and '.join(f'`{e.path}`' for e in entries)} "
-        f"({len(unet.compressed_consts)} of them compressed), loaded into the "
-        f"torch conversion module, against the same module with float16 weights on fixed inputs: **{unet_psnr:.2f} dB**.",
+        f"({unet.compressed_weights} of them compressed), loaded into the torch conversion module, against "
+        f"the same module with float16 weights on fixed inputs: **{unet_psnr:.2f} dB**.",
         "",
         "## PSNR against size",
         "",
         "![PSNR against size](psnr_vs_size.png)",
     ]
-    if {"TextEncoder", "VAEDecoder"} <= set(manifest.models):
-        sampler = Sampler.load(pipeline, manifest)
+    if sampler is not None:
         lines += [
             "",
             "## Images",
@@ -164,7 +182,7 @@ def write_report(
             f"Left: float16 UNet; right: compressed UNet. {steps} steps of the pipeline's scheduler, guidance "
             f"{GUIDANCE_SCALE}, torch text encoder and VAE decoder; PSNR of the right image against the left.",
             "",
-            *_write_images(sampler, unet, prompts, seeds, steps, folder / "images"),
+            *_write_images(references, compressed, prompts, seeds, folder / "images"),
         ]
     report = folder / "report.md"
     report.write_text("\n".join(lines) + "\n")

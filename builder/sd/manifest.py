@@ -29,9 +29,7 @@ class ChunkEntry(BaseModel):
     boundary: str  # chunk 2's first step, e.g. "up_blocks.0.resnets.1"
     parameter_bytes: tuple[int, int]  # float32 parameter bytes of chunk 1 and chunk 2 (the cut balances these)
     weight_bytes: int  # this chunk's Core ML weight file(s), as shipped (compressed)
-    whole_psnr_db: float  # chunk 1 -> chunk 2 vs the whole conversion module
-    whole_max_abs_diff: float
-    # chunk 2 of a palettized UNet: both compressed chunks in sequence vs the whole UNet with float16 weights
+    # chunk 2 of a palettized UNet: both compressed chunks in sequence vs both chunks with float16 weights
     chain_read_back_psnr_db: dict[str, float] | None = None
 
 
@@ -52,7 +50,7 @@ class ModelEntry(ModelInfo):
     read_back_psnr_db: dict[str, float] | None
     # mixed-bit recipes: the recipe file's target and predicted PSNR, and what the saved weights achieve
     mixed_bit: dict[str, float] | None = None
-    # UNet chunks: the cut, the chain check vs the whole UNet and this chunk's weight bytes (psnr_db is the chain's)
+    # UNet chunks: the cut, the compressed chain's read-back and this chunk's weight bytes (psnr_db is the chain's)
     chunk: ChunkEntry | None = None
 
 

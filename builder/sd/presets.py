@@ -155,6 +155,12 @@ _SD_SAFETY_CHECKER = {
     "projection_dim": 768,
 }
 
+# Mid-size presets: the full models' channel widths, head sizes and text widths (so every size rule
+# the full model meets is met: per-channel vectors of the 2560- and 1920-channel skip concatenations
+# above the palettization threshold, 1280-wide attention, 1024/2048-wide cross-attention), with one
+# layer per block and per text encoder, so a whole build with compression and verify fits in the tests.
+_MID_VAE = _SD_VAE | {"layers_per_block": 1}
+
 PRESETS: dict[str, Preset] = {
     "tiny-sd": Preset(
         family="sd",
@@ -345,6 +351,50 @@ PRESETS: dict[str, Preset] = {
             "projection_class_embeddings_input_dim": 2816,
         },
         vae=_SDXL_VAE,
+        scheduler=_SDXL_SCHEDULER,
+    ),
+    "mid-sd": Preset(
+        family="sd",
+        description="SD 2.1 base widths (320/640/1280 UNet, 1024-wide OpenCLIP text, 512-wide VAE) with one "
+        "layer per block and one text layer: meets every size rule of the full model at a fraction of its size",
+        text_encoder={
+            "vocab_size": 49408,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 16,
+            "max_position_embeddings": 77,
+            "hidden_act": "gelu",
+            "projection_dim": 512,
+        },
+        unet=_SD_UNET
+        | {
+            "layers_per_block": 1,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+        },
+        vae=_MID_VAE,
+        scheduler=_SD_SCHEDULER,
+    ),
+    "mid-sdxl": Preset(
+        family="sdxl",
+        description="SDXL base widths (320/640/1280 UNet, CLIP-L + OpenCLIP-bigG text widths) with one layer per "
+        "block, one transformer per attention and one text layer per encoder",
+        text_encoder=_SDXL_TEXT_ENCODER | {"num_hidden_layers": 1},
+        text_encoder_2=_SDXL_TEXT_ENCODER_2 | {"num_hidden_layers": 1},
+        unet=_SDXL_UNET_COMMON
+        | {
+            "layers_per_block": 1,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [320, 640, 1280],
+            "transformer_layers_per_block": 1,
+            "attention_head_dim": [5, 10, 20],
+            "cross_attention_dim": 2048,
+            "projection_class_embeddings_input_dim": 2816,
+        },
+        vae=_SDXL_VAE | {"layers_per_block": 1},
         scheduler=_SDXL_SCHEDULER,
     ),
     "sdxl-refiner": Preset(

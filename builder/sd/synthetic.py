@@ -30,6 +30,44 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * _WEIGHT_STD)
 
 
+def _seeded(build: Callable[[], torch.nn.Module], generator: torch.Generator) -> torch.nn.Module:
+    """`build()` holding exactly the weights `_randomize` would give it, constructed once.
+
+    The constructors' own initialisation (random draws over every weight of a full-size UNet, then
+    thrown away) was most of a synthetic source stage: parameters are created without storage and
+    filled straight from `generator` in `_randomize`'s order; norm scales take their initial 1.
+    Buffers are built by the constructors as usual. A module with other 1-D parameters is built the
+    slow way, since their initial values are the constructors' to choose.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = build()
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        path, _, attribute = name.rpartition(".")
+        owners.setdefault(id(parameter), []).append((module.get_submodule(path), attribute))
+    for name, parameter in module.named_parameters():
+        owner = owners[id(parameter)][0][0]
+        if parameter.dim() < 2 and not name.endswith("bias") and not isinstance(owner, _UNIT_SCALED):
+            module = build()
+            _randomize(module, generator)
+            return module
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.dim() >= 2 or name.endswith("bias"):
+                value = torch.randn(parameter.shape, generator=generator) * _WEIGHT_STD
+            else:
+                value = torch.ones(parameter.shape)
+            filled = torch.nn.Parameter(value.to(parameter.dtype), requires_grad=parameter.requires_grad)
+            for owner, attribute in owners[id(parameter)]:
+                owner._parameters[attribute] = filled
+    return module
+
+
+_UNIT_SCALED = (torch.nn.LayerNorm, torch.nn.GroupNorm)  # their scale starts at 1, their shift is a bias
+
+
 # A random vision tower maps every image to nearly the same embedding, at cosine distances of about
 # 1/sqrt(projection_dim) from random concept embeddings. Thresholds of 2-3 times that flag nothing at
 # adjustment 0, so a synthetic pipeline behaves like a real one on ordinary images; a positive
@@ -83,8 +121,7 @@ def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
     builders["vae"] = lambda: AutoencoderKL(**preset.vae)
     # One model in memory at a time: a full-size pipeline never holds more than its UNet.
     for name, build in builders.items():
-        module = build().eval()
-        _randomize(module, generator)
+        module = _seeded(build, generator).eval()
         module.save_pretrained(folder / name, safe_serialization=True)
         del module
     if preset.text_encoder_2 is not None:

@@ -80,6 +80,8 @@ def _ship(
     if report.is_file():
         bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
     check = json.loads((inputs[f"check.{key}"] / "check.json").read_text())
+    if key.endswith(".chunk1"):  # a chunk is scored by the chain, which chunk 2's stage checks
+        check["psnr_db"] = json.loads((inputs[f"check.{component}.chunk2"] / "check.json").read_text())["psnr_db"]
     verified = inputs.get(f"verify.{key}")
     verification = json.loads((verified / "check.json").read_text()) if verified else {}
     chunk = check.get("chunk")

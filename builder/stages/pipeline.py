@@ -21,6 +21,7 @@ from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
 from builder.sd.settings import ANALYSED_COMPONENTS, CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
+from builder.stages.preflight import check_sources, size_extra_bytes
 from builder.stages.provenance import sources_provenance
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
@@ -32,13 +33,16 @@ STAGE_VERSIONS = {
     "convert": "2",
     "palettize": "2",
     "quantize": "1",
-    "verify": "1",
+    "verify": "2",
     "compile": "1",
-    "bundle": "7",
-    "chunk": "2",
+    "bundle": "8",
+    "chunk": "3",
     "provenance": "1",
 }
 MINIMUM_PSNR_DB = 35.0
+# Stages whose work one core does (writing seeded weights or downloading, coremltools' conversion,
+# the Core ML compiler, copying files): given one thread, so they run beside the stages that use many.
+SINGLE_THREADED = frozenset({"source", "convert", "compile", "bundle"})
 
 
 def _field_error(loaded: LoadedRecipe, field: str, message: str, hint: str) -> RecipeError:
@@ -139,6 +143,7 @@ def _source_stage(
         external_inputs=checkpoint,
         tools=tools,
         memory_estimate_bytes=memory_estimate(loaded, None),
+        parallel=False,
     )
     return [stage], {"model": stage_id}, {}
 
@@ -213,13 +218,15 @@ _SDXL_UNET_SCALE = 3
 
 
 def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
-    """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot."""
+    """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot;
+    sizes above the family's native one add what their attention scores take."""
+    extra = size_extra_bytes(loaded, component)
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
-        return 1 * GIB
+        return 1 * GIB + extra
     estimate = _FULL_SIZE_PEAK_GIB.get(component, 4)
     if component in ("unet", "unet_refiner") and loaded.recipe.family.value == "sdxl":
         estimate *= _SDXL_UNET_SCALE
-    return estimate * GIB
+    return estimate * GIB + extra
 
 
 class _Job(NamedTuple):
@@ -261,6 +268,7 @@ def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[
                 param_origins=origins,
                 tools=tools,
                 memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
+                parallel=False,
             )
         )
         jobs.append(_Job(label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
@@ -270,6 +278,7 @@ def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[
 def build_graph(loaded: LoadedRecipe) -> Graph:
     """The stage graph for `loaded`, or a RecipeError naming the field this version cannot build."""
     _check_supported(loaded)
+    check_sources(loaded)
     recipe = loaded.recipe
     tools = python_tools()
     stages: list[StageSpec] = []
@@ -339,6 +348,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     inputs=inputs,
                     tools=extra.pop("tools", tools),
                     memory_estimate_bytes=memory,
+                    parallel=stage not in SINGLE_THREADED,
                     **extra,
                 )
             )
@@ -362,7 +372,9 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                 )
             )
         chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
-        # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared.
+        # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared. Chunk 2's
+        # stages read chunk 1's: its trace takes chunk 1's hand-over, its verify chunk 1's read-back.
+        first: dict[str, str] = {}
         for chunk in (1, 2) if chunked else (None,):
             part = f".chunk{chunk}" if chunk else ""
             chunk_params = {"chunk": chunk} if chunk else {}
@@ -370,7 +382,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             if chunk:
                 trace = add(
                     "chunk",
-                    {"rewritten": rewrite},
+                    {"rewritten": rewrite} | ({"first": first["trace"]} if chunk == 2 else {}),
                     {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB} | chunk_params,
                     chunk_origins,
                     part=part,
@@ -382,11 +394,14 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             if precision != "float16":  # float16 is the default, so float16 components keep their keys
                 convert_params["precision"] = precision
                 convert_origins["precision"] = "family"
-            final = add("convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part)
+            converted = add(
+                "convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part
+            )
+            final = converted
             settings_path = f"components.{c}.compression"
-            # Chunk 2's verify also runs both compressed chunks in sequence (and scores a mixed-bit recipe).
-            verify_inputs = {"rewritten": rewrite} | ({"traced": trace} if chunk else {})
-            verify_inputs |= {"first": first_chunk} if chunk == 2 else {}
+            verify_inputs = {"rewritten": rewrite, "float16": converted} | ({"traced": trace} if chunk else {})
+            verify_inputs |= {"handover": first["verify"]} if chunk == 2 else {}
+            verified = None
             if compression.mode == "mixed":
                 final = add(
                     "palettize",
@@ -397,10 +412,13 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     external_inputs={"mbp_recipe": compression.recipe},
                     part=part,
                 )
+                # The analysis workload runs the whole UNet: scored unchunked, or at chunk 2 with both chunks.
                 scored = chunk != 1
-                bundle_inputs[f"verify.{c}{part}"] = add(
+                verify_inputs |= {"probe": f"analyze-inputs:{c}"} if scored else {}
+                verify_inputs |= {"first": first["final"]} if chunk == 2 else {}
+                verified = add(
                     "verify",
-                    verify_inputs | {"model": final} | ({"probe": f"analyze-inputs:{c}"} if scored else {}),
+                    verify_inputs | {"model": final},
                     chunk_params,
                     chunk_origins,
                     external_inputs={"mbp_recipe": compression.recipe} if scored else {},
@@ -416,10 +434,10 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     part=part,
                 )
                 if compression.mode == "palettize":
-                    bundle_inputs[f"verify.{c}{part}"] = add(
-                        "verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part
-                    )
-            first_chunk = final
+                    verified = add("verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part)
+            if verified is not None:
+                bundle_inputs[f"verify.{c}{part}"] = verified
+            first = {"trace": trace, "final": final, "verify": verified or ""}
             compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable, part=part)
             bundle_inputs |= {f"model.{c}{part}": final, f"compiled.{c}{part}": compiled, f"check.{c}{part}": trace}
         if chunked:
@@ -464,6 +482,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             external_inputs={"tokenizer": pipeline_external["model"]} if pipeline_external else {},
             tools=tools,
             memory_estimate_bytes=1 * GIB,
+            parallel=False,
         )
     )
     return Graph(stages)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from builder.errors import UserError
 from builder.sd.components import ComponentShape, examples_for, kind, pipeline_time_ids
+from builder.sd.model_checks import ModelFolderProblem, check_config
 
 
 class RewriteParams(BaseModel):
@@ -29,6 +30,10 @@ class RewriteParams(BaseModel):
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = RewriteParams.model_validate(params)
+    try:  # a downloaded config is as untrusted as a local one: refuse absurd sizes before building them
+        check_config(inputs["model"], p.component)
+    except ModelFolderProblem as problem:
+        raise UserError(problem.message, hint=problem.hint) from None
     k = kind(p.component, p.family)
     reference = k.load(inputs["model"], k.subfolder).eval()
     shape = ComponentShape(
@@ -65,4 +70,4 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     if k.decision_outputs:
         architecture["decision_outputs"] = list(k.decision_outputs)
     (out / "architecture.json").write_text(json.dumps(architecture, indent=2, sort_keys=True, default=str))
-    return {"parameters": sum(t.numel() for t in module.state_dict().values())}
+    return {"parameters": sum(t.numel() for t in module.state_dict().values()), "forward_passes": 1}

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from builder.coreml.palettize import palettize_array
+from builder.coreml.lut import palettize_array
 from builder.sd.conditioning import UNET_TEXT_INPUTS
 from builder.sd.mbp.layers import Layer
 from builder.sd.psnr import psnr
@@ -104,7 +104,6 @@ class Probe:
         self.originals = {
             layer.identity: module.get_parameter(layer.identity).detach().half().numpy().copy() for layer in layers
         }
-        self.float16_weights = {name: p.detach().half().numpy().copy() for name, p in module.named_parameters()}
         self.applied: Recipe = {}
         self.evaluations = 0
         self.reference = self._denoise()
@@ -115,17 +114,11 @@ class Probe:
         produced = self._denoise()
         return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=False)) / len(self.reference)
 
-    def psnr_with(self, state: dict[str, torch.Tensor]) -> float:
-        """Average PSNR over prompts with the given weights loaded (e.g. read back from a package)."""
-        self._apply({})
-        with torch.no_grad():
-            for name, value in state.items():
-                self.module.get_parameter(name).copy_(value)
+    def psnr_now(self) -> float:
+        """Average PSNR over prompts with the module's weights as they are now (e.g. a package's
+        compressed weights loaded in place by the caller), against the float16 reference."""
         produced = self._denoise()
-        with torch.no_grad():
-            for name in state:
-                self.module.get_parameter(name).copy_(torch.from_numpy(self.float16_weights[name].astype(np.float32)))
-        return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=False)) / len(self.reference)
+        return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=True)) / len(self.reference)
 
     def _apply(self, recipe: Recipe) -> None:
         wanted = {identity: bits for identity, bits in recipe.items() if bits is not None}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from builder.coreml.palettize import float_weight_ops
+from builder.coreml.program import float_weight_ops
 
 # Weights with more elements than this are palettized: the palettizer's default rule.
 DEFAULT_WEIGHT_THRESHOLD = 2048

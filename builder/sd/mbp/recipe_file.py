@@ -26,7 +26,8 @@ from typing import get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from builder.coreml.palettize import Nbits, PalettizeOptions, float_weight_ops
+from builder.coreml.palettize import Nbits, PalettizeOptions
+from builder.coreml.program import float_weight_ops
 from builder.errors import RecipeError
 from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD, Layer, const_name, op_names
 
@@ -56,9 +57,11 @@ class AppleImport(BaseModel):
 
 def load_recipe_file(path: Path) -> MbpRecipe:
     """Read and validate an MBP recipe file; problems raise RecipeError at the offending key."""
-    from builder.recipe.yaml_read import read_document
+    from builder.recipe.yaml_read import Limits, read_document
 
-    document = read_document(path, str(path))
+    # One key per palettizable layer: an SDXL UNet has a few thousand.
+    limits = Limits(max_bytes=8 << 20, max_depth=16, max_aliases=64, max_values=100_000)
+    document = read_document(path, str(path), limits)
     try:
         return MbpRecipe.model_validate(document.data)
     except ValidationError as invalid:

@@ -1,0 +1,133 @@
+"""Checks that read the disk before any stage runs: the local model folders a recipe names hold
+what its components need, their configs are sane, and synthetic presets fit the recipe's family.
+Each problem is a located error against the recipe field to change."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from builder.engine.spec import Graph
+from builder.errors import RecipeError
+from builder.recipe import LoadedRecipe
+from builder.sd.model_checks import ModelFolderProblem, check_config, check_family, check_weights
+from builder.sd.presets import PRESETS
+
+
+def _located(loaded: LoadedRecipe, field: str, message: str, hint: str) -> RecipeError:
+    file, _, line = loaded.origin(field).rpartition(":")
+    return RecipeError(file, message, line=int(line) if line.isdigit() else None, field=field, hint=hint)
+
+
+def local_folders(loaded: LoadedRecipe) -> list[tuple[str, Path, list[str]]]:
+    """(recipe field, folder, components read from it) for every local diffusers folder."""
+    recipe = loaded.recipe
+    enabled = [c.value for c in recipe.components.enabled() if c.value != "controlnet"]
+    vae = [c for c in enabled if c.startswith("vae")]
+    found: list[tuple[str, Path, list[str]]] = []
+    model = recipe.model
+    if model.local is not None and model.local.path.is_dir():
+        from_model = [c for c in enabled if c != "unet_refiner" and not (model.vae is not None and c in vae)]
+        found.append(("model.local.path", model.local.path, from_model))
+    if model.vae is not None and model.vae.local is not None:
+        found.append(("model.vae.local.path", model.vae.local.path, vae))
+    if model.refiner is not None and model.refiner.local is not None and model.refiner.local.path.is_dir():
+        found.append(("model.refiner.local.path", model.refiner.local.path, ["unet_refiner"]))
+    for index, controlnet in enumerate(model.controlnets):
+        if controlnet.local is not None:
+            found.append((f"model.controlnets.{index}.local.path", controlnet.local.path, ["controlnet"]))
+    return found
+
+
+def check_sources(loaded: LoadedRecipe) -> None:
+    """Refuse local folders that lack safetensors weights or carry insane configs, and synthetic
+    presets of another family, before any stage starts."""
+    recipe = loaded.recipe
+    presets = [("model.synthetic.preset", recipe.model.synthetic)]
+    if recipe.model.refiner is not None:
+        presets.append(("model.refiner.synthetic.preset", recipe.model.refiner.synthetic))
+    for field, synthetic in presets:
+        if synthetic is None or synthetic.preset not in PRESETS:
+            continue  # unknown presets are refused with the list of known ones
+        family = PRESETS[synthetic.preset].family
+        if family != recipe.family.value:
+            same = sorted(name for name, preset in PRESETS.items() if preset.family == recipe.family.value)
+            raise _located(
+                loaded,
+                field,
+                f"preset '{synthetic.preset}' is a {family} pipeline, "
+                f"but the recipe says family: {recipe.family.value}",
+                f"set `family: {family}`, or use a {recipe.family.value} preset: {', '.join(same)}",
+            )
+    for field, folder, components in local_folders(loaded):
+        try:
+            if field == "model.local.path":
+                check_family(folder, recipe.family.value)
+            check_weights(folder, components)
+            for component in components:
+                check_config(folder, component)
+        except ModelFolderProblem as problem:
+            raise _located(loaded, field, problem.message, problem.hint) from None
+
+
+# Attention heads assumed at the largest attention level: more than SD 1.x (8) and SD 2.x (5) have
+# there, as many as SDXL (10), so the estimate errs high.
+_HEADS = 10
+_FLOAT32 = 4
+_REFERENCE_LATENT = {"sd": (64, 64), "sdxl": (128, 128)}
+"""The size the per-component figures in pipeline.memory_estimate were measured at."""
+
+
+def _attention_bytes(loaded: LoadedRecipe, component: str | None, latent: tuple[int, int]) -> int:
+    """The largest single tensor converting `component` at `latent` holds: the attention scores of
+    its highest-resolution attention level (float32, the reference and traced forward passes)."""
+    recipe = loaded.recipe
+    height, width = latent
+    if component in ("unet", "unet_refiner", "controlnet"):
+        level = 1 if recipe.family.value == "sdxl" and component == "unet" else 0
+        length = (height >> level) * (width >> level)
+        batch = recipe.unet_batch_size
+        attention = recipe.attention.value
+        if attention == "ORIGINAL":
+            return batch * _HEADS * length * length * _FLOAT32
+        queries = min(length, 512) if attention == "SPLIT_EINSUM_V2" else length
+        return 2 * batch * queries * length * _FLOAT32  # one head's scores and their softmax
+    if component in ("vae_decoder", "vae_encoder"):
+        length = height * width  # the VAE's mid-block attention, one head, at latent resolution
+        return length * length * _FLOAT32
+    return 0
+
+
+def size_extra_bytes(loaded: LoadedRecipe, component: str | None) -> int:
+    """Memory a stage needs beyond its figure at the family's native size, for larger sizes."""
+    reference = _REFERENCE_LATENT[loaded.recipe.family.value]
+    now = _attention_bytes(loaded, component, loaded.recipe.latent_size)
+    return max(0, now - _attention_bytes(loaded, component, reference))
+
+
+def machine_memory_bytes() -> int:
+    """Physical memory: the most any one stage can have, however idle the machine."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(loaded: LoadedRecipe, graph: Graph, *, force: bool) -> None:
+    """Refuse a build whose largest stage is estimated to need more memory than the machine has,
+    before the first stage runs (`--force` tries anyway)."""
+    if force:
+        return
+    biggest = max(graph, key=lambda spec: spec.memory_estimate_bytes, default=None)
+    have = machine_memory_bytes()
+    if biggest is None or biggest.memory_estimate_bytes <= have:
+        return
+    component = (biggest.component or "").split(".")[0] or None
+    by_size = size_extra_bytes(loaded, component) > biggest.memory_estimate_bytes / 2
+    field = ("latent_size" if loaded.recipe.written_latent_size else "image_size") if by_size else "model"
+    gib = 1 << 30
+    raise _located(
+        loaded,
+        field,
+        f"stage {biggest.id} needs an estimated {biggest.memory_estimate_bytes / gib:.1f} GiB of memory; "
+        f"this machine has {have / gib:.1f} GiB",
+        ("use a smaller size, or attention SPLIT_EINSUM_V2 (it computes attention in chunks); " if by_size else "")
+        + "or pass --force to try anyway",
+    )
