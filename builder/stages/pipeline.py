@@ -31,7 +31,7 @@ STAGE_VERSIONS = {
     "palettize": "2",
     "quantize": "1",
     "verify": "1",
-    "compile": "1",
+    "compile": "2",
     "bundle": "6",
     "chunk": "2",
 }
