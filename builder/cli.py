@@ -331,7 +331,8 @@ def cmd_plan(args: argparse.Namespace, workspace: Workspace, console: Console) -
     if args.json:
         print(
             json.dumps(
-                [e.model_dump(include={"id", "stage", "component", "status", "reason"}) for e in entries], indent=2
+                [e.model_dump(include={"id", "stage", "component", "status", "reason", "key"}) for e in entries],
+                indent=2,
             )
         )
         return 0
