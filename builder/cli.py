@@ -436,7 +436,7 @@ def cmd_reproduce(args: argparse.Namespace, workspace: Workspace, console: Conso
 
     from builder.engine.files import remove_tree
     from builder.release import reproduce
-    from builder.stages.tools import compile_unavailable, python_tools
+    from builder.stages.tools import compile_unavailable
 
     archive = reproduce.read_archive(args.archive)
     manifest = archive.manifest
@@ -446,7 +446,7 @@ def cmd_reproduce(args: argparse.Namespace, workspace: Workspace, console: Conso
             f"{args.archive.name} holds compiled models (.mlmodelc), which cannot be rebuilt here: {unavailable}",
             hint="reproduce it on a Mac with Xcode, or reproduce the archive the Linux build released",
         )
-    for note in reproduce.environment_notes(manifest, python_tools()):
+    for note in reproduce.environment_notes(manifest):
         console.print(f"[yellow]note[/] {note}", soft_wrap=True)
     work = Path(tempfile.mkdtemp(prefix=".sdbuild-reproduce-", dir=workspace.root))
     try:

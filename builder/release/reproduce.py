@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import zipfile
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from builder.errors import UserError
@@ -175,12 +177,25 @@ def manifest_fields_differing(archived: dict, rebuilt: dict) -> list[str]:
     return sorted(key for key in set(archived) | set(rebuilt) if archived.get(key) != rebuilt.get(key))
 
 
-def environment_notes(manifest: dict, tools: dict[str, str]) -> list[str]:
-    """Tool versions the archive was built with that differ from this environment's."""
-    recorded = dict(manifest.get("tools") or {})
-    recorded |= (manifest.get("environment") or {}).get("packages") or {}
-    return [
-        f"{name}: archive built with {recorded[name]}, this environment has {tools[name]}"
-        for name in sorted(set(recorded) & set(tools))
-        if recorded[name] != tools[name]
-    ]
+def _installed(name: str) -> str:
+    if name == "python":
+        return platform.python_version()
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def environment_notes(manifest: dict) -> list[str]:
+    """Versions the archive was built with that differ from what is installed here: the likeliest
+    reason for a difference. The manifest's environment (every package) when it has one, else its tools."""
+    environment = manifest.get("environment") or {}
+    recorded = dict(environment.get("packages") or manifest.get("tools") or {})
+    if "python" in environment:
+        recorded["python"] = environment["python"]
+    notes = []
+    for name, version in sorted(recorded.items()):
+        installed = _installed(name)
+        if installed != version and installed.split("+")[0] != version:
+            notes.append(f"{name}: archive built with {version}, this environment has {installed}")
+    return notes

@@ -15,11 +15,16 @@ _PACKAGES = ("torch", "coremltools", "diffusers", "transformers", "numpy", "scik
 
 @cache
 def python_tools() -> dict[str, str]:
-    """Installed versions, read from package metadata so no heavy import is needed."""
+    """Installed versions, read from package metadata so no heavy import is needed.
+
+    A local version label names a build of the same release for one platform (Linux's torch is
+    2.13.0+cpu, macOS's 2.13.0): it is dropped, so a Mac keys its stages as the Linux build that filled
+    the cache did and only compiles.
+    """
     versions = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
-            versions[name] = metadata.version(name)
+            versions[name] = metadata.version(name).split("+")[0]
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
