@@ -356,7 +356,60 @@ def cmd_explain(args: argparse.Namespace, workspace: Workspace, console: Console
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Download every hub input of a recipe into the Hugging Face cache, so a later build works offline."""
+    from builder.hub.cache import hub_cache_dir
+    from builder.hub.fetch import HubInput, fetch, hub_inputs
+
+    loaded = workspace.load(args.recipe)
+    inputs = hub_inputs(loaded)
+
+    def announce(item: HubInput, files: int, size: int, to_download: int) -> None:
+        console.print(
+            f"{item.ref}: {files} file(s), {_gb(size)}; {_gb(size - to_download)} already in the cache, "
+            f"{_gb(to_download)} to download"
+        )
+
+    fetched = []
+    for item in inputs:
+        try:
+            fetched.append(fetch(item, announce))
+        except UserError as error:
+            file, _, line = loaded.origin(item.field).rpartition(":")
+            raise RecipeError(
+                file, error.message, line=int(line) if line.isdigit() else None, field=item.field, hint=error.hint
+            ) from None
+    size = sum(f.size_bytes for f in fetched)
+    downloaded = sum(f.downloaded_bytes for f in fetched)
+    if not inputs:
+        console.print(f"{loaded.path.name} has no hub inputs: nothing to fetch")
+    else:
+        console.print(
+            f"[bold green]fetched[/] {len(fetched)} input(s), {_gb(size)} in {hub_cache_dir()} "
+            f"({_gb(downloaded)} downloaded); builds of this recipe now work with HF_HUB_OFFLINE=1"
+        )
+    if args.json:
+        report = {
+            "recipe": loaded.recipe.name,
+            "cache": str(hub_cache_dir()),
+            "size_bytes": size,
+            "downloaded_bytes": downloaded,
+            "inputs": [f.model_dump() for f in fetched],
+        }
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def _gb(value: int) -> str:
+    return f"{value / 1e9:.2f} GB"
+
+
 def cmd_schema(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    if args.manifest:
+        from builder.sd.manifest import manifest_json_schema
+
+        print(json.dumps(manifest_json_schema(), indent=2))
+        return 0
     print(json.dumps(recipe_json_schema(), indent=2))
     return 0
 
@@ -542,9 +595,16 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("--jobs", type=int, default=2)
     imported.set_defaults(run=cmd_import_mbp)
 
-    commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)").set_defaults(
-        run=cmd_schema
+    fetch = commands.add_parser(
+        "fetch", help="download the recipe's hub inputs into the Hugging Face cache, so builds work offline"
     )
+    fetch.add_argument("recipe")
+    fetch.add_argument("--json", action="store_true", help="print what was fetched as JSON on stdout")
+    fetch.set_defaults(run=cmd_fetch)
+
+    schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)")
+    schema.add_argument("--manifest", action="store_true", help="print the JSON Schema of manifest.json instead")
+    schema.set_defaults(run=cmd_schema)
 
     doctor = commands.add_parser("doctor", help="check that this environment can build (the recipe); exit 2 if not")
     doctor.add_argument("recipe", nargs="?", help="also check disk, memory and hub inputs for this recipe")

@@ -68,3 +68,9 @@ class StageFailed(UserError):
         super().__init__(message, hint)
         self.stage_id = stage_id
         self.expected = expected
+
+
+def first_line(error: BaseException) -> str:
+    """An unexpected library error as one line for the user: its type and its message's first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

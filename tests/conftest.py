@@ -54,6 +54,25 @@ def make_workspace(root: Path) -> Workspace:
     return Workspace(root=root, cache=root / "cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def manifests_follow_the_published_schema(tmp_path_factory: pytest.TempPathFactory):
+    """Every manifest.json any test built (artifacts and cache objects alike) validates against the
+    JSON Schema `sdbuild schema --manifest` publishes; checked once all tests have run."""
+    yield
+    import jsonschema
+
+    from builder.sd.manifest import manifest_json_schema
+
+    validator = jsonschema.Draft202012Validator(manifest_json_schema())
+    problems = [
+        f"{path}: {error.json_path}: {error.message}"
+        for path in sorted(tmp_path_factory.getbasetemp().rglob("manifest.json"))
+        if not path.is_symlink()
+        for error in validator.iter_errors(json.loads(path.read_text()))
+    ]
+    assert not problems, "manifests that break the published schema:\n" + "\n".join(problems[:20])
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     return make_workspace(tmp_path / "ws")

@@ -31,7 +31,7 @@ def test_cold_build_writes_a_swift_ready_bundle(built):
 def test_manifest_describes_the_bundle_truthfully(built):
     ws, _ = built
     manifest = json.loads((ws.bundle / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["family"] == "sd" and manifest["latent_scale_factor"] == 0.18215
     assert manifest["latent_size"] == [16, 16] and manifest["image_size"] == [128, 128]
     assert manifest["unet_batch_size"] == 2 and manifest["compiled"] is False

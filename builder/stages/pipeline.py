@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from builder import __version__
+from builder.build_info import build_date, environment, recipe_record, sdbuild_info
 from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
 from builder.recipe import Component, LoadedRecipe
@@ -20,11 +21,12 @@ from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
 from builder.sd.settings import ANALYSED_COMPONENTS, CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
+from builder.stages.provenance import sources_provenance
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
 STAGE_VERSIONS = {
-    "source": "2",
+    "source": "3",
     "rewrite": "2",
     "trace": "3",
     "convert": "2",
@@ -32,8 +34,9 @@ STAGE_VERSIONS = {
     "quantize": "1",
     "verify": "1",
     "compile": "2",
-    "bundle": "6",
+    "bundle": "7",
     "chunk": "2",
+    "provenance": "1",
 }
 MINIMUM_PSNR_DB = 35.0
 
@@ -423,6 +426,9 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
             components[c]["recipe"] = os.path.relpath(compression.recipe, loaded.path.parent)
 
+    provenance = sources_provenance(loaded, STAGE_VERSIONS["provenance"], tools)
+    stages += provenance.stages
+    bundle_inputs |= provenance.inputs
     bundle_params = {
         "name": recipe.name,
         "version": recipe.version,
@@ -438,6 +444,11 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         "precision": precisions,
         "tools": compile_tools,
         "sdbuild_version": __version__,
+        "recipe": recipe_record(loaded),
+        "sdbuild": sdbuild_info(),
+        "sources": provenance.params,
+        "environment": environment(),
+        "date": build_date(),
     }
     stages.append(
         StageSpec(
