@@ -71,7 +71,8 @@ def compiling(built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("PATH", f"{bin_folder}{os.pathsep}{os.environ['PATH']}")
         monkeypatch.setenv(XCRUN_VARIABLE, "xcrun")
         capsys.readouterr()
-        code = main(["--workspace", str(copy.root), "--cache-dir", str(copy.cache), "build", "recipes/tiny-sd.yaml"])
+        recipe = str(copy.root / "recipes" / "tiny-sd.yaml")
+        code = main(["--workspace", str(copy.root), "--cache-dir", str(copy.cache), "build", recipe])
         out, err = capsys.readouterr()
         return code, out, err
 

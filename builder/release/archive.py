@@ -8,6 +8,7 @@ bundles therefore give the same archive, whatever the machine's clock, umask or 
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import os
@@ -16,9 +17,11 @@ import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from builder.build_info import build_date
 from builder.errors import UserError
 
 ZIP_EARLIEST = 315532800  # 1980-01-01T00:00:00Z
+ZIP_LATEST = 4354819198  # 2107-12-31T23:59:58Z
 _UNIX_HOST = 3
 _FILE_MODE = (stat.S_IFREG | 0o644) << 16
 _CHUNK = 1 << 20
@@ -34,17 +37,11 @@ def sha256_file(path: Path) -> str:
 
 
 def archive_time() -> tuple[int, int, int, int, int, int]:
-    """The one timestamp every entry carries: SOURCE_DATE_EPOCH (UTC) when set, else 1980-01-01."""
-    value = os.environ.get("SOURCE_DATE_EPOCH")
-    epoch = ZIP_EARLIEST
-    if value is not None:
-        if not value.strip().isdigit():
-            raise UserError(
-                f"SOURCE_DATE_EPOCH={value!r} is not a whole number of seconds since 1970",
-                hint="set it to e.g. $(git log -1 --format=%ct), or unset it",
-            )
-        epoch = max(int(value), ZIP_EARLIEST)
-    return time.gmtime(epoch)[:6]
+    """The one timestamp every entry carries: SOURCE_DATE_EPOCH (UTC, read as the manifest's date is)
+    when set, else 1980-01-01; clamped to what a zip can hold."""
+    date = build_date()
+    epoch = ZIP_EARLIEST if date is None else calendar.timegm(time.strptime(date, "%Y-%m-%dT%H:%M:%SZ"))
+    return time.gmtime(min(max(epoch, ZIP_EARLIEST), ZIP_LATEST))[:6]
 
 
 def bundle_files(bundle: Path) -> dict[str, Path]:

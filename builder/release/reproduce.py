@@ -101,7 +101,7 @@ def _relative(path: object, field: str) -> PurePosixPath:
     if not parts or "\\" in text or candidate.is_absolute() or ".." in parts or ":" in parts[0]:
         raise UserError(
             f"the archive's manifest field {field} is {path!r}, not a relative path inside a workspace",
-            hint="the manifest was not written by sdbuild; do not trust this archive",
+            hint="sdbuild rebuilds only recipes recorded inside their workspace; this archive cannot be reproduced",
         )
     return candidate
 
