@@ -72,3 +72,81 @@ class LoopbackHub:
 
     def close(self) -> None:
         self.socket.close()
+
+
+class FakeHub:
+    """A Hugging Face Hub on a loopback port serving one repository at one commit from a folder: the
+    tree listing, file metadata (HEAD) and file downloads the hub client asks for. Records every
+    request; answers 404 to anything else. Used as `with FakeHub(...) as hub:`."""
+
+    def __init__(self, repo_id: str, revision: str, folder: Path) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str]] = []
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *_):  # quiet: the test asserts on hub.requests
+                pass
+
+            def do_HEAD(self):
+                self._answer(body=False)
+
+            def do_GET(self):
+                self._answer(body=True)
+
+            def _answer(self, body: bool) -> None:
+                path = self.path.split("?")[0]
+                hub.requests.append((self.command, path))
+                if path == f"/api/models/{repo_id}/tree/{revision}":
+                    listing = [_tree_entry(name, data) for name, data in files.items()]
+                    return self._send(200, json.dumps(listing).encode(), {"Content-Type": "application/json"}, body)
+                prefix = f"/{repo_id}/resolve/{revision}/"
+                if path.startswith(prefix) and path[len(prefix) :] in files:
+                    data = files[path[len(prefix) :]]
+                    entry = _tree_entry(path[len(prefix) :], data)
+                    etag = entry["lfs"]["oid"] if "lfs" in entry else entry["oid"]
+                    headers = {"X-Repo-Commit": revision, "ETag": f'"{etag}"', "Content-Length": str(len(data))}
+                    return self._send(200, data, headers, body)
+                self._send(404, b"{}", {"Content-Type": "application/json"}, body)
+
+            def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+    def downloads(self) -> list[str]:
+        """Files sent in full (GET of a resolve URL)."""
+        return [path for method, path in self.requests if method == "GET" and "/resolve/" in path]
+
+
+def _tree_entry(name: str, data: bytes) -> dict:
+    entry = {
+        "type": "file",
+        "path": name,
+        "size": len(data),
+        "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+    }
+    if name.endswith(".safetensors"):
+        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return entry

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_workspace, resource_bytes
-from hf_cache import REVISION, SD21_BASE, LoopbackHub, repo_folder, write_hf_cache
+from hf_cache import REVISION, SD21_BASE, FakeHub, LoopbackHub, repo_folder, write_hf_cache
 
 from builder.engine.store import Store
 from builder.errors import UserError
@@ -143,6 +143,36 @@ def test_online_with_a_complete_cache_makes_no_request(tiny_weights, tmp_path, h
     subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True, capture_output=True, text=True)
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert hub.attempts() == 0
+
+
+def test_fetch_downloads_into_the_hf_cache_once(workspace, tiny_weights, tmp_path, hub):
+    hf_cache = tmp_path / "hf" / "hub"
+    recipe = _hub_recipe(workspace)
+    files = sorted(p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file())
+    size = sum((tiny_weights / f).stat().st_size for f in files)
+    with FakeHub(SD21_BASE, REVISION, tiny_weights) as fake:
+        env = {"HF_HUB_CACHE": str(hf_cache), "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": fake.endpoint}
+        env["HF_HUB_OFFLINE"] = "0"
+        first = workspace.run("fetch", recipe, "--json", env=env, check=True)
+        report = json.loads(first.stdout)
+        assert report["size_bytes"] == size and report["downloaded_bytes"] == size
+        assert sorted(p.split(f"/resolve/{REVISION}/")[1] for p in fake.downloads()) == files
+        assert "to download" in first.stderr and "HF_HUB_OFFLINE=1" in first.stderr
+
+        fake.requests.clear()
+        again = json.loads(workspace.run("fetch", recipe, "--json", env=env, check=True).stdout)
+        assert again["downloaded_bytes"] == 0 and fake.downloads() == []
+
+    snapshot = Path(report["inputs"][0]["snapshot"])
+    assert snapshot == repo_folder(hf_cache, SD21_BASE) / "snapshots" / REVISION
+    weights = snapshot / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (
+        weights.is_symlink()
+        and weights.read_bytes() == (tiny_weights / "unet/diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    # Offline now: the cache alone answers (the build's source stage reads it the same way).
+    offline = json.loads(workspace.run("fetch", recipe, "--json", env=_env(hf_cache, hub), check=True).stdout)
+    assert offline["size_bytes"] == size and offline["downloaded_bytes"] == 0 and hub.attempts() == 0
 
 
 def test_fetch_offline_reports_what_the_cache_holds(workspace, tiny_weights, tmp_path, hub):

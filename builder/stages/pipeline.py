@@ -177,6 +177,8 @@ def _check_has_safety_checker(loaded: LoadedRecipe) -> None:
         source.local is not None and source.local.path.is_dir() and not (source.local.path / "safety_checker").is_dir()
     ):
         missing = f"{source.local.path} has no safety_checker/ folder"
+    elif source.local is not None and source.local.path.is_file():
+        missing = f"the single-file checkpoint {source.local.path.name} has no safety checker"
     else:
         return
     with_checker = sorted(name for name, preset in PRESETS.items() if preset.safety_checker is not None)

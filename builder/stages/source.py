@@ -72,24 +72,43 @@ def take_snapshot(ref: HubRef, out: Path) -> None:
     link_snapshot(snapshot(ref), ref, out)
 
 
-def import_single_file(checkpoint: Path, family: str, out: Path) -> None:
-    """Unpack a single-file .safetensors checkpoint into a diffusers folder.
+def import_single_file(checkpoint: Path, pipeline: str, out: Path) -> None:
+    """Unpack a single-file .safetensors checkpoint into a diffusers folder, offline: the component
+    configs and tokenizers come from sdbuild's own (builder/sd/single_file.py), not the base model's
+    hub repository. `pipeline` is sd, sdxl or sdxl-refiner."""
+    import shutil
+    import tempfile
 
-    diffusers recognises the architecture from the weights but takes the component configs from the
-    base model's hub repository, so this needs the hub (or its local cache) once.
-    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    pipeline_class = {"sdxl": StableDiffusionXLPipeline, "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(
-        family, StableDiffusionPipeline
-    )
+    from builder.sd.single_file import checkpoint_shapes, preset_for, write_config_folder
+
     try:
-        pipeline = pipeline_class.from_single_file(str(checkpoint), use_safetensors=True)
-    except Exception as error:  # offline, unknown architecture, corrupt file: all end the same way
+        shapes = checkpoint_shapes(checkpoint)
+    except Exception as error:  # not a safetensors file, truncated header
         raise UserError(
             f"cannot read the single-file checkpoint {checkpoint.name} ({first_line(error)})",
-            hint="check that it is a Stable Diffusion checkpoint in safetensors format; diffusers also needs the base "
-            "model's config files from the Hugging Face Hub once, so connect, or convert the checkpoint to a "
-            "diffusers folder elsewhere and point model.local.path at that folder",
+            hint="check that it is a Stable Diffusion checkpoint in safetensors format",
         ) from None
-    pipeline.save_pretrained(out, safe_serialization=True)
+    preset = preset_for(shapes, pipeline)
+    pipeline_class = {"sdxl": StableDiffusionXLPipeline, "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(
+        pipeline, StableDiffusionPipeline
+    )
+    with tempfile.TemporaryDirectory() as configs:
+        write_config_folder(preset, Path(configs))
+        try:
+            loaded = pipeline_class.from_single_file(
+                str(checkpoint), config=configs, local_files_only=True, use_safetensors=True
+            )
+        except Exception as error:  # missing or misshapen tensors: all end the same way
+            raise UserError(
+                f"cannot read the single-file checkpoint {checkpoint.name} with the {preset} configs "
+                f"({first_line(error)})",
+                hint="check that the file is complete; a checkpoint of another size needs a diffusers folder with "
+                "its own configs, given as model.local.path",
+            ) from None
+        loaded.save_pretrained(out, safe_serialization=True)
+        # The tokenizer files as written, not as transformers saves them again (tokenizer.json only).
+        for tokenizer in sorted(Path(configs).glob("tokenizer*")):
+            shutil.rmtree(out / tokenizer.name, ignore_errors=True)
+            shutil.copytree(tokenizer, out / tokenizer.name)
