@@ -112,20 +112,35 @@ def test_offline_build_from_the_hf_cache_equals_the_local_build(tiny_weights, tm
     assert local_source["digest"] == output.name  # the tree digest the build cache gives the same files
 
 
-def test_offline_build_missing_from_the_cache_names_sdbuild_fetch(workspace, tiny_weights, tmp_path, hub):
-    hf_cache = tmp_path / "hf" / "hub"
-    recipe = _hub_recipe(workspace)
-    done = workspace.run("build", recipe, env=_env(hf_cache, hub))
+def test_offline_build_missing_from_the_cache_names_sdbuild_fetch(workspace, tmp_path, hub):
+    done = workspace.run("build", _hub_recipe(workspace), env=_env(tmp_path / "hf" / "hub", hub))
     assert done.returncode == 2
     [error] = _errors(done)
     assert "tiny-hub.yaml:7: model.hub.id" in error and "sdbuild fetch" in error and "HF_HUB_OFFLINE" in error
+    assert hub.attempts() == 0
 
+
+def _take_snapshot(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The source stage's hub step in a fresh interpreter (the client reads its environment at import)."""
+    code = (
+        "import sys; from pathlib import Path; from builder.stages.source import take_snapshot; "
+        "from builder.hub.cache import HubRef; from builder.hub.layout import RepoKind\n"
+        "from builder.errors import UserError\n"
+        "try:\n"
+        f"    take_snapshot(HubRef({SD21_BASE!r}, {REVISION!r}, RepoKind.PIPELINE), Path(sys.argv[1]))\n"
+        "except UserError as error:\n"
+        "    sys.exit(error.message)"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(out)], env=os.environ | env, capture_output=True, text=True)
+
+
+def test_an_incomplete_cached_snapshot_names_what_it_lacks(tiny_weights, tmp_path, hub):
+    hf_cache = tmp_path / "hf" / "hub"
     snapshot = write_hf_cache(hf_cache, SD21_BASE, REVISION, tiny_weights, tree_listing=False)
     (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # an interrupted download
-    done = workspace.run("build", recipe, env=_env(hf_cache, hub))
-    assert done.returncode == 2
-    [error] = _errors(done)
-    assert "unet/*.safetensors" in error and "sdbuild fetch" in error
+    done = _take_snapshot(tmp_path / "out", _env(hf_cache, hub))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "the cached snapshot lacks unet/*.safetensors" in done.stderr and "sdbuild fetch" in done.stderr
     assert hub.attempts() == 0
 
 
@@ -133,15 +148,9 @@ def test_online_with_a_complete_cache_makes_no_request(tiny_weights, tmp_path, h
     """With a pinned commit whose file listing the client cached, the cache answers everything."""
     hf_cache = tmp_path / "hf" / "hub"
     write_hf_cache(hf_cache, SD21_BASE, REVISION, tiny_weights)
-    out = tmp_path / "out"
-    code = (
-        "import sys; from pathlib import Path; from builder.stages.source import take_snapshot; "
-        "from builder.hub.cache import HubRef; from builder.hub.layout import RepoKind; "
-        f"take_snapshot(HubRef({SD21_BASE!r}, {REVISION!r}, RepoKind.PIPELINE), Path(sys.argv[1]))"
-    )
-    env = os.environ | _env(hf_cache, hub, offline=False)
-    subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True, capture_output=True, text=True)
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    done = _take_snapshot(tmp_path / "out", _env(hf_cache, hub, offline=False))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert hub.attempts() == 0
 
 

@@ -428,7 +428,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
             components[c]["recipe"] = os.path.relpath(compression.recipe, loaded.path.parent)
 
-    provenance = sources_provenance(loaded, STAGE_VERSIONS["provenance"], tools)
+    provenance = sources_provenance(loaded, STAGE_VERSIONS["provenance"])
     stages += provenance.stages
     bundle_inputs |= provenance.inputs
     bundle_params = {

@@ -40,7 +40,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     return {"files": len(files)}
 
 
-def sources_provenance(loaded: LoadedRecipe, version: str, tools: dict[str, str]) -> SourcesProvenance:
+def sources_provenance(loaded: LoadedRecipe, version: str) -> SourcesProvenance:
     """The provenance stages of the recipe's sources, the bundle inputs they feed and the sources'
     manifest entries (without the digests the stages add)."""
     model = loaded.recipe.model
@@ -70,7 +70,7 @@ def sources_provenance(loaded: LoadedRecipe, version: str, tools: dict[str, str]
                 param_origins={"file": f"{field}.local.path"} if params else {},
                 inputs=upstream,
                 external_inputs=external,
-                tools=tools,
+                tools={},  # the digests depend on the bytes alone, not on any library
                 memory_estimate_bytes=GIB,
             )
         )
