@@ -94,6 +94,7 @@ def test_a_bundle_changed_after_the_build_is_not_released(built, tmp_path, capsy
     assert not (tmp_path / "dist" / f"{PREFIX}.zip").exists()
 
 
+@pytest.mark.slow  # a second cold build of the default recipe
 def test_reproduce_rebuilds_from_scratch_and_a_second_release_is_identical(released, tmp_path, capsys):
     archive, digest = released
     ws = Workspace(root=tmp_path / "elsewhere", cache=tmp_path / "unused-cache")
