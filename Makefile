@@ -9,9 +9,10 @@ LOCK := requirements.lock
 LOCK_PYTHON := 3.11
 RECIPES := $(basename $(notdir $(wildcard recipes/*.yaml)))
 RECIPE ?= tiny-sd
-# torch's Linux CPU wheel is on PyTorch's CPU index, not on PyPI (PyPI's Linux wheel is the CUDA
-# build). Where pip is told a folder holding the wheel (PIP_FIND_LINKS), that folder is used instead.
-TORCH_INDEX ?= $(if $(PIP_FIND_LINKS),,https://download.pytorch.org/whl/cpu)
+# Where torch's Linux CPU wheel (2.13.0+cpu) is found: it is not on PyPI (PyPI's Linux wheel is the
+# CUDA build). A folder pip is already told about (PIP_FIND_LINKS), else the torch page of PyTorch's
+# CPU index, read as a page of links so that no other package comes from that index.
+TORCH_WHEELS ?= $(or $(PIP_FIND_LINKS),https://download.pytorch.org/whl/cpu/torch/)
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 .DEFAULT_GOAL := build
@@ -19,8 +20,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --require-hashes --only-binary :all: \
-		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -r $(LOCK)
+	$(PIP) install --quiet --require-hashes --only-binary :all: --find-links $(TORCH_WHEELS) -r $(LOCK)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -48,8 +48,7 @@ lint: $(STAMP)
 lock: $(STAMP)
 	$(BIN)/uv pip compile --universal --python-version $(LOCK_PYTHON) --generate-hashes --quiet \
 		--custom-compile-command "make lock (uv pip compile --universal --python-version $(LOCK_PYTHON))" \
-		$(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) \
-		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match) \
+		--find-links $(TORCH_WHEELS) \
 		--extra test --extra dev --constraint constraints.txt pyproject.toml lock.in --output-file $(LOCK)
 
 # The Linux half of .github/workflows/release.yml, for RECIPE (default tiny-sd): fetch, build,
