@@ -34,8 +34,8 @@ STAGE_VERSIONS = {
     "palettize": "2",
     "quantize": "1",
     "verify": "2",
-    "compile": "1",
-    "bundle": "8",
+    "compile": "2",
+    "bundle": "9",
     "chunk": "3",
     "provenance": "1",
 }
