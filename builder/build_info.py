@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
@@ -117,7 +117,7 @@ def build_date() -> str | None:
     if value is None or value == "":
         return None
     try:
-        moment = datetime.fromtimestamp(int(value), timezone.utc)
+        moment = datetime.fromtimestamp(int(value), UTC)
     except (ValueError, OverflowError, OSError):
         raise UserError(
             f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970-01-01 UTC",

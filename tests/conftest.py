@@ -99,7 +99,8 @@ def one_torch_thread():
 def run_stages_in_process(specs, done: dict, folder: Path) -> dict[str, Path]:
     """Run stage functions in this process, in order, without workers or cache: for tests that need
     many related builds fast. `done` (stage id, params and input folders -> output folder) is shared
-    between calls, so a stage with the same params and inputs runs once. Returns stage id -> output folder for these specs."""
+    between calls, so a stage with the same params and inputs runs once. Returns stage id -> output
+    folder for these specs."""
     import importlib
 
     produced: dict[str, Path] = {}

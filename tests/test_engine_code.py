@@ -3,10 +3,13 @@ source, and the versions of what those modules import from outside."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import PROJECT
 
 from builder.engine import Engine, Graph, StageSpec
 from builder.engine import code as code_keys
@@ -91,3 +94,26 @@ def test_a_worker_whose_code_changed_after_its_key_refuses(package, tmp_path, mo
         Engine(tmp_path / "cache", "t").build(graph, jobs=1)
     monkeypatch.setenv("SDBUILD_WORKERS", "spawn")  # a fresh interpreter runs the code its key names
     assert [r.status for r in Engine(tmp_path / "cache", "t").build(graph, jobs=1)] == ["hit", "built"]
+
+
+def _plan_with_code(ws, code_root: Path) -> dict[str, dict]:
+    """`sdbuild plan` of the shared tiny-sd build, run with the project's code taken from `code_root`."""
+    done = ws.run("plan", "recipes/tiny-sd.yaml", "--json", env={"PYTHONPATH": str(code_root)}, check=True)
+    return {e["id"]: e for e in json.loads(done.stdout)}
+
+
+def test_an_edit_in_code_palettize_runs_makes_it_and_its_dependants_stale_and_nothing_else(built, tmp_path):
+    ws, _ = built
+    root = tmp_path / "src"
+    shutil.copytree(PROJECT / "builder", root / "builder", ignore=shutil.ignore_patterns("__pycache__"))
+    kmeans = root / "builder" / "coreml" / "kmeans.py"
+    source = kmeans.read_text()
+    assert "def " in source
+    kmeans.write_text("# a comment only\n" + source.replace('"""', '"""Reworded. ', 1) + "\n\n")
+    assert {e["status"] for e in _plan_with_code(ws, root).values()} == {"cached"}
+
+    kmeans.write_text(source + "\n\nSCALE = 2\n")
+    plan = _plan_with_code(ws, root)
+    stale = {stage_id for stage_id, e in plan.items() if e["status"] == "stale"}
+    assert stale == {"palettize:unet", "verify:unet", "bundle"}
+    assert plan["palettize:unet"]["reason"] == "code of builder.coreml.kmeans changed"

@@ -179,6 +179,7 @@ def _lut_op(const, indices: np.ndarray, lut: np.ndarray, nbits: int, ios18: bool
     """
     from coremltools.converters.mil.backend.mil import helper
     from coremltools.converters.mil.mil import types
+
     mil = mil_proto()
     name = op_name(const) + PALETTIZED_SUFFIX
     op = mil.Operation(type="constexpr_lut_to_dense")

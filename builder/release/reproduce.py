@@ -13,7 +13,7 @@ import platform
 import zipfile
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
@@ -140,7 +140,7 @@ def source_date_epoch(manifest: dict) -> str | None:
     if not isinstance(date, str):
         return None
     try:
-        when = datetime.strptime(date, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        when = datetime.strptime(date, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError:
         raise UserError(f"the archive's manifest date {date!r} is not YYYY-MM-DDTHH:MM:SSZ") from None
     return str(int(when.timestamp()))
