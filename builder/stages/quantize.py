@@ -6,13 +6,9 @@ from pathlib import Path
 
 import coremltools as ct
 from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
-from pydantic import BaseModel
 
 from builder.coreml.package import normalize_mlpackage, package_size
-
-
-class QuantizeParams(BaseModel):
-    weight_threshold: int = 2048
+from builder.stages.params import QuantizeParams
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
