@@ -37,11 +37,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/build_bench.py
 
-# actionlint checks the workflows (with the locked shellcheck on their `run:` steps); ruff the Python.
+# actionlint checks the workflows (with the locked shellcheck on their `run:` steps); ruff the Python;
+# mypy the types of builder/ (settings in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/actionlint -shellcheck $(BIN)/shellcheck .github/workflows/*.yml
 	$(BIN)/ruff check builder tests bench
 	$(BIN)/ruff format --check builder tests bench
+	$(BIN)/mypy
 
 # Re-resolve requirements.lock from pyproject.toml, lock.in and constraints.txt, with every file's
 # hash, for Linux x86_64 and macOS arm64 (pyproject.toml's [tool.uv] environments).

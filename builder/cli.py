@@ -239,7 +239,8 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
     engine, results = _run(workspace, loaded, graph, console, jobs=args.jobs, preflight=args)
     bundle = _publish(workspace, loaded, engine.output_path(results["bundle"]))
     # The diffusers folder the bundle was made from: the source stage's output, or a local folder read in place.
-    pipeline = engine.output_path(results["source"]) if "source" in results else loaded.recipe.model.local.path
+    local = loaded.recipe.model.local
+    pipeline = engine.output_path(results["source"]) if local is None else local.path
     if args.candidates is not None and not args.candidates.is_file():
         raise UserError(f"no candidates file {args.candidates}", hint="pass the JSON list `sdbuild analyze` wrote")
     try:

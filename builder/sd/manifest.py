@@ -8,13 +8,14 @@ unless `SOURCE_DATE_EPOCH` is set, so identical builds give identical manifests.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.coreml.package import ModelInfo
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION: Final = 2
+Precision = Literal["float16", "float32"]  # Core ML compute precision (SDXL's own VAE: float32)
 
 
 class FileEntry(BaseModel):
@@ -40,7 +41,7 @@ class ModelEntry(ModelInfo):
     path: str
     compiled: bool
     compression: dict
-    precision: Literal["float16", "float32"] = "float16"  # Core ML compute precision (SDXL's own VAE: float32)
+    precision: Precision = "float16"
     size_bytes: int
     bits_per_weight: float | None  # average stored bits per weight (index + table share when palettized)
     psnr_db: dict[str, float]  # traced conversion module vs the diffusers/transformers reference

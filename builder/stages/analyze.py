@@ -83,10 +83,6 @@ def analysis_stages(
     """Stages of one analysis: `rewritten` is the rewrite stage id of the UNet; `model` the pipeline
     folder (text encoder, tokenizer, scheduler) as the source stage's id or a local folder's path.
     The last stage, `analyze:<component>`, holds `analysis.json` and `recipes/*.yaml`."""
-    common = {
-        "component": component,
-        "memory_estimate_bytes": memory_estimate_bytes,
-    }
     prepare = probe_stage(
         rewritten=rewritten,
         model=model,
@@ -102,7 +98,8 @@ def analysis_stages(
             function="builder.stages.analyze:run_layers",
             params=LayerParams(chunk=chunk, chunks=chunks, nbits=list(nbits)).model_dump(),
             inputs={"rewritten": rewritten, "probe": prepare.id},
-            **common,
+            component=component,
+            memory_estimate_bytes=memory_estimate_bytes,
         )
         for chunk in range(chunks)
     ]
@@ -113,7 +110,8 @@ def analysis_stages(
         params=CandidateParams(model=description, targets_db=list(targets_db)).model_dump(),
         inputs={"rewritten": rewritten, "probe": prepare.id}
         | {f"layers.{s.params['chunk']}": s.id for s in layer_stages},
-        **common,
+        component=component,
+        memory_estimate_bytes=memory_estimate_bytes,
     )
     return [prepare, *layer_stages, assemble]
 

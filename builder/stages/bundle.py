@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from builder.coreml.package import WEIGHTS_DIR, describe_mlpackage, package_size
+from builder.coreml.package import WEIGHTS_DIR, ModelInfo, describe_mlpackage, package_size
 from builder.errors import UserError
 from builder.sd.contract import (
     CONTROLNET_FOLDER,
@@ -24,7 +24,17 @@ from builder.sd.contract import (
     chunk_names,
     resource_name,
 )
-from builder.sd.manifest import ChunkEntry, FileEntry, Manifest, ModelEntry
+from builder.sd.manifest import (
+    ChunkEntry,
+    Environment,
+    FileEntry,
+    Manifest,
+    ModelEntry,
+    Precision,
+    RecipeRecord,
+    SdbuildInfo,
+    Sources,
+)
 from builder.stages.params import BundleParams
 from builder.stages.provenance import with_digests
 
@@ -42,7 +52,13 @@ def _time_ids_length(models: dict[str, ModelEntry]) -> int | None:
 
 
 def _ship(
-    inputs: dict[str, Path], key: str, component: str, compression: dict, precision: str, resources: Path, name: str
+    inputs: dict[str, Path],
+    key: str,
+    component: str,
+    compression: dict,
+    precision: Precision,
+    resources: Path,
+    name: str,
 ) -> ModelEntry:
     """Copy one model (`key`: component, or component.chunkN) into Resources and describe it."""
     package = inputs[f"model.{key}"] / "model.mlpackage"
@@ -109,7 +125,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             models[shipped_name] = _ship(
                 inputs, f"{component}{part}", component, compression, precision, resources, shipped_name
             )
-    problems = check_models(p.family, models, latent_size=p.latent_size, batch_size=p.unet_batch_size)
+    shipped: dict[str, ModelInfo] = dict(models)
+    problems = check_models(p.family, shipped, latent_size=p.latent_size, batch_size=p.unet_batch_size)
     if problems:
         raise UserError("the bundle breaks the Swift package's contract: " + "; ".join(problems))
 
@@ -139,10 +156,10 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         models=models,
         files=files,
         tools=p.tools,
-        recipe=p.recipe,
-        sdbuild=p.sdbuild,
-        sources=with_digests(p.sources, inputs),
-        environment=p.environment,
+        recipe=RecipeRecord.model_validate(p.recipe),
+        sdbuild=SdbuildInfo.model_validate(p.sdbuild),
+        sources=Sources.model_validate(with_digests(p.sources, inputs)),
+        environment=Environment.model_validate(p.environment),
         date=p.date,
     )
     (out / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.coreml.options import PalettizeOptions
+from builder.sd.manifest import Precision
 
 # The floor a traced (or chunk-chained) model's PSNR against diffusers must reach.
 MINIMUM_PSNR_DB = 35.0
@@ -82,7 +83,7 @@ class ConvertParams(StageParams):
     component: str
     chunk: int | None = None  # a UNet chunk (the traced input says its interface); None: the whole component
     deployment_target: str
-    precision: Literal["float16", "float32"] = "float16"
+    precision: Precision = "float16"
 
 
 class MixedPalettizeParams(StageParams):
@@ -120,7 +121,7 @@ class BundleParams(StageParams):
     deployment_target: str
     components: dict[str, dict]  # component -> its compression settings, as the manifest records them
     chunked: list[str] = []  # components shipped as two chunks
-    precision: dict[str, str] = {}  # component -> Core ML compute precision
+    precision: dict[str, Precision] = {}  # component -> Core ML compute precision
     tools: dict[str, str]
     sdbuild_version: str
     # provenance (builder/build_info.py, builder/stages/provenance.py)

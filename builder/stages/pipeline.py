@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel
 
@@ -23,6 +23,7 @@ from builder.recipe import Component, LoadedRecipe
 from builder.recipe.compression import Compression
 from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
+from builder.sd.manifest import Precision
 from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.params import (
     BundleParams,
@@ -125,7 +126,7 @@ class _GraphBuilder:
         self.bundle_inputs: dict[str, str] = {}
         self.components: dict[str, dict[str, Any]] = {}  # component -> compression, as the manifest records it
         self.chunked: list[str] = []
-        self.precisions: dict[str, str] = {}
+        self.precisions: dict[str, Precision] = {}
         self.unavailable = compile_unavailable()
         self.compile_tools = {} if self.unavailable else {"xcode": xcode_version()}
 
@@ -160,7 +161,9 @@ class _GraphBuilder:
         )
         return stage_id
 
-    def source(self, stage_id: str, field: str, source: Any, *, pipeline: str, hub_kind: str = "hub") -> _Source:
+    def source(
+        self, stage_id: str, field: str, source: Any, *, pipeline: str, hub_kind: Literal["hub", "vae_hub"] = "hub"
+    ) -> _Source:
         """The stage that materialises one source (`field` names it in the recipe). A local folder is
         read in place; `pipeline` is a single-file checkpoint's pipeline (sd, sdxl, sdxl-refiner);
         `hub_kind` what a hub download fetches."""
@@ -236,7 +239,9 @@ class _GraphBuilder:
                 )
                 origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
             else:
-                params = HubControlNet(kind="controlnet_hub", id=source.hub.id, revision=source.hub.revision)
+                hub = source.hub
+                assert hub is not None  # the recipe model takes exactly one of local, synthetic and hub
+                params = HubControlNet(kind="controlnet_hub", id=hub.id, revision=hub.revision)
                 origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
             memory = memory_estimate(self.loaded, "controlnet")
             stage_id = self.add("source", label, params, origins, {}, memory=memory)

@@ -47,7 +47,7 @@ def sources_provenance(loaded: LoadedRecipe) -> SourcesProvenance:
     stages: list[StageSpec] = []
     inputs: dict[str, str] = {}
 
-    def entry(label: str, field: str, source, hub_stage: str | None) -> dict[str, Any]:
+    def entry(label: str, field: str, source: Any, hub_stage: str) -> dict[str, Any]:
         if getattr(source, "synthetic", None) is not None:
             return {"kind": "synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
         if source.hub is not None:

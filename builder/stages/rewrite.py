@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -45,11 +46,12 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     references = {f"input.{n}": t.contiguous() for n, t in examples.items()}
     references |= {f"output.{n}": t.contiguous() for n, t in zip(output_names, outputs, strict=True)}
     save_file(references, out / "reference.safetensors")
+    config: Any = reference.config  # diffusers' FrozenDict or transformers' PretrainedConfig
     architecture = {
         "component": p.component,
         "family": p.family,
         "attention": p.attention,
-        "config": reference.config.to_dict() if hasattr(reference.config, "to_dict") else dict(reference.config),
+        "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
         "inputs": [s.model_dump() for s in specs],
         "outputs": list(output_names),
     }

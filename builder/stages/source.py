@@ -15,13 +15,13 @@ from builder.stages.params import HubControlNet, HubSource, SingleFileSource, Sy
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     if params["kind"] == "controlnet_synthetic":
-        synthetic = SyntheticControlNet.model_validate(params)
-        write_synthetic_controlnet(get_controlnet_preset(synthetic.preset), synthetic.seed, out)
-        return {"source": f"synthetic-controlnet:{synthetic.preset}@{synthetic.seed}"}
+        net = SyntheticControlNet.model_validate(params)
+        write_synthetic_controlnet(get_controlnet_preset(net.preset), net.seed, out)
+        return {"source": f"synthetic-controlnet:{net.preset}@{net.seed}"}
     if params["kind"] == "controlnet_hub":
-        hub = HubControlNet.model_validate(params)
-        take_snapshot(HubRef(hub.id, hub.revision, RepoKind.CONTROLNET), out)
-        return {"source": f"hub:{hub.id}@{hub.revision}"}
+        hub_net = HubControlNet.model_validate(params)
+        take_snapshot(HubRef(hub_net.id, hub_net.revision, RepoKind.CONTROLNET), out)
+        return {"source": f"hub:{hub_net.id}@{hub_net.revision}"}
     if params["kind"] == "synthetic":
         synthetic = SyntheticSource.model_validate(params)
         write_synthetic_pipeline(get_preset(synthetic.preset), synthetic.seed, out)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from builder.recipe import LoadedRecipe
 from builder.sd.contract import controlnet_name
+from builder.sd.manifest import Precision
 from builder.sd.presets import PRESETS
 from builder.sd.settings import ANALYSED_COMPONENTS, COMPONENT_SETTINGS
 
@@ -44,11 +45,11 @@ def check_supported(loaded: LoadedRecipe) -> None:
                 "use mode: palettize with one nbits for this component",
             )
         check_mixed_recipe(settings.compression.recipe)
-    for component in ("vae_decoder", "vae_encoder"):
-        settings = getattr(recipe.components, component)
+    for vae in ("vae_decoder", "vae_encoder"):
+        settings = getattr(recipe.components, vae)
         if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
             raise loaded.error(
-                f"components.{component}.compression.mode",
+                f"components.{vae}.compression.mode",
                 "the SDXL VAE overflows in float16, so it is converted in float32 and cannot be compressed",
                 "use mode: float16 (the VAE then stays float32), or set model.vae to a float16-safe VAE "
                 "such as madebyollin/sdxl-vae-fp16-fix",
@@ -65,7 +66,7 @@ def check_supported(loaded: LoadedRecipe) -> None:
             )
 
 
-def vae_precision(loaded: LoadedRecipe) -> str:
+def vae_precision(loaded: LoadedRecipe) -> Precision:
     """SDXL's own VAE overflows in float16 and is converted in float32; a replacement VAE
     (model.vae, e.g. a float16-safe one) and SD's VAE are converted in float16."""
     recipe = loaded.recipe

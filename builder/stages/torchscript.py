@@ -102,7 +102,7 @@ def read_tensors(path: Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
                 raise ValueError(f"weight '{name}' of {path} spans {end - start} bytes, its shape needs {size}")
             if size:
                 file.seek(entry["base"] + start)
-                if file.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != size:
+                if file.readinto(tensor.reshape(-1).view(torch.uint8).numpy().data) != size:
                     raise ValueError(f"{path} ends inside weight '{name}'")
             tensors[name] = tensor
     return tensors

@@ -98,7 +98,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             f"{p.component}: traced output '{disagreeing[0]}' decides differently from the reference",
             hint="the conversion module changed the model's decision; report the recipe",
         )
-    worst = min(scores, key=scores.get)
+    worst = min(scores, key=lambda name: scores[name])
     if scores[worst] < p.minimum_psnr_db:
         raise UserError(
             f"{p.component}: traced output '{worst}' matches the reference at only {scores[worst]} dB "

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from builder.errors import UserError
+from builder.sd.chunk import UnetChunk
 from builder.sd.psnr import psnr
 from builder.sd.read_back import (
     SOURCES_FILE,
@@ -120,7 +121,7 @@ def _verify(
 
 
 def _verify_first_chunk(
-    first: nn.Module, example: list[torch.Tensor], inputs: dict[str, Path], out: Path
+    first: UnetChunk, example: list[torch.Tensor], inputs: dict[str, Path], out: Path
 ) -> tuple[dict, Sources]:
     float16_weights(first)
     expected = _run(first, example)
