@@ -11,6 +11,7 @@ import re
 
 from builder.coreml.package import FeatureInfo, ModelInfo
 from builder.recipe.sources import ControlNetSource
+from builder.sd.tokenizer_files import MODEL_MAX_LENGTH
 
 RESOURCE_NAMES: dict[str, str] = {
     "text_encoder": "TextEncoder",
@@ -28,7 +29,7 @@ CONTROLNET_BATCH = 2  # ControlNet.swift always passes a (2,) timestep
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
 REQUIRED_MODELS = {"sd": ("TextEncoder", "Unet", "VAEDecoder"), "sdxl": ("TextEncoder2", "Unet", "VAEDecoder")}
-TEXT_LENGTH = 77
+TEXT_LENGTH = MODEL_MAX_LENGTH
 SAFETY_CHECKER_IMAGE_SIZE = 512  # hard-coded in SafetyChecker.swift
 
 
