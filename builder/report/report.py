@@ -57,8 +57,9 @@ def verify_read_back(bundle: Path, pipeline: Path, verified: Sequence[Path]) -> 
 
 
 def _compression(entry: ModelEntry) -> str:
-    settings = ", ".join(f"{key} {value}" for key, value in entry.compression.items() if key != "mode")
-    return f"{entry.compression['mode']} ({settings})" if settings else entry.compression["mode"]
+    written = entry.compression.model_dump(mode="json")
+    settings = ", ".join(f"{key} {value}" for key, value in written.items() if key != "mode")
+    return f"{written['mode']} ({settings})" if settings else written["mode"]
 
 
 def _bits(entry: ModelEntry) -> str:

@@ -13,9 +13,24 @@ from typing import Annotated, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.coreml.package import ModelInfo
+from builder.recipe.base import RecipeModel
+from builder.recipe.compression import Float16, Palettize, Quantize
 
 SCHEMA_VERSION: Final = 2
 Precision = Literal["float16", "float32"]  # Core ML compute precision (SDXL's own VAE: float32)
+
+
+class ShippedMixedPalettize(RecipeModel):
+    """Mixed-bit palettization as shipped: its recipe file named as the recipe wrote it (relative to
+    the recipe), so the manifest does not depend on where the workspace is."""
+
+    mode: Literal["mixed"]
+    recipe: str
+    weight_threshold: int
+
+
+# A model's compression as its recipe set it, defaults filled in: the recipe's own types.
+ShippedCompression = Annotated[Float16 | Palettize | Quantize | ShippedMixedPalettize, Field(discriminator="mode")]
 
 
 class FileEntry(BaseModel):
@@ -40,7 +55,7 @@ class ModelEntry(ModelInfo):
     component: str
     path: str
     compiled: bool
-    compression: dict
+    compression: ShippedCompression
     precision: Precision = "float16"
     size_bytes: int
     bits_per_weight: float | None  # average stored bits per weight (index + table share when palettized)

@@ -33,6 +33,7 @@ from builder.sd.manifest import (
     Precision,
     RecipeRecord,
     SdbuildInfo,
+    ShippedCompression,
     Sources,
 )
 from builder.stages.params import BundleParams
@@ -55,7 +56,7 @@ def _ship(
     inputs: dict[str, Path],
     key: str,
     component: str,
-    compression: dict,
+    compression: ShippedCompression,
     precision: Precision,
     resources: Path,
     name: str,
@@ -68,7 +69,7 @@ def _ship(
     shutil.copytree(inputs[f"compiled.{key}"] / "model.mlmodelc" if compiled else package, shipped)
     interface = describe_mlpackage(package)
     report = inputs[f"model.{key}"] / "report.json"
-    bits = {"float16": 32.0 if precision == "float32" else 16.0}.get(compression["mode"])  # uncompressed
+    bits = {"float16": 32.0 if precision == "float32" else 16.0}.get(compression.mode)  # uncompressed
     if report.is_file():
         bits = round(json.loads(report.read_text())["bits_per_weight"], 4)
     check = json.loads((inputs[f"check.{key}"] / "check.json").read_text())

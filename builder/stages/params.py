@@ -12,14 +12,15 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from builder.coreml.options import PalettizeOptions
-from builder.sd.manifest import Precision
+from builder.sd.manifest import Precision, ShippedCompression
 
 # The floor a traced (or chunk-chained) model's PSNR against diffusers must reach.
 MINIMUM_PSNR_DB = 35.0
 
 
 class StageParams(BaseModel):
-    """Params travel as JSON (`model_dump(mode="json")`), which is also what the engine keys."""
+    """Params travel as JSON: the fields the pipeline set (`model_dump(mode="json", exclude_unset=True)`),
+    which is what the engine keys; the worker's `model_validate` fills in the defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -119,7 +120,7 @@ class BundleParams(StageParams):
     attention: str
     compute_unit: str
     deployment_target: str
-    components: dict[str, dict]  # component -> its compression settings, as the manifest records them
+    components: dict[str, ShippedCompression]  # component -> its compression, as the manifest records it
     chunked: list[str] = []  # components shipped as two chunks
     precision: dict[str, Precision] = {}  # component -> Core ML compute precision
     tools: dict[str, str]

@@ -23,7 +23,7 @@ from builder.recipe import Component, LoadedRecipe
 from builder.recipe.compression import Compression
 from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
-from builder.sd.manifest import Precision
+from builder.sd.manifest import Precision, ShippedCompression, ShippedMixedPalettize
 from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.params import (
     BundleParams,
@@ -124,7 +124,7 @@ class _GraphBuilder:
         self.recipe = loaded.recipe
         self.stages: list[StageSpec] = []
         self.bundle_inputs: dict[str, str] = {}
-        self.components: dict[str, dict[str, Any]] = {}  # component -> compression, as the manifest records it
+        self.components: dict[str, ShippedCompression] = {}
         self.chunked: list[str] = []
         self.precisions: dict[str, Precision] = {}
         self.unavailable = compile_unavailable()
@@ -280,9 +280,13 @@ class _GraphBuilder:
             first = self._chain(c, rewrite, compression, chunk, first, memory)
         if chunked:
             self.chunked.append(c)
-        self.components[c] = compression.model_dump(mode="json")
-        if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
-            self.components[c]["recipe"] = os.path.relpath(compression.recipe, self.loaded.path.parent)
+        if compression.mode == "mixed":
+            written = os.path.relpath(compression.recipe, self.loaded.path.parent)
+            self.components[c] = ShippedMixedPalettize(
+                mode="mixed", recipe=written, weight_threshold=compression.weight_threshold
+            )
+        else:
+            self.components[c] = compression
 
     def _settings(self) -> dict[str, tuple[Any, str]]:
         """Recipe settings a rewrite may depend on: value and the field it came from."""
@@ -413,7 +417,7 @@ class _GraphBuilder:
                 id="bundle",
                 stage="bundle",
                 function="builder.stages.bundle:run",
-                params=params.model_dump(mode="json", exclude_unset=True),
+                params=params.model_dump(mode="json"),
                 param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
                 inputs=self.bundle_inputs | provenance.inputs | ({"tokenizer": "source"} if pipeline.inputs else {}),
                 external_inputs={"tokenizer": pipeline.external["model"]} if pipeline.external else {},
