@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
+from typing import cast
 
 from builder.errors import EnvironmentFault
 
@@ -68,7 +69,7 @@ def as_fault(
     found = _os_error_in(error)
     if found is None:
         return None
-    reason, hint = _REASONS[found.errno]
+    reason, hint = _REASONS[cast(int, found.errno)]  # _os_error_in returns only errors with a FAULT_ERRNOS errno
     path = str(found.filename) if found.filename else (str(where) if where is not None else None)
     message = f"{doing} failed: {reason}" + (f" ({path})" if path else "")
     if found.errno in (errno.ENOSPC, errno.EDQUOT):

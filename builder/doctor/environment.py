@@ -28,7 +28,7 @@ def python_check(lock: Path | None) -> Check:
                 "python", "fail", f"{version}, but requirements.lock is for {wanted}", f"make PYTHON=python{wanted}"
             )
         return Check("python", "ok", f"{version} (requirements.lock is for {wanted})")
-    required = SpecifierSet(metadata.metadata("sdbuild").get("Requires-Python") or "")
+    required = SpecifierSet((metadata.metadata("sdbuild").get_all("Requires-Python") or [""])[0])
     if version not in required:
         return Check("python", "fail", f"{version}, sdbuild needs {required}", "install a Python that sdbuild supports")
     return Check("python", "ok", f"{version} (sdbuild needs {required})")

@@ -16,6 +16,7 @@ import ast
 import hashlib
 import importlib.util
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -147,7 +148,7 @@ def _project_closure(module: str) -> tuple[dict[str, str], frozenset[str]]:
 
 
 @cache
-def _distributions() -> dict[str, list[str]]:
+def _distributions() -> Mapping[str, list[str]]:
     return metadata.packages_distributions()
 
 

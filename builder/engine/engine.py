@@ -49,7 +49,7 @@ class Engine:
         graph[stage_id]  # a clear error for an unknown id
         found = next(a for a in self._assess_all(graph) if a.spec.id == stage_id)
         self.store.memo.save()
-        cached = found.status == "cached" and found.record is not None
+        cached = found.record if found.status == "cached" else None
         return Explanation(
             id=found.spec.id,
             stage=found.spec.stage,
@@ -60,7 +60,7 @@ class Engine:
             key_inputs=found.key_inputs,
             previous_key=found.previous_key,
             previous_key_inputs=found.previous_key_inputs,
-            output=self.store.object_path(found.record.output_digest) if cached else None,
+            output=self.store.object_path(cached.output_digest) if cached is not None else None,
         )
 
     def build(
@@ -166,8 +166,8 @@ class Engine:
             if assessment.status == "skipped":
                 skipped.add(spec.id)
             else:
-                cached = assessment.status == "cached" and assessment.record is not None
-                digests[spec.id] = assessment.record.output_digest if cached else None
+                cached = assessment.record if assessment.status == "cached" else None
+                digests[spec.id] = cached.output_digest if cached is not None else None
             found.append(assessment)
         return found
 

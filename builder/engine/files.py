@@ -44,8 +44,10 @@ def remove_tree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
-        handler = "onexc" if sys.version_info >= (3, 12) else "onerror"
-        shutil.rmtree(path, **{handler: make_writable_and_retry})
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(path, onexc=make_writable_and_retry)
+        else:
+            shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
 def set_writable(root: Path, writable: bool) -> None:

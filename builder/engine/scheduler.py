@@ -154,9 +154,9 @@ class Scheduler:
             self.waiting.setdefault(found.key, []).append(found)
             return
         inputs: dict[str, Path] = {
-            name: self.store.object_path(self.results[up].digest)
+            name: self.store.object_path(digest)
             for name, up in spec.inputs.items()
-            if self.results[up].digest is not None
+            if (digest := self.results[up].digest) is not None
         }
         inputs.update(external_paths(spec))
         folder = runner.work_folder(self.store.tmp, spec.id)

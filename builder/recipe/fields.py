@@ -43,7 +43,7 @@ def models_at(root: type[BaseModel], loc: Loc) -> list[type[BaseModel]]:
         if len(models) > 1 and tagged:
             models = tagged
             continue
-        infos = [info for model in models if (info := _fields(model).get(part)) is not None]
+        infos = [info for model in models if isinstance(part, str) and (info := _fields(model).get(part)) is not None]
         models = [model for info in infos for model in _models_in(info.annotation)]
     return models
 
@@ -54,6 +54,6 @@ def described(root: type[BaseModel], loc: Loc) -> tuple[str | int, str] | None:
     for end in range(len(loc), 0, -1):
         name = loc[end - 1]
         for model in models_at(root, loc[: end - 1]):
-            if (info := _fields(model).get(name)) is not None and info.description:
+            if isinstance(name, str) and (info := _fields(model).get(name)) is not None and info.description:
                 return name, info.description
     return None

@@ -113,6 +113,8 @@ class Recipe(RecipeModel):
         """[height, width] in latents, whichever of latent_size / image_size was written."""
         if self.written_latent_size is not None:
             return self.written_latent_size
+        if self.written_image_size is None:
+            raise ValueError("a recipe needs latent_size or image_size; validation rejects one with neither")
         height, width = self.written_image_size
         return height // 8, width // 8
 

@@ -43,7 +43,10 @@ def resolve(path: Path) -> Path:
     except OSError as problem:
         if problem.errno == errno.ENOTDIR:
             return real
-        what = {errno.ELOOP: "symlinks point at each other in a loop", errno.ENAMETOOLONG: "the name is too long"}
+        what: dict[int | None, str] = {
+            errno.ELOOP: "symlinks point at each other in a loop",
+            errno.ENAMETOOLONG: "the name is too long",
+        }
         raise UnresolvablePath(
             f"'{path}' cannot be followed: {what.get(problem.errno, problem.strerror or str(problem))}"
         ) from None

@@ -75,6 +75,8 @@ def _written_size(recipe: Recipe) -> tuple[str, int, tuple[int, int]]:
     """The size field the user wrote, its pixels-per-latent scale, and its value."""
     if recipe.written_latent_size is not None:
         return "latent_size", 1, recipe.written_latent_size
+    if recipe.written_image_size is None:
+        raise ValueError("a recipe needs latent_size or image_size; _size_violations reports one with neither")
     return "image_size", 8, recipe.written_image_size
 
 

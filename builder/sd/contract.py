@@ -44,8 +44,10 @@ def controlnet_name(source: ControlNetSource) -> str:
         text = source.hub.id
     elif source.local is not None:
         text = source.local.path.name
-    else:
+    elif source.synthetic is not None:
         text = f"synthetic-{source.synthetic.preset}-seed{source.synthetic.seed}"
+    else:
+        raise ValueError("a ControlNet source needs one of hub, local or synthetic")
     return "".join(word.title() for word in re.split(r"[/_-]", text) if word)
 
 
