@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from builder.coreml.kmeans import weighted_kmeans_1d
 
@@ -44,7 +45,7 @@ def centroids(values: np.ndarray, counts: np.ndarray, clusters: int) -> np.ndarr
 
 
 def lut_and_assignment(
-    hist: Histogram, centres: np.ndarray, nbits: int, dtype: np.dtype
+    hist: Histogram, centres: np.ndarray, nbits: int, dtype: npt.DTypeLike
 ) -> tuple[np.ndarray, np.ndarray]:
     """The stored LUT, and the nearest stored entry for each distinct value.
 

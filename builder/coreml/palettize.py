@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 from pydantic import BaseModel
@@ -283,6 +284,7 @@ def _rewrite(spec, jobs: dict, weights: list[WeightReport], ios18: bool, blobs: 
                 report = next(reports) if is_float_blob(op) else None
                 job = jobs.get((function, op.outputs[0].name)) if op.outputs else None
                 if job is not None:
+                    report = cast(WeightReport, report)  # _plan makes jobs only for float blobs, which have a report
                     replacement = _palettize(op, job, ios18, blobs, report)
                     renamed[op.outputs[0].name] = replacement.outputs[0].name
                     block.operations[index].CopyFrom(replacement)
