@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from builder.errors import UserError, first_line
 from builder.hub.layout import RepoKind, allow_patterns, ignore_patterns, missing_files, wanted
@@ -52,18 +53,17 @@ def snapshot(ref: HubRef) -> Path:
     """
     from huggingface_hub import constants, snapshot_download
 
-    arguments = {
+    arguments: dict[str, Any] = {
         "revision": ref.revision,
         "allow_patterns": allow_patterns(ref.kind),
         "ignore_patterns": ignore_patterns(),
     }
     cached, missing = _cached_snapshot(ref, arguments)
     unreachable = None if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
-    local_only = constants.HF_HUB_OFFLINE or unreachable is not None
-    if cached is not None and not missing and (local_only or _has_listing(ref)):
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else unreachable  # set: only the cache may be read
+    if cached is not None and not missing and (why is not None or _has_listing(ref)):
         return cached
-    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else unreachable
-    if local_only:
+    if why is not None:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise not_cached(ref, why, detail=f"the cached snapshot lacks {shown}" if cached is not None else None)
     try:
@@ -81,7 +81,7 @@ def snapshot(ref: HubRef) -> Path:
     return folder
 
 
-def _cached_snapshot(ref: HubRef, arguments: dict) -> tuple[Path | None, list[str]]:
+def _cached_snapshot(ref: HubRef, arguments: dict[str, Any]) -> tuple[Path | None, list[str]]:
     """The cache's snapshot folder without any request (None when absent, or short of files its cached
     listing names), and the files a conversion needs that it lacks."""
     from huggingface_hub import snapshot_download

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -12,6 +13,7 @@ from builder.errors import UserError, first_line
 from builder.hub.cache import HubRef, hub_cache_dir, not_cached, snapshot
 from builder.hub.layout import RepoKind, allow_patterns, ignore_patterns, missing_files, wanted
 from builder.recipe import LoadedRecipe
+from builder.recipe.sources import ControlNetSource, ModelSource, RefinerSource, VaeSource
 
 
 class HubInput(BaseModel):
@@ -42,6 +44,7 @@ class Fetched(BaseModel):
 def hub_inputs(loaded: LoadedRecipe) -> list[HubInput]:
     """The recipe's hub sources: the model, its refiner, a replacement VAE and its ControlNets."""
     model = loaded.recipe.model
+    sources: list[tuple[str, ModelSource | RefinerSource | VaeSource | ControlNetSource | None, RepoKind]]
     sources = [("model", model, RepoKind.PIPELINE), ("model.refiner", model.refiner, RepoKind.PIPELINE)]
     sources += [("model.vae", model.vae, RepoKind.VAE)]
     sources += [(f"model.controlnets.{i}", c, RepoKind.CONTROLNET) for i, c in enumerate(model.controlnets)]
@@ -70,7 +73,7 @@ def fetch(item: HubInput, announce: Callable[[HubInput, int, int, int], None]) -
         size = sum(path.stat().st_size for path in files)
         announce(item, len(files), size, 0)
         return Fetched(**_named(item), files=len(files), size_bytes=size, downloaded_bytes=0, snapshot=str(folder))
-    arguments = {
+    arguments: dict[str, Any] = {
         "revision": item.revision,
         "allow_patterns": allow_patterns(item.kind),
         "ignore_patterns": ignore_patterns(),
