@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -33,7 +34,15 @@ from builder.sd.modules import (
     TextEncoderXLModule,
     VaeDecoderModule,
     VaeEncoderModule,
+    token_id,
 )
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 TEXT_SEQUENCE_LENGTH = 77
 VAE_SCALE = 8
@@ -69,20 +78,23 @@ class TensorSpec(BaseModel):
     dtype: str  # "float32" or "float16"
 
 
+Model = TypeVar("Model", bound=nn.Module)
+
+
 @dataclass(frozen=True)
-class ComponentKind:
-    """Conversion knowledge for one component type."""
+class ComponentKind(Generic[Model]):
+    """Conversion knowledge for one component type; `Model` is the reference class its `load` makes."""
 
     subfolder: str  # "" for a model folder of its own (a ControlNet)
-    output_names: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]]  # fixed, or read off the reference
-    load: Callable[[Path, str], nn.Module]
-    from_config: Callable[[dict], nn.Module]
-    wrap: Callable[[nn.Module, str], nn.Module]  # (reference, attention) -> conversion module
-    inputs: Callable[[nn.Module, ComponentShape], list[TensorSpec]]
-    reference: Callable[[nn.Module, dict[str, torch.Tensor]], list[torch.Tensor]]
+    output_names: tuple[str, ...] | Callable[[Model], tuple[str, ...]]  # fixed, or read off the reference
+    load: Callable[[Path, str], Model]
+    from_config: Callable[[dict], Model]
+    wrap: Callable[[Model, str], nn.Module]  # (reference, attention) -> conversion module
+    inputs: Callable[[Model, ComponentShape], list[TensorSpec]]
+    reference: Callable[[Model, dict[str, torch.Tensor]], list[torch.Tensor]]
     # (pipeline folder, reference, input specs) -> example inputs, where seeded random tensors would
     # not exercise the component as the pipeline feeds it; None: `example_inputs`
-    examples: Callable[[Path, nn.Module, list[TensorSpec]], dict[str, torch.Tensor]] | None = None
+    examples: Callable[[Path, Model, list[TensorSpec]], dict[str, torch.Tensor]] | None = None
     # yes/no outputs (1.0 or 0.0): checked for agreement with the reference, not scored by PSNR
     decision_outputs: tuple[str, ...] = ()
     # outputs' Core ML dtype; None: coremltools' choice (float16 for a float16 program)
@@ -91,24 +103,24 @@ class ComponentKind:
     # read-back of compressed weights finds each weight by its torch parameter's name
     skipped_passes: tuple[str, ...] = ()
 
-    def outputs_of(self, model: nn.Module) -> tuple[str, ...]:
+    def outputs_of(self, model: Model) -> tuple[str, ...]:
         """The output names of the conversion module for `model`."""
         return self.output_names(model) if callable(self.output_names) else self.output_names
 
 
-def _attention_free(wrapper: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module, str], nn.Module]:
+def _attention_free(wrapper: Callable[[Model], nn.Module]) -> Callable[[Model, str], nn.Module]:
     """Components without attention variants ignore the recipe's attention setting."""
     return lambda model, attention: wrapper(model)
 
 
-def _load_clip(folder: Path, subfolder: str) -> nn.Module:
+def _load_clip(folder: Path, subfolder: str) -> CLIPTextModel:
     from transformers import CLIPTextModel
 
     # Eager attention adds our additive causal mask exactly as given.
     return CLIPTextModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True, attn_implementation="eager")
 
 
-def _load_clip_with_projection(folder: Path, subfolder: str) -> nn.Module:
+def _load_clip_with_projection(folder: Path, subfolder: str) -> CLIPTextModelWithProjection:
     from transformers import CLIPTextModelWithProjection
 
     return CLIPTextModelWithProjection.from_pretrained(
@@ -116,14 +128,14 @@ def _load_clip_with_projection(folder: Path, subfolder: str) -> nn.Module:
     )
 
 
-def _load_unet(folder: Path, subfolder: str) -> nn.Module:
-    from diffusers import UNet2DConditionModel
+def _load_unet(folder: Path, subfolder: str) -> UNet2DConditionModel:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
 
 
-def _load_vae(folder: Path, subfolder: str) -> nn.Module:
-    from diffusers import AutoencoderKL
+def _load_vae(folder: Path, subfolder: str) -> AutoencoderKL:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     # A replacement VAE (model.vae) is an AutoencoderKL folder with its config at the root.
     if not (folder / subfolder / "config.json").is_file() and (folder / "config.json").is_file():
@@ -131,7 +143,7 @@ def _load_vae(folder: Path, subfolder: str) -> nn.Module:
     return AutoencoderKL.from_pretrained(folder, subfolder=subfolder or None, use_safetensors=True)
 
 
-def _load_safety_checker(folder: Path, subfolder: str) -> nn.Module:
+def _load_safety_checker(folder: Path, subfolder: str) -> StableDiffusionSafetyChecker:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     if not (folder / subfolder / "config.json").is_file():
@@ -144,15 +156,15 @@ def _load_safety_checker(folder: Path, subfolder: str) -> nn.Module:
     )
 
 
-def _safety_checker_from_config(config: dict) -> nn.Module:
+def _safety_checker_from_config(config: dict) -> StableDiffusionSafetyChecker:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
     return StableDiffusionSafetyChecker._from_config(CLIPConfig.from_dict(config), attn_implementation="eager")
 
 
-def _load_controlnet(folder: Path, subfolder: str) -> nn.Module:
-    from diffusers import ControlNetModel
+def _load_controlnet(folder: Path, subfolder: str) -> ControlNetModel:
+    from diffusers.models.controlnets.controlnet import ControlNetModel
 
     if not (folder / subfolder / "config.json").is_file():
         raise UserError(
@@ -162,32 +174,32 @@ def _load_controlnet(folder: Path, subfolder: str) -> nn.Module:
     return ControlNetModel.from_pretrained(folder / subfolder, use_safetensors=True)
 
 
-def _controlnet_from_config(config: dict) -> nn.Module:
-    from diffusers import ControlNetModel
+def _controlnet_from_config(config: dict) -> ControlNetModel:
+    from diffusers.models.controlnets.controlnet import ControlNetModel
 
     return ControlNetModel.from_config(config)
 
 
-def _clip_from_config(config: dict) -> nn.Module:
+def _clip_from_config(config: dict) -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel._from_config(CLIPTextConfig.from_dict(config), attn_implementation="eager")
 
 
-def _clip_with_projection_from_config(config: dict) -> nn.Module:
+def _clip_with_projection_from_config(config: dict) -> CLIPTextModelWithProjection:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     return CLIPTextModelWithProjection._from_config(CLIPTextConfig.from_dict(config), attn_implementation="eager")
 
 
-def _unet_from_config(config: dict) -> nn.Module:
-    from diffusers import UNet2DConditionModel
+def _unet_from_config(config: dict) -> UNet2DConditionModel:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     return UNet2DConditionModel.from_config(config)
 
 
-def _vae_from_config(config: dict) -> nn.Module:
-    from diffusers import AutoencoderKL
+def _vae_from_config(config: dict) -> AutoencoderKL:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     return AutoencoderKL.from_config(config)
 
@@ -196,15 +208,15 @@ def _text_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     return [TensorSpec(name="input_ids", shape=[1, TEXT_SEQUENCE_LENGTH], dtype="float32")]
 
 
-def _unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+def _unet_inputs(model: UNet2DConditionModel | ControlNetModel, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
     b = shape.batch_size
     specs = [
-        TensorSpec(name="sample", shape=[b, model.config.in_channels, h, w], dtype="float16"),
+        TensorSpec(name="sample", shape=[b, model.config["in_channels"], h, w], dtype="float16"),
         TensorSpec(name="timestep", shape=[b], dtype="float16"),
         TensorSpec(
             name="encoder_hidden_states",
-            shape=[b, model.config.cross_attention_dim, 1, TEXT_SEQUENCE_LENGTH],
+            shape=[b, model.config["cross_attention_dim"], 1, TEXT_SEQUENCE_LENGTH],
             dtype="float16",
         ),
     ]
@@ -218,21 +230,22 @@ def _unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
     return specs
 
 
-def _text_embeds_width(config: dict, time_ids: int) -> int:
+def _text_embeds_width(config: dict[str, Any], time_ids: int) -> int:
     """Width of the pooled text input: what the add-embedding takes besides the time_ids' embedding."""
-    width = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+    projection, addition = config["projection_class_embeddings_input_dim"], config["addition_time_embed_dim"]
+    width = projection - time_ids * addition
     if width <= 0:
         raise UserError(
-            f"unet: config projection_class_embeddings_input_dim={config.projection_class_embeddings_input_dim} "
+            f"unet: config projection_class_embeddings_input_dim={projection} "
             f"leaves no room for the pooled text embedding next to {time_ids} time_ids of "
-            f"addition_time_embed_dim={config.addition_time_embed_dim}",
+            f"addition_time_embed_dim={addition}",
             hint="check that the checkpoint is an SDXL base (6 time_ids) or refiner (model_index.json "
             "requires_aesthetics_score: true, 5 time_ids)",
         )
     return width
 
 
-def _controlled_unet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+def _controlled_unet_inputs(model: UNet2DConditionModel, shape: ComponentShape) -> list[TensorSpec]:
     shapes = residual_shapes(model, shape.batch_size, shape.latent_size)
     residuals = [
         TensorSpec(name=n, shape=s, dtype="float16") for n, s in zip(residual_names(len(shapes)), shapes, strict=False)
@@ -240,13 +253,13 @@ def _controlled_unet_inputs(model: nn.Module, shape: ComponentShape) -> list[Ten
     return _unet_inputs(model, shape) + residuals
 
 
-def _controlnet_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+def _controlnet_inputs(model: ControlNetModel, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
     b = shape.batch_size
     return _unet_inputs(model, shape) + [
         TensorSpec(
             name="controlnet_cond",
-            shape=[b, model.config.conditioning_channels, VAE_SCALE * h, VAE_SCALE * w],
+            shape=[b, model.config["conditioning_channels"], VAE_SCALE * h, VAE_SCALE * w],
             dtype="float16",
         )
     ]
@@ -256,19 +269,19 @@ def _residual_outputs(model: nn.Module) -> tuple[str, ...]:
     return residual_names(len(residual_shapes(model, 1, (8, 8))))
 
 
-def _vae_decoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+def _vae_decoder_inputs(model: AutoencoderKL, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
-    return [TensorSpec(name="z", shape=[1, model.config.latent_channels, h, w], dtype="float16")]
+    return [TensorSpec(name="z", shape=[1, model.config["latent_channels"], h, w], dtype="float16")]
 
 
-def _vae_encoder_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+def _vae_encoder_inputs(model: AutoencoderKL, shape: ComponentShape) -> list[TensorSpec]:
     h, w = shape.latent_size
     return [
-        TensorSpec(name="sample", shape=[1, model.config.in_channels, VAE_SCALE * h, VAE_SCALE * w], dtype="float16")
+        TensorSpec(name="sample", shape=[1, model.config["in_channels"], VAE_SCALE * h, VAE_SCALE * w], dtype="float16")
     ]
 
 
-def _safety_checker_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+def _safety_checker_inputs(model: StableDiffusionSafetyChecker, shape: ComponentShape) -> list[TensorSpec]:
     # The Swift package always sends 512 x 512 images, whatever the pipeline's image size (it ignores
     # the filtered images), so that input does not follow the recipe's size.
     side = model.config.vision_config.image_size
@@ -280,7 +293,9 @@ def _safety_checker_inputs(model: nn.Module, shape: ComponentShape) -> list[Tens
     ]
 
 
-def _safety_checker_examples(folder: Path, model: nn.Module, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+def _safety_checker_examples(
+    folder: Path, model: StableDiffusionSafetyChecker, specs: list[TensorSpec]
+) -> dict[str, torch.Tensor]:
     """A seeded random image, preprocessed by the pipeline's own feature extractor, at adjustment 0."""
     from transformers import CLIPImageProcessor
 
@@ -298,7 +313,9 @@ def _safety_checker_examples(folder: Path, model: nn.Module, specs: list[TensorS
     return {"clip_input": clip_input, "images": images, "adjustment": torch.zeros(shapes["adjustment"])}
 
 
-def _safety_checker_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+def _safety_checker_reference(
+    model: StableDiffusionSafetyChecker, inputs: dict[str, torch.Tensor]
+) -> list[torch.Tensor]:
     """diffusers' forward_onnx (adjustment 0 is built into it), plus the concept scores it thresholds."""
     from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
 
@@ -330,11 +347,11 @@ def _unet_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[t
     return [model(inputs["sample"], inputs["timestep"], text, added_cond_kwargs=added or None).sample]
 
 
-def _vae_decoder_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+def _vae_decoder_reference(model: AutoencoderKL, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [model.decode(inputs["z"]).sample]
 
 
-def _vae_encoder_reference(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+def _vae_encoder_reference(model: AutoencoderKL, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [model.encode(inputs["sample"]).latent_dist.parameters]
 
 
@@ -348,7 +365,7 @@ _UNET = ComponentKind(
     reference=_unet_reference,
 )
 
-KINDS: dict[str, ComponentKind] = {
+KINDS: dict[str, ComponentKind[Any]] = {
     "text_encoder": ComponentKind(
         subfolder="text_encoder",
         output_names=("last_hidden_state", "pooled_outputs"),
@@ -425,7 +442,7 @@ KINDS: dict[str, ComponentKind] = {
 
 
 # Components whose interface differs by pipeline family.
-FAMILY_KINDS: dict[tuple[str, str], ComponentKind] = {
+FAMILY_KINDS: dict[tuple[str, str], ComponentKind[Any]] = {
     ("sdxl", "text_encoder"): ComponentKind(
         subfolder="text_encoder",
         output_names=("hidden_embeds", "pooled_outputs"),
@@ -438,7 +455,7 @@ FAMILY_KINDS: dict[tuple[str, str], ComponentKind] = {
 }
 
 
-def kind(component: str, family: str = "sd") -> ComponentKind:
+def kind(component: str, family: str = "sd") -> ComponentKind[Any]:
     """Conversion knowledge for `component` in `family`, or a clear error for one not supported yet."""
     try:
         return FAMILY_KINDS.get((family, component)) or KINDS[component]
@@ -461,11 +478,12 @@ def example_inputs(component: str, model: nn.Module, specs: list[TensorSpec], se
     inputs: dict[str, torch.Tensor] = {}
     for spec in specs:
         if spec.name == "input_ids":
-            config = model.config
+            config = cast("CLIPTextConfig", model.config)  # only the CLIP text encoders take input_ids
+            eos = token_id(config, "eos_token_id")
             ids = torch.randint(0, config.vocab_size, spec.shape, generator=generator)
-            ids[ids == config.eos_token_id] = 0
-            ids[:, 0] = config.bos_token_id
-            ids[:, spec.shape[1] // 2 :] = config.eos_token_id  # prompt, end-of-text, padding
+            ids[ids == eos] = 0
+            ids[:, 0] = token_id(config, "bos_token_id")
+            ids[:, spec.shape[1] // 2 :] = eos  # prompt, end-of-text, padding
             inputs[spec.name] = ids.to(torch.float32)
         elif spec.name == "timestep":
             inputs[spec.name] = torch.full(spec.shape, 981.0)

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from builder.errors import UserError
 from builder.sd.components import TEXT_SEQUENCE_LENGTH, VAE_SCALE, kind, pipeline_time_ids
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 # (encoder, tokenizer) folders per family, in the order diffusers concatenates their hidden states
 _ENCODERS = {
@@ -55,7 +59,7 @@ class TextConditioning:
                 f"{pipeline} has no text_encoder_2, which gives SDXL's pooled text_embeds",
                 hint="point the recipe's model at a complete SDXL pipeline folder",
             )
-        self.encoders: list[tuple[object, nn.Module]] = []
+        self.encoders: list[tuple[CLIPTokenizer, nn.Module]] = []
         for component, tokenizer in encoders:
             k = kind(component, family)
             module = k.wrap(k.load(pipeline, k.subfolder).eval(), "ORIGINAL").eval()
@@ -76,6 +80,8 @@ class TextConditioning:
             hidden.append(states)
         inputs = {"encoder_hidden_states": torch.cat(hidden, dim=-1).transpose(1, 2).unsqueeze(2).contiguous()}
         if self.family == "sdxl":
+            if pooled is None:
+                raise ValueError("SDXL conditioning needs text_encoder_2, which gives text_embeds")
             inputs["text_embeds"] = pooled  # text_encoder_2's projected pooled state
             inputs["time_ids"] = self.time_ids(len(prompts), unconditional=False)
         return inputs

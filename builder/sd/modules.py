@@ -6,8 +6,15 @@ lives with its Neural Engine rewrite in `builder.sd.ane`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 # Additive causal-mask value that stays finite in float16 (the dtype minimum overflows to -inf
 # there, and a fully masked row would turn into NaN after softmax).
@@ -19,6 +26,14 @@ _LEGACY_EOS_TOKEN_ID = 2
 
 def _causal_mask(sequence_length: int) -> torch.Tensor:
     return torch.full((sequence_length, sequence_length), _FLOAT16_SAFE_MASK).triu(1)[None, None]
+
+
+def token_id(config: CLIPTextConfig, name: str) -> int:
+    """The config's `name` (bos_token_id or eos_token_id): transformers allows none or a list there."""
+    value = getattr(config, name)
+    if not isinstance(value, int):
+        raise ValueError(f"text encoder config {name}={value!r}; one token id expected")
+    return value
 
 
 def _eos_positions(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -35,10 +50,10 @@ class TextEncoderModule(nn.Module):
     returns the last hidden state and the pooled (first end-of-text token) state.
     """
 
-    def __init__(self, clip: nn.Module, sequence_length: int = 77):
+    def __init__(self, clip: CLIPTextModel, sequence_length: int = 77):
         super().__init__()
         self.clip = clip
-        self.eos_token_id = int(clip.config.eos_token_id)
+        self.eos_token_id = token_id(clip.config, "eos_token_id")
         self.register_buffer("causal_mask", _causal_mask(sequence_length), persistent=False)
 
     def forward(self, input_ids: torch.Tensor):
@@ -59,12 +74,13 @@ class TextEncoderXLModule(nn.Module):
     (pooled = the projection of it). Same float16-safe causal mask as TextEncoderModule.
     """
 
-    def __init__(self, clip: nn.Module, sequence_length: int = 77):
+    def __init__(self, clip: CLIPTextModel | CLIPTextModelWithProjection, sequence_length: int = 77):
+        from transformers import CLIPTextModelWithProjection
+
         super().__init__()
-        with_projection = hasattr(clip, "text_projection")
-        self.clip = clip.text_model if with_projection else clip
-        self.text_projection = clip.text_projection if with_projection else None
-        self.eos_token_id = int(self.clip.config.eos_token_id)
+        self.clip: CLIPTextModel = clip.text_model if isinstance(clip, CLIPTextModelWithProjection) else clip
+        self.text_projection = clip.text_projection if isinstance(clip, CLIPTextModelWithProjection) else None
+        self.eos_token_id = token_id(self.clip.config, "eos_token_id")
         self.register_buffer("causal_mask", _causal_mask(sequence_length), persistent=False)
 
     def forward(self, input_ids: torch.Tensor):
@@ -84,7 +100,7 @@ class TextEncoderXLModule(nn.Module):
 class VaeDecoderModule(nn.Module):
     """Latents (already divided by the scale factor) to an image in [-1, 1]."""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.post_quant_conv = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
         self.decoder = vae.decoder
@@ -96,7 +112,7 @@ class VaeDecoderModule(nn.Module):
 class VaeEncoderModule(nn.Module):
     """Image in [-1, 1] to the latent distribution's mean and log-variance, stacked on channels."""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: AutoencoderKL):
         super().__init__()
         self.encoder = vae.encoder
         self.quant_conv = vae.quant_conv if vae.quant_conv is not None else nn.Identity()
@@ -120,7 +136,7 @@ class SafetyCheckerModule(nn.Module):
 
     _SPECIAL_CARE_BOOST = 0.01
 
-    def __init__(self, checker: nn.Module):
+    def __init__(self, checker: StableDiffusionSafetyChecker):
         super().__init__()
         self.checker = checker
 

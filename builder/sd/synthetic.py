@@ -10,11 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
 from builder.sd.presets import Preset
 from builder.sd.tokenizer_files import TokenizerInfo, write_tokenizer_folder
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import PreTrainedModel
+
+Built = TypeVar("Built", bound=torch.nn.Module)
 
 # Normal(0, std) for matrices; norms and biases keep their (deterministic) defaults. A small std
 # keeps activations in the range real checkpoints have, so float16 behaves as it would for them.
@@ -30,7 +38,7 @@ def _randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * _WEIGHT_STD)
 
 
-def _seeded(build: Callable[[], torch.nn.Module], generator: torch.Generator) -> torch.nn.Module:
+def _seeded(build: Callable[[], Built], generator: torch.Generator) -> Built:
     """`build()` holding exactly the weights `_randomize` would give it, constructed once.
 
     The constructors' own initialisation (random draws over every weight of a full-size UNet, then
@@ -75,7 +83,7 @@ _UNIT_SCALED = (torch.nn.LayerNorm, torch.nn.GroupNorm)  # their scale starts at
 _CONCEPT_THRESHOLD_LOW, _CONCEPT_THRESHOLD_HIGH = 2.0, 3.0
 
 
-def _synthetic_safety_checker(config: dict, generator: torch.Generator) -> torch.nn.Module:
+def _synthetic_safety_checker(config: dict, generator: torch.Generator) -> StableDiffusionSafetyChecker:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig
 
@@ -103,20 +111,19 @@ def _write_feature_extractor(folder: Path, image_size: int) -> None:
 
 def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
     """Create `folder` as a diffusers folder its family's pipeline loads (SD, SDXL base or refiner)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer_folder(folder / "tokenizer")
     generator = torch.Generator().manual_seed(seed)
 
-    builders: dict[str, Callable[[], torch.nn.Module]] = {}
-    if preset.text_encoder is not None:
-        builders["text_encoder"] = lambda: CLIPTextModel(clip_text_config(preset.text_encoder, tokenizer))
-    if preset.text_encoder_2 is not None:
-        builders["text_encoder_2"] = lambda: CLIPTextModelWithProjection(
-            clip_text_config(preset.text_encoder_2, tokenizer)
-        )
+    builders: dict[str, Callable[[], ModelMixin | PreTrainedModel]] = {}
+    if (text_config := preset.text_encoder) is not None:
+        builders["text_encoder"] = lambda: CLIPTextModel(clip_text_config(text_config, tokenizer))
+    if (text_config_2 := preset.text_encoder_2) is not None:
+        builders["text_encoder_2"] = lambda: CLIPTextModelWithProjection(clip_text_config(text_config_2, tokenizer))
     builders["unet"] = lambda: UNet2DConditionModel(**preset.unet)
     builders["vae"] = lambda: AutoencoderKL(**preset.vae)
     # One model in memory at a time: a full-size pipeline never holds more than its UNet.
@@ -186,7 +193,7 @@ def write_synthetic_controlnet(config: dict, seed: int, folder: Path) -> None:
 
     Its zero-initialised output convolutions are randomised too, so its residuals are not all zero.
     """
-    from diffusers import ControlNetModel
+    from diffusers.models.controlnets.controlnet import ControlNetModel
 
     controlnet = ControlNetModel(**config).eval()
     _randomize(controlnet, torch.Generator().manual_seed(seed))

@@ -9,12 +9,36 @@ connection of the UNet's down half, then one for the mid block; the Swift packag
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, cast
+
 import torch
 from torch import nn
 
 from builder.sd.ane.unet import rewrite_transformers, rewrite_unet
 
+if TYPE_CHECKING:
+    from diffusers.models.controlnets.controlnet import ControlNetModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
 RESIDUAL_PREFIX = "additional_residual_"
+
+
+class _Layer(Protocol):
+    out_channels: int
+
+
+class _Block(Protocol):
+    resnets: Sequence[_Layer]
+    downsamplers: Sequence[_Layer] | None
+
+
+class _DownHalf(Protocol):
+    """What a diffusers UNet2DConditionModel and the ControlNetModel built from it share."""
+
+    conv_in: nn.Conv2d
+    down_blocks: Sequence[_Block]
+    mid_block: _Block
 
 
 def residual_names(count: int) -> tuple[str, ...]:
@@ -26,13 +50,14 @@ def residual_shapes(model: nn.Module, batch: int, latent_size: tuple[int, int]) 
     downsampler output, then the mid block's. Read off the module, so it holds for a UNet and the
     ControlNet built from it alike."""
     h, w = latent_size
-    shapes = [[batch, model.conv_in.out_channels, h, w]]
-    for block in model.down_blocks:
+    half = cast(_DownHalf, model)  # either model: the same down half under the same names
+    shapes = [[batch, half.conv_in.out_channels, h, w]]
+    for block in half.down_blocks:
         shapes += [[batch, resnet.out_channels, h, w] for resnet in block.resnets]
         for downsampler in block.downsamplers or ():
             h, w = -(-h // 2), -(-w // 2)  # stride-2 convolution, padding 1
             shapes.append([batch, downsampler.out_channels, h, w])
-    shapes.append([batch, model.mid_block.resnets[-1].out_channels, h, w])
+    shapes.append([batch, half.mid_block.resnets[-1].out_channels, h, w])
     return shapes
 
 
@@ -51,7 +76,7 @@ class ControlNetModule(nn.Module):
 class ControlledUnetModule(nn.Module):
     """The rewritten UNet with ControlNet residuals added to its skip connections and mid block."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: UNet2DConditionModel):
         super().__init__()
         self.unet = unet
 
@@ -66,12 +91,12 @@ class ControlledUnetModule(nn.Module):
         )[0]
 
 
-def rewrite_controlled_unet(unet: nn.Module, attention: str) -> nn.Module:
+def rewrite_controlled_unet(unet: UNet2DConditionModel, attention: str) -> nn.Module:
     """`rewrite_unet`, wrapped to take the ControlNet residuals as extra inputs."""
     return ControlledUnetModule(rewrite_unet(unet, attention).unet)
 
 
-def rewrite_controlnet(controlnet: nn.Module, attention: str) -> nn.Module:
+def rewrite_controlnet(controlnet: ControlNetModel, attention: str) -> nn.Module:
     """Rewrite `controlnet`'s transformers in place, as `rewrite_unet` does the UNet's, and wrap it.
 
     Everything is checked first; an unsupported model raises ValueError naming the config key.

@@ -23,6 +23,6 @@ class ChannelLayerNorm(nn.Module):
         centered = x - x.mean(dim=1, keepdim=True)
         variance = (centered * centered).mean(dim=1, keepdim=True)
         out = centered * torch.rsqrt(variance + self.eps)
-        if self.weight is None:
+        if self.weight is None or self.bias is None:  # both or neither: elementwise_affine
             return out
         return out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)

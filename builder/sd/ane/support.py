@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import Transformer2DModel, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 # UNet config values the rewritten UNet's (sample, timestep, encoder_hidden_states) call supports.
 _UNET_REQUIRED: dict[str, Any] = {
@@ -47,7 +48,7 @@ def _refuse(where: str, key: str, value: Any, expected: Any) -> ValueError:
     )
 
 
-def check_unet(unet: UNet2DConditionModel) -> None:
+def check_unet(unet: ModelMixin) -> None:
     """Refuse UNet-level settings whose inputs or text-state handling the rewrite does not offer."""
     for key, expected in _UNET_REQUIRED.items():
         allowed = expected if isinstance(expected, tuple) else (expected,)
@@ -65,13 +66,13 @@ def check_transformer(name: str, transformer: Transformer2DModel) -> None:
             value = False
         if value != expected:
             raise _refuse(name, key, config[key], expected)
-    if config.cross_attention_dim is None:
+    if config["cross_attention_dim"] is None:
         raise _refuse(name, "cross_attention_dim", None, "the text states' channel count")
     for path, module in transformer.named_modules():
         if not isinstance(module, Attention):
             continue
-        if module.heads != config.num_attention_heads:
-            raise _refuse(f"{name}.{path}", "num_attention_heads", module.heads, config.num_attention_heads)
+        if module.heads != config["num_attention_heads"]:
+            raise _refuse(f"{name}.{path}", "num_attention_heads", module.heads, config["num_attention_heads"])
         if not isinstance(module.processor, (AttnProcessor, AttnProcessor2_0)):
             raise ValueError(
                 f"{name}.{path}: attention processor {type(module.processor).__name__} is not supported by the "
@@ -79,7 +80,7 @@ def check_transformer(name: str, transformer: Transformer2DModel) -> None:
             )
 
 
-def check_no_other_attention(unet: UNet2DConditionModel, rewritten: set[str]) -> None:
+def check_no_other_attention(unet: ModelMixin, rewritten: set[str]) -> None:
     """Refuse attention outside the transformers being rewritten (e.g. SimpleCrossAttn blocks)."""
     for path, module in unet.named_modules():
         if isinstance(module, Attention) and not any(path.startswith(f"{name}.") for name in rewritten):
@@ -89,12 +90,12 @@ def check_no_other_attention(unet: UNet2DConditionModel, rewritten: set[str]) ->
             )
 
 
-def _block_type(unet: UNet2DConditionModel, path: str) -> str:
+def _block_type(unet: ModelMixin, path: str) -> str:
     """The config key and value that created the block at `path`."""
     parts = path.split(".")
     if parts[0] in ("down_blocks", "up_blocks"):
         key = f"{parts[0][:-1]}_types"
         return f"config {key}[{parts[1]}]={unet.config[key][int(parts[1])]!r}"
     if parts[0] == "mid_block":
-        return f"config mid_block_type={unet.config.mid_block_type!r}"
+        return f"config mid_block_type={unet.config['mid_block_type']!r}"
     return f"module {parts[0]!r}"

@@ -10,7 +10,9 @@ can rebuild it from `UNet2DConditionModel.from_config(config)` and load saved we
 from __future__ import annotations
 
 import torch
-from diffusers import Transformer2DModel, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import nn
 
 from builder.recipe.enums import Attention
@@ -44,7 +46,7 @@ class NeuralEngineUnetModule(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
-def rewrite_unet(unet: UNet2DConditionModel, attention: str) -> nn.Module:
+def rewrite_unet(unet: UNet2DConditionModel, attention: str) -> NeuralEngineUnetModule:
     """Rewrite `unet` in place for the Neural Engine and wrap it for conversion.
 
     `attention` is ORIGINAL, SPLIT_EINSUM or SPLIT_EINSUM_V2. Everything is checked before anything
@@ -55,7 +57,7 @@ def rewrite_unet(unet: UNet2DConditionModel, attention: str) -> nn.Module:
     return NeuralEngineUnetModule(unet)
 
 
-def rewrite_transformers(model: nn.Module, attention: str) -> None:
+def rewrite_transformers(model: ModelMixin, attention: str) -> None:
     """Swap every Transformer2DModel of a UNet-like `model` (a UNet or a ControlNet) for a
     ConvTransformer2D with `attention`, after checking all of them: nothing changes if one is refused."""
     implementation = _implementation(attention)
@@ -75,15 +77,15 @@ def conv_transformer(transformer: Transformer2DModel, attention: Attention) -> C
     # Built without storage, then given views of the diffusers weights: no initialisation, no copy.
     with torch.device("meta"):
         rewritten = ConvTransformer2D(
-            in_channels=config.in_channels,
-            heads=config.num_attention_heads,
-            head_dim=config.attention_head_dim,
-            num_layers=config.num_layers,
-            context_dim=config.cross_attention_dim,
-            norm_num_groups=config.norm_num_groups,
-            attention_bias=config.attention_bias,
-            norm_eps=config.norm_eps,
-            norm_elementwise_affine=config.norm_elementwise_affine,
+            in_channels=config["in_channels"],
+            heads=config["num_attention_heads"],
+            head_dim=config["attention_head_dim"],
+            num_layers=config["num_layers"],
+            context_dim=config["cross_attention_dim"],
+            norm_num_groups=config["norm_num_groups"],
+            attention_bias=config["attention_bias"],
+            norm_eps=config["norm_eps"],
+            norm_elementwise_affine=config["norm_elementwise_affine"],
             attention=attention,
         )
     rewritten.load_state_dict(conv_state_dict(transformer.state_dict()), strict=True, assign=True)
