@@ -17,11 +17,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from builder.sd.contract import RESIDUAL_PREFIX
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_blocks import (
+        CrossAttnDownBlock2D,
+        CrossAttnUpBlock2D,
+        DownBlock2D,
+        UNetMidBlock2DCrossAttn,
+        UpBlock2D,
+    )
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 # Block classes whose forward the steps below reproduce (the ones the Neural Engine rewrite accepts).
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -62,12 +73,13 @@ class Step:
         return self.kind == "attention"
 
 
-def unet_steps(unet: nn.Module) -> list[Step]:
+def unet_steps(unet: UNet2DConditionModel) -> list[Step]:
     """The forward of a diffusers UNet2DConditionModel as steps; ValueError for blocks not covered."""
     embed = tuple(name for name, m in unet.named_children() if name not in _BODY and m is not None)
     steps = [Step("embed", "embed", embed), Step("conv_in", "conv_in", ("conv_in",), push=True)]
-    for i, block in enumerate(unet.down_blocks):
-        _check_block(block, _DOWN_BLOCKS, f"down_block_types[{i}]")
+    for i, module in enumerate(unet.down_blocks):
+        _check_block(module, _DOWN_BLOCKS, f"down_block_types[{i}]")
+        block = cast("CrossAttnDownBlock2D | DownBlock2D", module)  # the classes _check_block admits
         prefix = f"down_blocks.{i}"
         attentions = getattr(block, "attentions", None)
         for j in range(len(block.resnets)):
@@ -78,20 +90,22 @@ def unet_steps(unet: nn.Module) -> list[Step]:
             steps.append(Step(f"{prefix}.downsamplers.{j}", "downsampler", (f"{prefix}.downsamplers.{j}",), push=True))
     if unet.mid_block is not None:
         _check_block(unet.mid_block, _MID_BLOCKS, "mid_block_type")
+        mid = cast("UNetMidBlock2DCrossAttn", unet.mid_block)  # the class _check_block admits
         steps.append(Step("mid_block.resnets.0", "resnet", ("mid_block.resnets.0",)))
-        for j in range(len(unet.mid_block.attentions)):
+        for j in range(len(mid.attentions)):
             steps.append(Step(f"mid_block.attentions.{j}", "attention", (f"mid_block.attentions.{j}",)))
             steps.append(Step(f"mid_block.resnets.{j + 1}", "resnet", (f"mid_block.resnets.{j + 1}",)))
         steps.append(Step(MID_RESIDUAL_STEP, "mid_residual", ()))
-    for i, block in enumerate(unet.up_blocks):
-        _check_block(block, _UP_BLOCKS, f"up_block_types[{i}]")
+    for i, module in enumerate(unet.up_blocks):
+        _check_block(module, _UP_BLOCKS, f"up_block_types[{i}]")
+        up_block = cast("CrossAttnUpBlock2D | UpBlock2D", module)  # the classes _check_block admits
         prefix = f"up_blocks.{i}"
-        attentions = getattr(block, "attentions", None)
-        for j in range(len(block.resnets)):
+        attentions = getattr(up_block, "attentions", None)
+        for j in range(len(up_block.resnets)):
             steps.append(Step(f"{prefix}.resnets.{j}", "resnet", (f"{prefix}.resnets.{j}",), pop=True))
             if attentions is not None:
                 steps.append(Step(f"{prefix}.attentions.{j}", "attention", (f"{prefix}.attentions.{j}",)))
-        for j in range(len(block.upsamplers or ())):
+        for j in range(len(up_block.upsamplers or ())):
             steps.append(Step(f"{prefix}.upsamplers.{j}", "upsampler", (f"{prefix}.upsamplers.{j}",)))
     head = tuple(name for name in ("conv_norm_out", "conv_act", "conv_out") if getattr(unet, name, None) is not None)
     steps.append(Step("out", "out", head))
@@ -129,18 +143,31 @@ class _State:
     skips: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (push index, residual), oldest first
     pushed: int = 0  # skips pushed so far, chunk 1 included
 
+    def current(self) -> torch.Tensor:
+        """The hidden states, which conv_in (or chunk 1's hand-over) sets before any other step reads them."""
+        if self.hidden is None:
+            raise ValueError("a UNet step read the hidden states before conv_in set them")
+        return self.hidden
+
+    def embedding(self) -> torch.Tensor:
+        """The time embedding, which the embed step (or chunk 1's hand-over) sets."""
+        if self.emb is None:
+            raise ValueError("the time embedding was read before the embed step set it")
+        return self.emb
+
 
 class UnetChunk(nn.Module):
     """Steps [start, stop) of a UNet conversion module as a module taking and returning named tensors."""
 
     def __init__(self, module: nn.Module, steps: list[Step], start: int, stop: int, input_names: list[str]):
         super().__init__()
-        unet = module.unet
+        unet = cast("UNet2DConditionModel", module.unet)  # see split_unet
         self.steps = steps[start:stop]
         self.input_names = input_names
         self._unet_class = type(unet)
         self.unet = _skeleton(unet, [path for step in self.steps for path in step.modules])
-        self.unet.config = unet.config  # the diffusers embedding methods read it off `self`
+        # the diffusers embedding methods read it off `self`
+        self.unet.config = unet.config  # type: ignore[assignment]  # torch's stub: __setattr__ takes Tensor | Module only
         self._pushed_before = sum(s.push for s in steps[:start])
         self._live_skips = _live_skip_indices(steps, start)
         self.output_names = ["noise_pred"] if stop == len(steps) else _boundary_names(steps, stop)
@@ -157,8 +184,9 @@ class UnetChunk(nn.Module):
         for step in self.steps:
             _STEP_RUNNERS[step.kind](self, step, state)
         if self.output_names == ["noise_pred"]:
-            return (state.hidden,)
-        named = {HIDDEN_STATES: state.hidden, TIME_EMBEDDING: state.emb} | {skip_name(i): t for i, t in state.skips}
+            return (state.current(),)
+        named = {HIDDEN_STATES: state.current(), TIME_EMBEDDING: state.embedding()}
+        named |= {skip_name(i): t for i, t in state.skips}
         return tuple(named[name] for name in self.output_names)
 
 
@@ -187,20 +215,23 @@ def _skeleton(unet: nn.Module, paths: list[str]) -> nn.Module:
         parent = root
         parts = path.split(".")
         for part in parts[:-1]:
-            if part not in parent._modules:
-                parent.add_module(part, nn.Module())
-            parent = parent._modules[part]
+            child = parent._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                parent.add_module(part, child)
+            parent = child
         parent.add_module(parts[-1], unet.get_submodule(path))
     return root
 
 
 def _embed(chunk: UnetChunk, step: Step, state: _State) -> None:
     """diffusers' own embedding methods, called on the skeleton (which holds the same modules)."""
-    unet, cls, inputs = chunk.unet, chunk._unet_class, state.inputs
+    # The skeleton stands in for the UNet: it holds every module (and the config) these methods read.
+    unet, cls, inputs = cast("UNet2DConditionModel", chunk.unet), chunk._unet_class, state.inputs
     sample = inputs[SAMPLE]
     emb = unet.time_embedding(cls.get_time_embed(unet, sample=sample, timestep=inputs[TIMESTEP]), None)
     added = {name: t for name, t in inputs.items() if name not in (SAMPLE, TIMESTEP, TEXT)}
-    aug = cls.get_aug_embed(unet, emb=emb, encoder_hidden_states=inputs.get(TEXT), added_cond_kwargs=added)
+    aug = cls.get_aug_embed(unet, emb=emb, encoder_hidden_states=inputs[TEXT], added_cond_kwargs=added)
     emb = emb + aug if aug is not None else emb
     activation = getattr(unet, "time_embed_act", None)  # registered in the embed step when the UNet has one
     if activation is not None:
@@ -209,7 +240,7 @@ def _embed(chunk: UnetChunk, step: Step, state: _State) -> None:
 
 
 def _conv_in(chunk: UnetChunk, step: Step, state: _State) -> None:
-    state.hidden = chunk.unet.conv_in(state.inputs[SAMPLE])
+    state.hidden = chunk.unet.get_submodule("conv_in")(state.inputs[SAMPLE])
     _push(state)
 
 
@@ -217,20 +248,21 @@ def _push(state: _State) -> None:
     """Keep the hidden state as the next skip residual, plus its ControlNet residual when given
     (diffusers adds down_block_additional_residuals to the stored skips, not to the running state)."""
     control = state.inputs.get(residual_name(state.pushed))
-    state.skips.append((state.pushed, state.hidden if control is None else state.hidden + control))
+    hidden = state.current()
+    state.skips.append((state.pushed, hidden if control is None else hidden + control))
     state.pushed += 1
 
 
 def _mid_residual(chunk: UnetChunk, step: Step, state: _State) -> None:
     control = state.inputs.get(residual_name(state.pushed))
     if control is not None:
-        state.hidden = state.hidden + control
+        state.hidden = state.current() + control
 
 
 def _resnet(chunk: UnetChunk, step: Step, state: _State) -> None:
     if step.pop:
         _, residual = state.skips.pop()
-        state.hidden = torch.cat([state.hidden, residual], dim=1)
+        state.hidden = torch.cat([state.current(), residual], dim=1)
     state.hidden = chunk.unet.get_submodule(step.modules[0])(state.hidden, state.emb)
     if step.push:
         _push(state)
@@ -294,7 +326,7 @@ def split_unet(module: nn.Module, input_names: list[str]) -> Chunks:
     `input_names` are the features the whole module is called with, in order (an SD UNet leaves the
     wrapper's optional SDXL inputs out).
     """
-    unet = module.unet
+    unet = cast("UNet2DConditionModel", module.unet)  # NeuralEngineUnetModule's or ControlledUnetModule's
     steps = unet_steps(unet)
     boundary = balanced_boundary(unet, steps)
     first = UnetChunk(module, steps, 0, boundary, input_names)
