@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from builder.report.sampling import Sampler
 from builder.sd.components import ComponentShape, example_inputs, kind
 from builder.sd.manifest import Manifest, ModelEntry
 from builder.sd.psnr import psnr
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 DEFAULT_PROMPTS = ("a photo of an astronaut riding a horse on mars", "a watercolor painting of a lighthouse at dawn")
 DEFAULT_SEEDS = (0, 1)
@@ -38,8 +42,9 @@ def _manifest(bundle: Path) -> Manifest:
 def _fixed_inputs(unet: ReadBackUnet, manifest: Manifest) -> tuple[torch.Tensor, ...]:
     k = kind("unet")
     shape = ComponentShape(latent_size=manifest.latent_size, batch_size=manifest.unet_batch_size)
-    specs = k.inputs(unet.module.unet, shape)
-    return tuple(example_inputs("unet", unet.module.unet, specs).values())
+    reference = cast("UNet2DConditionModel", unet.module.unet)  # the module is kind("unet").wrap's
+    specs = k.inputs(reference, shape)
+    return tuple(example_inputs("unet", reference, specs).values())
 
 
 def verify_read_back(bundle: Path, pipeline: Path, verified: Sequence[Path]) -> dict[str, float]:
@@ -144,9 +149,11 @@ def write_report(
     entries = unet_entries(manifest)  # chunks: their bits averaged by the weights each holds
     weights = [entry.chunk.parameter_bytes[entry.chunk.index - 1] if entry.chunk else 1 for entry in entries]
     bits = [entry.bits_per_weight for entry in entries]
+    known = [b for b in bits if b is not None]  # the average needs every entry's
+    average = sum(b * w for b, w in zip(known, weights, strict=True)) / sum(weights) if known == bits else None
     chosen = Candidate(
         name=f"{manifest.name} {manifest.version}",
-        average_bits=None if None in bits else sum(b * w for b, w in zip(bits, weights, strict=True)) / sum(weights),
+        average_bits=average,
         size_bytes=sum(entry.size_bytes for entry in entries),
         psnr_db=unet_psnr,
     )

@@ -121,7 +121,7 @@ class Probe:
         return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=True)) / len(self.reference)
 
     def _apply(self, recipe: Recipe) -> None:
-        wanted = {identity: bits for identity, bits in recipe.items() if bits is not None}
+        wanted: Recipe = {identity: bits for identity, bits in recipe.items() if bits is not None}
         for identity in set(self.applied) | set(wanted):
             if self.applied.get(identity) == wanted.get(identity):
                 continue

@@ -21,7 +21,7 @@ import math
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -142,7 +142,7 @@ def import_apple_preanalysis(json_path: Path, identities: Collection[str]) -> Ap
     known = set(identities)
     result, unmapped = {}, set()
     for key, layers in recipes.items():
-        ours: dict[str, int | None] = {}
+        ours: dict[str, Any] = {}  # bit widths as the file gives them; MbpRecipe validates them
         for name, bits in layers.items():
             identity = "unet." + conv_key(f"{name}.weight")
             if identity not in known:
