@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from builder.coreml.options import Nbits
 from builder.engine.spec import StageSpec
 from builder.sd.mbp.analysis import DEFAULT_TARGETS_DB, NBITS, ProbeSettings
 from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD
@@ -172,7 +174,7 @@ def run_candidates(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             target_psnr_db=found.target_psnr_db,
             psnr_db=found.psnr_db,
             bits_per_weight=found.bits_per_weight,
-            layers=found.layers,
+            layers=cast(dict[str, Nbits | None], found.layers),  # the search picks widths from NBITS only
         )
         write_recipe_file(recipe, out / "recipes" / f"{found.target_psnr_db:g}db.yaml")
     seconds = time.perf_counter() - start
