@@ -15,7 +15,7 @@ build's wall time and largest process.
 reference's `torch2coreml` on the same synthetic pipeline folder, right after, with the recipe's
 settings (attention, compute unit, latent size, chunking, 6-bit palettization), and prints
 same-day ratios: this machine's speed drifts by 20% or more between days, so a fixed reference
-column would mislead. Its extra imports (diffusionkit and pytest) are installed into a side folder
+column would mislead. Its extra imports (diffusionkit and what it imports, pytest) are installed into a side folder
 next to the cache, never into the project's environment; it loads `*.fp16.safetensors` files, so
 the pipeline is mirrored with those names linked to the weights.
 """
@@ -53,7 +53,16 @@ PRESETS = {
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl-base",
     "stabilityai/stable-diffusion-xl-refiner-1.0": "sdxl-refiner",
 }
-REFERENCE_DEPENDENCIES = ("diffusionkit==0.4.0", "pytest")
+# What torch2coreml imports beyond our environment: diffusionkit 0.4.0 (its SD3 path, imported at
+# start-up) and what that imports in turn, installed without their own dependencies.
+REFERENCE_DEPENDENCIES = (
+    "diffusionkit==0.4.0",
+    "argmaxtools==0.1.23",
+    "beartype==0.23.1",
+    "jaxtyping==0.3.11",
+    "wadler_lindig==0.1.8",
+    "pytest",
+)
 
 
 def synthetic_recipe(recipe: Path, workspace: Path) -> Path:
@@ -170,9 +179,9 @@ def _figures(values: dict | None) -> str:
 
 
 def reference_side_folder(folder: Path) -> Path:
-    """diffusionkit and pytest for the reference, installed once beside the cache, never into our venv."""
+    """The reference's extra imports, installed once beside the cache, never into our venv."""
     marker = folder / ".installed"
-    if not marker.exists():
+    if not marker.exists() or marker.read_text() != "\n".join(REFERENCE_DEPENDENCIES):
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [
@@ -188,7 +197,7 @@ def reference_side_folder(folder: Path) -> Path:
             ],
             check=True,
         )
-        marker.touch()
+        marker.write_text("\n".join(REFERENCE_DEPENDENCIES))
     return folder
 
 
