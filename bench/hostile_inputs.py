@@ -83,7 +83,7 @@ def main() -> None:
     mutated = [Case(f"mutation {i}", text, "") for i, text in enumerate(_mutations(VALID, args.mutations, args.seed))]
     counts: Counter[str] = Counter()
     named: dict[str, list[str]] = {}
-    slowest = 0.0
+    slowest = (0.0, "")
     for case in [*cases, *mutated]:
         bad = not case.name.startswith("mutation")
         recipe = write_case(workspace, case)
@@ -98,7 +98,7 @@ def main() -> None:
             signal.alarm(0)
         if outcome.output.count("\n") > 200:
             counts["flood (>200 lines)"] += 1
-        slowest = max(slowest, outcome.seconds)
+        slowest = max(slowest, (outcome.seconds, case.name))
         if outcome.traceback or outcome.code not in (0, 2):
             kind = "traceback"
         elif outcome.code == 0:
@@ -117,7 +117,8 @@ def main() -> None:
                 "catalogue": len(cases),
                 "mutations": len(mutated),
                 "outcomes": dict(sorted(counts.items())),
-                "slowest_seconds": round(slowest, 2),
+                "slowest_seconds": round(slowest[0], 2),
+                "slowest_case": slowest[1],
             }
             | ({"cases": named} if args.list else {}),
             indent=1,
