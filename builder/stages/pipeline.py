@@ -81,6 +81,14 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "mixed-bit palettization is analysed for the UNets only (unet, unet_refiner)",
                 "use mode: palettize with one nbits for this component",
             )
+    for component, settings in recipe.components.enabled().items():
+        if settings.compression.mode == "w8a8":
+            raise _field_error(
+                loaded,
+                f"components.{component.value}.compression.mode",
+                "w8a8 cannot be built yet",
+                "use mode: quantize or palettize",
+            )
     for component in ("vae_decoder", "vae_encoder"):
         settings = getattr(recipe.components, component)
         if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
@@ -394,6 +402,11 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             )
             final = converted
             settings_path = f"components.{c}.compression"
+            # A floor the read-back PSNR must reach (first, so a failure is told at its recipe line).
+            floor = getattr(compression, "minimum_psnr_db", None)
+            verify_params = ({"minimum_psnr_db": floor} if floor is not None else {}) | chunk_params
+            verify_origins = ({"minimum_psnr_db": f"{settings_path}.minimum_psnr_db"} if floor is not None else {})
+            verify_origins |= chunk_origins
             verify_inputs = {"rewritten": rewrite, "float16": converted} | ({"traced": trace} if chunk else {})
             verify_inputs |= {"handover": first["verify"]} if chunk == 2 else {}
             verified = None
@@ -414,13 +427,13 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                 verified = add(
                     "verify",
                     verify_inputs | {"model": final},
-                    chunk_params,
-                    chunk_origins,
+                    verify_params,
+                    verify_origins,
                     external_inputs={"mbp_recipe": compression.recipe} if scored else {},
                     part=part,
                 )
             elif compression.mode in ("palettize", "quantize"):
-                params = compression.model_dump(mode="json", exclude={"mode"})
+                params = compression.model_dump(mode="json", exclude={"mode", "minimum_psnr_db"})
                 final = add(
                     compression.mode,
                     {"model": final},
@@ -428,8 +441,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     {name: f"{settings_path}.{name}" for name in params},
                     part=part,
                 )
-                if compression.mode == "palettize":
-                    verified = add("verify", verify_inputs | {"model": final}, chunk_params, chunk_origins, part=part)
+                verified = add("verify", verify_inputs | {"model": final}, verify_params, verify_origins, part=part)
             if verified is not None:
                 bundle_inputs[f"verify.{c}{part}"] = verified
             first = {"trace": trace, "final": final, "verify": verified or ""}

@@ -1,8 +1,9 @@
-"""Quantize stage: linear 8-bit weights (int8 plus a float16 scale per output channel)."""
+"""Quantize stage: linear 8-bit weights (int8 plus float16 scales per tensor, output channel or block)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import coremltools as ct
 from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
@@ -12,6 +13,8 @@ from builder.coreml.package import normalize_mlpackage, package_size
 
 
 class QuantizeParams(BaseModel):
+    granularity: Literal["per_tensor", "per_channel", "per_block"] = "per_channel"
+    block_size: int = 32
     weight_threshold: int = 2048
 
 
@@ -20,7 +23,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     model = ct.models.MLModel(str(inputs["model"] / "model.mlpackage"), skip_model_load=True)
     config = OptimizationConfig(
         global_config=OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", weight_threshold=p.weight_threshold
+            mode="linear_symmetric",
+            dtype="int8",
+            granularity=p.granularity,
+            **({"block_size": p.block_size} if p.granularity == "per_block" else {}),
+            weight_threshold=p.weight_threshold,
         ),
         op_type_configs={"gather": None},  # embedding tables stay exact
     )

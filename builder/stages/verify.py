@@ -43,6 +43,7 @@ _PACKAGE = "model.mlpackage"
 
 
 class VerifyParams(BaseModel):
+    minimum_psnr_db: float | None = None  # the recipe's floor for the read-back PSNR (None: record only)
     chunk: int | None = Field(default=None, ge=1, le=2)
 
 
@@ -82,7 +83,8 @@ def _sources(module: nn.Module, inputs: dict[str, Path]) -> Sources:
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    chunk = VerifyParams.model_validate(params).chunk
+    p = VerifyParams.model_validate(params)
+    chunk = p.chunk
     _run.calls = 0
     if chunk is None:
         module, architecture = load_conversion_module(inputs["rewritten"])
@@ -98,7 +100,27 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         check, sources = _verify_second_chunk(inputs, out)
     save_sources(out / SOURCES_FILE, sources)
     (out / "check.json").write_text(json.dumps(check, indent=2, sort_keys=True))
+    check_floor(check, p.minimum_psnr_db)
     return check | {"compressed_weights": len(sources), "forward_passes": _run.calls}
+
+
+def check_floor(check: dict, floor: float | None) -> None:
+    """Fail when a read-back PSNR (a chunk's own, or its chain's) is below the recipe's floor."""
+    scores = {
+        f"{output} ({'chain' if key.startswith('chain') else 'read-back'})": db
+        for key in ("read_back_psnr_db", "chain_read_back_psnr_db")
+        for output, db in check.get(key, {}).items()
+    }
+    if floor is None or not scores:
+        return
+    worst = min(scores, key=scores.get)
+    if scores[worst] < floor:
+        raise UserError(
+            f"compressed model reaches {scores[worst]} dB on {worst} against float16, "
+            f"below the floor minimum_psnr_db {floor:g} dB",
+            hint="compress less (more bits, a finer granularity, or a higher-PSNR mixed-bit recipe), "
+            "or lower minimum_psnr_db to accept it",
+        )
 
 
 def _verify(
