@@ -118,7 +118,7 @@ def compressed_const_names(package: Path) -> frozenset[str]:
     )
 
 
-def _decode(op: Any, read: ValueReader, chain: dict[str, np.ndarray]) -> np.ndarray:
+def _decode(op: Any, read: ValueReader, chain: dict[str, np.ndarray], consts: dict[str, Any]) -> np.ndarray:
     if op.type not in _DECODERS:
         raise ValueError(f"{op_name(op)}: {op.type} cannot be read back")
 
@@ -126,7 +126,11 @@ def _decode(op: Any, read: ValueReader, chain: dict[str, np.ndarray]) -> np.ndar
         if parameter in op.attributes:  # iOS16/17 constexpr ops hold their data as attributes
             return read(op.attributes[parameter])
         (argument,) = op.inputs[parameter].arguments
-        return chain[argument.name] if argument.WhichOneof("binding") == "name" else read(argument.value)
+        if argument.WhichOneof("binding") != "name":
+            return read(argument.value)
+        if argument.name in chain:  # another constexpr op's output
+            return chain[argument.name]
+        return read(consts[argument.name].attributes["val"])  # a const op of its own
 
     return _DECODERS[op.type](op, value)
 
@@ -141,6 +145,7 @@ def iter_weights(package: Path, names: Collection[str] | None = None) -> Iterato
     ops = list(operations(read_spec(package).mlProgram))
     chained = _chained(ops)
     chain: dict[str, np.ndarray] = {}  # decoded parts of a weight, until the op that reads them
+    consts = {_output(op): op for op in ops if op.type == "const"}
     for op in ops:
         if is_float_blob(op):
             name = op_name(op)
@@ -148,11 +153,11 @@ def iter_weights(package: Path, names: Collection[str] | None = None) -> Iterato
                 yield name, read(op.attributes["val"])
         elif op.type.startswith(_CONSTEXPR_PREFIX):
             if _output(op) in chained:
-                chain[_output(op)] = _decode(op, read, chain)
+                chain[_output(op)] = _decode(op, read, chain, consts)
                 continue
             name = _weight_name(op)
             if names is None or name in names:
-                yield name, _decode(op, read, chain)
+                yield name, _decode(op, read, chain, consts)
 
 
 def read_back_weights(package: Path) -> dict[str, np.ndarray]:

@@ -1,8 +1,13 @@
-"""W8A8 calibration: the prompts whose denoising trajectories give the UNet's activation ranges.
+"""The prompts compression is calibrated and judged with.
 
-`calibration: {prompts: N}` takes the first N of these built-in prompts; a list takes the user's own.
-They are varied on purpose (photographs, paintings, renders, close-ups, landscapes, text-free
-scenes), since an activation range is only as wide as what calibration showed it.
+Calibration (W8A8): the denoising trajectories of these prompts give the UNet's activation ranges.
+`calibration: {prompts: N}` takes the first N built-in prompts; a list takes the user's own. They are
+varied on purpose (photographs, paintings, renders, close-ups, landscapes), since an activation range
+is only as wide as what calibration showed it.
+
+Judging (the analysis workload of `sdbuild analyze` and of W8A8's per-layer sensitivity): short
+trajectories of `WORKLOAD_PROMPTS`, kept apart from the calibration prompts as Apple keeps its test
+prompts apart from its calibration set. The first two are the mixed-bit analysis's workload.
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ BUILT_IN_PROMPTS: tuple[str, ...] = (
     "a plate of colourful macarons on a marble table, pastel tones, product photograph",
 )
 
+WORKLOAD_PROMPTS: tuple[str, ...] = (
+    "a photo of a red bicycle leaning on a wall",
+    "a watercolor of a lighthouse at dusk",
+    "a bowl of oranges on a wooden kitchen table",
+    "a black dog running across a green meadow",
+    "a steam train crossing a stone viaduct in the hills",
+    "a bouquet of white tulips in a glass vase",
+    "a narrow street of an old town at night, wet cobblestones",
+    "a hot air balloon over a desert canyon",
+)
+
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=500)]
 
 
@@ -58,3 +74,15 @@ class Calibration(RecipeModel):
     def prompt_list(self) -> list[str]:
         """The prompts themselves: the first `prompts` built-in ones, or the list as written."""
         return list(BUILT_IN_PROMPTS[: self.prompts]) if isinstance(self.prompts, int) else list(self.prompts)
+
+
+class Workload(RecipeModel):
+    """The short guided trajectories each layer's quantization is judged on (final latents against
+    float16), from seeded latents."""
+
+    prompts: Annotated[ExactPositiveInt, Le(len(WORKLOAD_PROMPTS))] = Field(
+        default=2, description=f"How many of the {len(WORKLOAD_PROMPTS)} built-in workload prompts to run."
+    )
+    steps: Annotated[ExactPositiveInt, Le(1000)] = Field(
+        default=2, description="Denoising steps per trajectory; each layer costs about this many UNet calls."
+    )

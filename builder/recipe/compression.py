@@ -9,7 +9,7 @@ from annotated_types import Ge, Le
 from pydantic import Field, StrictBool
 
 from .base import RecipeModel
-from .calibration import Calibration
+from .calibration import Calibration, Workload
 from .paths import MixedBitRecipePath
 from .strict import ExactNonNegativeInt, ExactPositiveInt, StrictFloat, WholeNumber
 
@@ -97,6 +97,10 @@ class W8A8(RecipeModel):
     mode: Literal["w8a8"] = Field(description="Quantize weights and activations to 8 bits (UNet; iOS17/macOS14+).")
     calibration: Calibration = Field(
         default=Calibration(), description="Prompts, steps and seed whose UNet inputs set the activation ranges."
+    )
+    sensitivity: Workload = Field(
+        default=Workload(),
+        description="The workload each layer is judged on alone (the default is `sdbuild analyze`'s).",
     )
     conv_psnr: Decibels = Field(
         default=40.0,

@@ -48,6 +48,9 @@ class ModelEntry(ModelInfo):
     read_back_psnr_db: dict[str, float] | None
     # mixed-bit recipes: the recipe file's target and predicted PSNR, and what the saved weights achieve
     mixed_bit: dict[str, float] | None = None
+    # W8A8 UNets: the workload's PSNRs, activation quantize ops in the program, and every layer's
+    # decision (its PSNR alone and whether its activations are int8 or float)
+    w8a8: dict | None = None
     # UNet chunks: the cut, the compressed chain's read-back and this chunk's weight bytes (psnr_db is the chain's)
     chunk: ChunkEntry | None = None
 

@@ -30,10 +30,10 @@ STAGE_VERSIONS = {
     "trace": "3",
     "convert": "2",
     "palettize": "2",
-    "quantize": "1",
-    "verify": "2",
+    "quantize": "2",
+    "verify": "3",
     "compile": "1",
-    "bundle": "7",
+    "bundle": "8",
     "chunk": "3",
 }
 MINIMUM_PSNR_DB = 35.0
@@ -83,12 +83,7 @@ def _check_supported(loaded: LoadedRecipe) -> None:
             )
     for component, settings in recipe.components.enabled().items():
         if settings.compression.mode == "w8a8":
-            raise _field_error(
-                loaded,
-                f"components.{component.value}.compression.mode",
-                "w8a8 cannot be built yet",
-                "use mode: quantize or palettize",
-            )
+            _check_w8a8(loaded, component.value)
     for component in ("vae_decoder", "vae_encoder"):
         settings = getattr(recipe.components, component)
         if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
@@ -110,6 +105,32 @@ def _check_supported(loaded: LoadedRecipe) -> None:
                 "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
                 "use mode: palettize with one nbits, or remove model.controlnets",
             )
+
+
+def _check_w8a8(loaded: LoadedRecipe, component: str) -> None:
+    """W8A8 quantizes a whole plain UNet in torch (builder/sd/w8a8)."""
+    field = f"components.{component}.compression.mode"
+    if component not in ANALYSED_COMPONENTS:
+        raise _field_error(
+            loaded,
+            field,
+            "w8a8 is calibrated and analysed for the UNets only (unet, unet_refiner)",
+            "use mode: quantize",
+        )
+    if loaded.recipe.chunk_unet:
+        raise _field_error(
+            loaded,
+            field,
+            "a w8a8 UNet is quantized and converted whole; chunk_unet cuts the float module",
+            "set chunk_unet: false, or use mode: quantize or palettize for a chunked UNet",
+        )
+    if loaded.recipe.model.controlnets:
+        raise _field_error(
+            loaded,
+            field,
+            "w8a8 is analysed on the plain UNet, not the ControlledUnet built with ControlNets",
+            "use mode: quantize or palettize, or remove model.controlnets",
+        )
 
 
 def vae_precision(loaded: LoadedRecipe) -> str:
@@ -397,15 +418,17 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
             if precision != "float16":  # float16 is the default, so float16 components keep their keys
                 convert_params["precision"] = precision
                 convert_origins["precision"] = "family"
-            converted = add(
-                "convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part
-            )
+            converted = (
+                add("convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part)
+                if compression.mode != "w8a8"
+                else ""
+            )  # a W8A8 UNet is converted from its quantized model
             final = converted
             settings_path = f"components.{c}.compression"
             # A floor the read-back PSNR must reach (first, so a failure is told at its recipe line).
             floor = getattr(compression, "minimum_psnr_db", None)
             verify_params = ({"minimum_psnr_db": floor} if floor is not None else {}) | chunk_params
-            verify_origins = ({"minimum_psnr_db": f"{settings_path}.minimum_psnr_db"} if floor is not None else {})
+            verify_origins = {"minimum_psnr_db": f"{settings_path}.minimum_psnr_db"} if floor is not None else {}
             verify_origins |= chunk_origins
             verify_inputs = {"rewritten": rewrite, "float16": converted} | ({"traced": trace} if chunk else {})
             verify_inputs |= {"handover": first["verify"]} if chunk == 2 else {}
@@ -442,6 +465,20 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
                     part=part,
                 )
                 verified = add("verify", verify_inputs | {"model": final}, verify_params, verify_origins, part=part)
+            elif compression.mode == "w8a8":
+                from builder.stages.w8a8 import w8a8_stages  # imports torch: only for w8a8 recipes
+
+                quantized, final, verified = w8a8_stages(
+                    component=c,
+                    settings=compression,
+                    family=recipe.family.value,
+                    deployment_target=recipe.deployment_target,
+                    rewritten=rewrite,
+                    model=component_inputs.get("model") or component_external["model"],
+                    tools=tools,
+                    memory_estimate_bytes=memory,
+                )
+                stages += quantized
             if verified is not None:
                 bundle_inputs[f"verify.{c}{part}"] = verified
             first = {"trace": trace, "final": final, "verify": verified or ""}
