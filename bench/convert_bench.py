@@ -1,7 +1,8 @@
 """Wall time, CPU time and peak memory of converting the full-size SD 2.1 base pipeline, per stage and component.
 
     .venv/bin/python bench/convert_bench.py [--cache /tmp/convert-bench] [--rerun rewrite,trace,convert]
-                                            [--components unet,text_encoder,vae_decoder] [--json artifacts/convert_bench.json]
+                                            [--components unet,text_encoder,vae_decoder]
+                                            [--json artifacts/convert_bench.json]
 
 Builds a recipe (synthetic preset `sd-2-1-base`, attention SPLIT_EINSUM, latent 64x64, UNet batch 2,
 float16, no compression) through the real engine in one build, one stage at a time (`--jobs 1`), so
@@ -149,15 +150,18 @@ def print_table(
         cpu = f"{row['cpu_seconds']:8.2f}" if row["cpu_seconds"] is not None else f"{'-':>8}"
         summary = json.dumps(row["summary"], sort_keys=True) if row["summary"] else ""
         print(
-            f"{row['stage']:<9} {row['component'] or '-':<13} {row['status']:<7} {row['seconds']:8.2f} {cpu} {peak}  {summary[:70]}"
+            f"{row['stage']:<9} {row['component'] or '-':<13} {row['status']:<7} {row['seconds']:8.2f} {cpu} {peak}  "
+            f"{summary[:70]}"
         )
     if startup is not None:
         print(
-            f"{'start-up':<9} {'-':<13} {'built':<7} {startup:8.2f} {'-':>8} {'-':>9}  worker zygote importing the stage modules, once per build"
+            f"{'start-up':<9} {'-':<13} {'built':<7} {startup:8.2f} {'-':>8} {'-':>9}  "
+            "worker zygote importing the stage modules, once per build"
         )
     print()
     print(
-        f"{'component':<13} {'seconds':>8} {'cpu s':>8} {'ref s':>7} {'ratio':>6} {'peak GiB':>9} {'ref GiB':>8}  target (<= 0.5x time, <= 5 GiB)"
+        f"{'component':<13} {'seconds':>8} {'cpu s':>8} {'ref s':>7} {'ratio':>6} {'peak GiB':>9} {'ref GiB':>8}  "
+        "target (<= 0.5x time, <= 5 GiB)"
     )
     for component, t in totals.items():
         ref_seconds, ref_peak = REFERENCE[component]

@@ -156,10 +156,12 @@ def main() -> None:
     print(f"{'':24}{'ours (2 workers)':>18}{'ours (1 worker)':>18}{'palettize_weights':>20}")
     print(f"{'seconds':24}{ours_two['seconds']:18.1f}{ours_one['seconds']:18.1f}{reference['seconds']:20.1f}")
     print(
-        f"{'peak RSS (GiB)':24}{ours_two['peak_rss'] / _GIB:18.2f}{ours_one['peak_rss'] / _GIB:18.2f}{reference['peak_rss'] / _GIB:20.2f}"
+        f"{'peak RSS (GiB)':24}{ours_two['peak_rss'] / _GIB:18.2f}{ours_one['peak_rss'] / _GIB:18.2f}"
+        f"{reference['peak_rss'] / _GIB:20.2f}"
     )
     print(
-        f"speed-up: {reference['seconds'] / ours_two['seconds']:.2f}x (2 workers), {reference['seconds'] / ours_one['seconds']:.2f}x (1 worker)"
+        f"speed-up: {reference['seconds'] / ours_two['seconds']:.2f}x (2 workers), "
+        f"{reference['seconds'] / ours_one['seconds']:.2f}x (1 worker)"
     )
     print(
         f"relative RMSE over {ours_errors['count']} palettized weights: ours mean {ours_errors['mean']:.6f} "

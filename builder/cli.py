@@ -1,4 +1,4 @@
-"""`sdbuild`: build, plan and explain recipes; print the recipe schema; verify and clean the cache.
+"""`sdbuild`: build, plan and explain recipes; release and reproduce archives; verify and clean the cache.
 
 Expected mistakes (bad recipes, missing prerequisites, failing stages) print one clear block and
 exit non-zero; tracebacks are reserved for bugs.
@@ -11,6 +11,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -363,7 +365,8 @@ def cmd_plan(args: argparse.Namespace, workspace: Workspace, console: Console) -
     if args.json:
         print(
             json.dumps(
-                [e.model_dump(include={"id", "stage", "component", "status", "reason"}) for e in entries], indent=2
+                [e.model_dump(include={"id", "stage", "component", "status", "reason", "key"}) for e in entries],
+                indent=2,
             )
         )
         return 0
@@ -387,7 +390,60 @@ def cmd_explain(args: argparse.Namespace, workspace: Workspace, console: Console
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Download every hub input of a recipe into the Hugging Face cache, so a later build works offline."""
+    from builder.hub.cache import hub_cache_dir
+    from builder.hub.fetch import HubInput, fetch, hub_inputs
+
+    loaded = workspace.load(args.recipe)
+    inputs = hub_inputs(loaded)
+
+    def announce(item: HubInput, files: int, size: int, to_download: int) -> None:
+        console.print(
+            f"{item.ref}: {files} file(s), {_gb(size)}; {_gb(size - to_download)} already in the cache, "
+            f"{_gb(to_download)} to download"
+        )
+
+    fetched = []
+    for item in inputs:
+        try:
+            fetched.append(fetch(item, announce))
+        except UserError as error:
+            file, _, line = loaded.origin(item.field).rpartition(":")
+            raise RecipeError(
+                file, error.message, line=int(line) if line.isdigit() else None, field=item.field, hint=error.hint
+            ) from None
+    size = sum(f.size_bytes for f in fetched)
+    downloaded = sum(f.downloaded_bytes for f in fetched)
+    if not inputs:
+        console.print(f"{loaded.path.name} has no hub inputs: nothing to fetch")
+    else:
+        console.print(
+            f"[bold green]fetched[/] {len(fetched)} input(s), {_gb(size)} in {hub_cache_dir()} "
+            f"({_gb(downloaded)} downloaded); builds of this recipe now work with HF_HUB_OFFLINE=1"
+        )
+    if args.json:
+        report = {
+            "recipe": loaded.recipe.name,
+            "cache": str(hub_cache_dir()),
+            "size_bytes": size,
+            "downloaded_bytes": downloaded,
+            "inputs": [f.model_dump() for f in fetched],
+        }
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def _gb(value: int) -> str:
+    return f"{value / 1e9:.2f} GB"
+
+
 def cmd_schema(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    if args.manifest:
+        from builder.sd.manifest import manifest_json_schema
+
+        print(json.dumps(manifest_json_schema(), indent=2))
+        return 0
     print(json.dumps(recipe_json_schema(), indent=2))
     return 0
 
@@ -419,6 +475,123 @@ def _add_safety_overrides(command: argparse.ArgumentParser, *, overwrite: bool) 
             action="store_true",
             help="replace artifacts/<name>/<version>/ even if another recipe published it",
         )
+
+
+def cmd_doctor(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """What this environment lacks to build (the recipe): one line per check; exit 2 when any fails."""
+    from builder.doctor.environment import environment_checks
+    from builder.doctor.lockfile import LOCK_FILE
+    from builder.doctor.resources import disk_check, hub_cache_checks, memory_check
+
+    loaded = workspace.load(args.recipe) if args.recipe else None
+    checks = environment_checks(LOCK_FILE)
+    if loaded is not None:
+        checks += [disk_check(loaded, workspace.cache), memory_check(loaded)]
+    checks += hub_cache_checks(loaded, args.recipe)
+    for check in checks:
+        print(check.line())
+    failed = [check.name for check in checks if check.status == "fail"]
+    if failed:
+        console.print(f"[red]{len(failed)} check(s) failed[/]: {', '.join(failed)}")
+        return EXIT_USER_ERROR
+    return 0
+
+
+def _build_args(args: argparse.Namespace, recipe: str) -> argparse.Namespace:
+    """What `build` is given when another command builds first (no JSON report; its safety overrides)."""
+    return argparse.Namespace(
+        recipe=recipe, jobs=args.jobs, json=False, force=args.force, overwrite=getattr(args, "overwrite", False)
+    )
+
+
+def cmd_release(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Build if needed, then write dist/<name>-<version>.zip and its .sha256 (reproducible bytes)."""
+    from builder.release.archive import write_archive
+
+    recipe = workspace.load(args.recipe).recipe
+    cmd_build(_build_args(args, args.recipe), workspace, console)
+    bundle = workspace.artifacts / recipe.name / recipe.version
+    out = args.out if args.out is not None else workspace.root / "dist"
+    archive, digest = write_archive(bundle, out, recipe.name, recipe.version)
+    console.print(f"[bold green]released[/] {archive} (sha256 in {archive.name}.sha256)")
+    print(f"{digest}  {archive}")
+    return 0
+
+
+@contextmanager
+def _environment_variable(name: str, value: str | None) -> Iterator[None]:
+    """`name` set to `value` (unset for None) while the block runs; workers inherit it."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def cmd_reproduce(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Rebuild a release archive from the recipe in its manifest, in a temporary workspace, and
+    compare every file's digest: exit 0 when all match, 1 when any differs."""
+    import tempfile
+
+    from builder.engine.files import remove_tree
+    from builder.release import reproduce
+    from builder.stages.tools import compile_unavailable
+
+    archive = reproduce.read_archive(args.archive)
+    manifest = archive.manifest
+    unavailable = compile_unavailable()
+    if manifest.get("compiled") and unavailable:
+        raise UserError(
+            f"{args.archive.name} holds compiled models (.mlmodelc), which cannot be rebuilt here: {unavailable}",
+            hint="reproduce it on a Mac with Xcode, or reproduce the archive the Linux build released",
+        )
+    for note in reproduce.environment_notes(manifest):
+        console.print(f"[yellow]note[/] {note}", soft_wrap=True)
+    work = Path(tempfile.mkdtemp(prefix=".sdbuild-reproduce-", dir=workspace.root))
+    try:
+        recipe_file = reproduce.write_recipe(manifest, work)
+        rebuild = Workspace(work, workspace.cache if args.reuse_cache else work / ".sdbuild-cache")
+        recipe = rebuild.load(str(recipe_file)).recipe
+        console.print(f"[bold]reproducing[/] {args.archive.name} in {work}")
+        with _environment_variable("SOURCE_DATE_EPOCH", reproduce.source_date_epoch(manifest)):
+            cmd_build(_build_args(args, str(recipe_file)), rebuild, console)
+        bundle = rebuild.artifacts / recipe.name / recipe.version
+        rebuilt = reproduce.bundle_digests(bundle)
+        differences = reproduce.compare(archive.digests, rebuilt)
+        for d in differences:
+            if d.archived is None:
+                line = f"only in the rebuild  {d.name}"
+            elif d.rebuilt is None:
+                line = f"only in the archive  {d.name}"
+            else:
+                line = f"differs  {d.name}: archive {d.archived[:16]}, rebuilt {d.rebuilt[:16]}"
+            if d.name == "manifest.json" and d.rebuilt is not None:
+                fields = reproduce.manifest_fields_differing(
+                    manifest, json.loads((bundle / "manifest.json").read_text())
+                )
+                line += f" (fields: {', '.join(fields)})"
+            console.print(f"[red]{line}", soft_wrap=True, highlight=False)
+        checksum = reproduce.check_checksum_file(args.archive)
+        if checksum:
+            console.print(f"[red]checksum[/] {checksum}", soft_wrap=True)
+        total = len(set(archive.digests) | set(rebuilt))
+        if differences or checksum:
+            console.print(f"[bold red]not reproduced[/]: {len(differences)} of {total} files differ")
+            return 1
+        console.print(f"[bold green]reproduced[/]: all {total} files match the rebuild")
+        return 0
+    finally:
+        if args.keep:
+            console.print(f"kept the rebuild in {work}")
+        else:
+            remove_tree(work)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -479,9 +652,39 @@ def _parser() -> argparse.ArgumentParser:
     imported.add_argument("--jobs", type=int, default=2)
     imported.set_defaults(run=cmd_import_mbp)
 
-    commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)").set_defaults(
-        run=cmd_schema
+    fetch = commands.add_parser(
+        "fetch", help="download the recipe's hub inputs into the Hugging Face cache, so builds work offline"
     )
+    fetch.add_argument("recipe")
+    fetch.add_argument("--json", action="store_true", help="print what was fetched as JSON on stdout")
+    fetch.set_defaults(run=cmd_fetch)
+
+    schema = commands.add_parser("schema", help="print the recipe JSON Schema (for editor validation)")
+    schema.add_argument("--manifest", action="store_true", help="print the JSON Schema of manifest.json instead")
+    schema.set_defaults(run=cmd_schema)
+
+    doctor = commands.add_parser("doctor", help="check that this environment can build (the recipe); exit 2 if not")
+    doctor.add_argument("recipe", nargs="?", help="also check disk, memory and hub inputs for this recipe")
+    doctor.set_defaults(run=cmd_doctor)
+
+    release = commands.add_parser("release", help="build if needed, then write dist/<name>-<version>.zip and .sha256")
+    release.add_argument("recipe")
+    release.add_argument("--out", type=Path, default=None, help="folder for the archive (default: <workspace>/dist)")
+    release.add_argument("--jobs", type=int, default=2, help="stages run at once if the bundle must be built")
+    _add_safety_overrides(release, overwrite=True)
+    release.set_defaults(run=cmd_release)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="rebuild a release archive from its manifest's recipe and compare every file's digest"
+    )
+    reproduce.add_argument("archive", type=Path)
+    reproduce.add_argument(
+        "--reuse-cache", action="store_true", help="build with the workspace's cache instead of an empty one"
+    )
+    reproduce.add_argument("--keep", action="store_true", help="keep the temporary workspace of the rebuild")
+    reproduce.add_argument("--jobs", type=int, default=2)
+    _add_safety_overrides(reproduce, overwrite=False)
+    reproduce.set_defaults(run=cmd_reproduce)
 
     verify = commands.add_parser("verify", help="check every cached output against its recorded digests")
     verify.add_argument("--full", action="store_true", help="re-hash every file instead of trusting the stat memo")

@@ -74,3 +74,9 @@ class EnvironmentFault(UserError):
     """The machine, not the input, stopped the work: no space left, a read-only or unwritable folder,
     a name the file system cannot hold. Says what was being done, where, and (for a full disk) how
     much space was needed and is free. Whatever was already built is kept."""
+
+
+def first_line(error: BaseException) -> str:
+    """An unexpected library error as one line for the user: its type and its message's first line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__

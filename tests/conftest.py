@@ -54,6 +54,25 @@ def make_workspace(root: Path) -> Workspace:
     return Workspace(root=root, cache=root / "cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def manifests_follow_the_published_schema(tmp_path_factory: pytest.TempPathFactory):
+    """Every manifest.json any test built (artifacts and cache objects alike) validates against the
+    JSON Schema `sdbuild schema --manifest` publishes; checked once all tests have run."""
+    yield
+    import jsonschema
+
+    from builder.sd.manifest import manifest_json_schema
+
+    validator = jsonschema.Draft202012Validator(manifest_json_schema())
+    problems = [
+        f"{path}: {error.json_path}: {error.message}"
+        for path in sorted(tmp_path_factory.getbasetemp().rglob("manifest.json"))
+        if not path.is_symlink()
+        for error in validator.iter_errors(json.loads(path.read_text()))
+    ]
+    assert not problems, "manifests that break the published schema:\n" + "\n".join(problems[:20])
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
     return make_workspace(tmp_path / "ws")
@@ -80,7 +99,8 @@ def one_torch_thread():
 def run_stages_in_process(specs, done: dict, folder: Path) -> dict[str, Path]:
     """Run stage functions in this process, in order, without workers or cache: for tests that need
     many related builds fast. `done` (stage id, params and input folders -> output folder) is shared
-    between calls, so a stage with the same params and inputs runs once. Returns stage id -> output folder for these specs."""
+    between calls, so a stage with the same params and inputs runs once. Returns stage id -> output
+    folder for these specs."""
     import importlib
 
     produced: dict[str, Path] = {}

@@ -134,16 +134,15 @@ def held_graph(control: Path) -> Graph:
 
 
 def threads_seen(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    """Reports the torch thread count the worker was given, and journals its start and end."""
-    import torch
-
+    """Reports the thread count the worker was given (what libraries loaded from now on will use),
+    and journals its start and end."""
     _journal(params, f"start {params['name']}")
     if "peer" in params:  # succeeds only if the peer runs at the same time
         control = Path(params["control"])
         (control / f"{params['name']}.started").touch()
         _wait_for(lambda: (control / f"{params['peer']}.started").exists(), f"stage {params['peer']}")
     _journal(params, f"end {params['name']}")
-    return {"threads": torch.get_num_threads()}
+    return {"threads": int(os.environ["OMP_NUM_THREADS"])}
 
 
 def fill_disk(inputs: dict[str, Path], params: dict, out: Path) -> None:
@@ -153,6 +152,13 @@ def fill_disk(inputs: dict[str, Path], params: dict, out: Path) -> None:
     if params.get("as_text"):
         raise RuntimeError(f"[enforce fail at inline_container.cc] . unexpected pos: {os.strerror(errno.ENOSPC)}")
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "weights.bin"))
+
+
+def edit_file(inputs: dict[str, Path], params: dict, out: Path) -> None:
+    """Replaces text in a file (a source file, for the tests of code-keyed caching)."""
+    path = Path(params["path"])
+    path.write_text(path.read_text().replace(params["old"], params["new"]))
+    (out / "done.txt").write_text("done")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,37 @@ def test_cast_pass_folds_weight_at_once() -> None:
     with faster_conversion():
         fast = _cast_pass_program()
     assert "w" not in fast and fast["w_to_fp16"] == np.float16
+
+
+def test_every_patch_is_installed_during_a_conversion_and_restored_after():
+    from builder.coreml.speedups import PATCHES, patches_unavailable
+
+    assert patches_unavailable() is None
+    originals = [patch.original() for patch in PATCHES]
+    with faster_conversion() as off:
+        assert off is None
+        for patch, original in zip(PATCHES, originals, strict=True):
+            assert patch.original() is not original, patch.attribute
+    for patch, original in zip(PATCHES, originals, strict=True):
+        assert patch.original() is original, patch.attribute
+
+
+def test_a_renamed_coremltools_internal_turns_the_speedups_off_with_one_warning(tmp_path: Path, monkeypatch):
+    """coremltools renamed an internal the table patches (here: the table names one the library does
+    not have): nothing is patched, one warning says so, and the conversion is plain coremltools'."""
+    import dataclasses
+
+    from builder.coreml import speedups
+
+    renamed = tuple(
+        dataclasses.replace(patch, attribute="_add_const_before_rename") if patch.attribute == "_add_const" else patch
+        for patch in speedups.PATCHES
+    )
+    monkeypatch.setattr(speedups, "PATCHES", renamed)
+    originals = [patch.original() for patch in renamed if patch.attribute != "_add_const_before_rename"]
+    with pytest.warns(
+        RuntimeWarning, match=r"speed-ups are off: .*TorchConverter\._add_const_before_rename is missing"
+    ):
+        fast = _convert(tmp_path, fast=True)
+    assert [patch.original() for patch in renamed if patch.attribute != "_add_const_before_rename"] == originals
+    assert fast == _convert(tmp_path, fast=False)  # a valid package: the one plain coremltools writes

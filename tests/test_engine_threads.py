@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from builder.engine import Engine, Graph, StageSpec
+from builder.engine import Engine, Graph, StageSpec, StageStarted
 from builder.engine.threads import chain_lengths, critical_path, plan_threads
 
 GIB = 1 << 30
@@ -51,16 +51,31 @@ def test_only_parallel_stages_on_the_critical_path_get_every_core():
 
 @needs_two_cores
 @pytest.mark.parametrize("mode", ["fork", "spawn"])
-def test_the_critical_stage_runs_on_every_core_and_others_wait_for_a_free_one(tmp_path, monkeypatch, mode):
+def test_the_critical_stage_runs_on_every_core_and_one_more_thread_beside_it(tmp_path, monkeypatch, mode):
     monkeypatch.setenv("SDBUILD_WORKERS", mode)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
+    control = tmp_path / "control"
+    control.mkdir()
     journal = tmp_path / "journal.txt"
-    graph = Graph([_spec("long", 4, journal=str(journal)), _spec("short", 1, journal=str(journal))])
-    results = {r.id: r.summary for r in Engine(tmp_path / "cache", "t").build(graph, jobs=2)}
-    assert results == {"long": {"threads": CORES}, "short": {"threads": 1}}
-    # The long chain starts first; the short stage finds no free core until it ends.
-    assert journal.read_text().split("\n")[:4] == ["start long", "end long", "start short", "end short"]
+    graph = Graph(
+        [
+            _spec("long", 4, journal=str(journal), peer="short", control=str(control)),
+            _spec("short", 1, journal=str(journal), peer="long", control=str(control)),
+            _spec("third", 1, journal=str(journal)),
+        ]
+    )
+    started: list[str] = []
+    on_event = lambda event: started.append(event.id) if isinstance(event, StageStarted) else None  # noqa: E731
+    built = Engine(tmp_path / "cache", "t").build(graph, jobs=3, on_event=on_event)
+    seen = {r.id: r.summary for r in built}
+    assert seen == {"long": {"threads": CORES}, "short": {"threads": 1}, "third": {"threads": 1}}
+    # The long chain is started first and the short stage beside it (they met; which worker is first to
+    # run is up to the OS); a third thread would be one too many, so the third stage waits for one to end.
+    lines = journal.read_text().split("\n")
+    assert started[:2] == ["long", "short"] and lines.index("start third") > min(
+        lines.index("end long"), lines.index("end short")
+    )
 
 
 @needs_two_cores
@@ -83,3 +98,20 @@ def test_threads_the_user_set_are_left_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     results = {r.id: r.summary for r in Engine(tmp_path / "cache", "t").build(Graph([_spec("long", 4)]), jobs=2)}
     assert results == {"long": {"threads": 1}}
+
+
+def test_applying_a_count_sizes_torchs_pool_and_the_environment(monkeypatch):
+    import torch
+
+    from builder.engine import threads
+
+    limited = []
+    monkeypatch.setattr(threads, "threadpool_limits", lambda limits: limited.append(limits))
+    before = torch.get_num_threads()
+    for name in threads.USER_VARIABLES:  # set through monkeypatch so that what apply() writes is undone
+        monkeypatch.setenv(name, "")
+    try:
+        threads.apply(1)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1" and limited == [1]
+    finally:
+        torch.set_num_threads(before)

@@ -155,8 +155,12 @@ def test_recipe_applies_to_the_package_by_op_name(tiny: dict[str, Path], tmp_pat
 def test_apple_preanalysis_imports_by_module_path(tmp_path: Path) -> None:
     """A hand-made file in the layout mixed_bit_compression_pre_analysis.py writes."""
     names = {
-        "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj": "unet.down_blocks.2.attentions.0.transformer_blocks.0.ff.project_in.weight",
-        "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_out.0": "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_out.weight",
+        "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj": (
+            "unet.down_blocks.2.attentions.0.transformer_blocks.0.ff.project_in.weight"
+        ),
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_out.0": (
+            "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_out.weight"
+        ),
         "mid_block.resnets.0.conv1": "unet.mid_block.resnets.0.conv1.weight",
     }
     single = {"metadata": {"nbits": 1, "out_ngroups": 1, "in_ngroups": 1, "cumulative": False}} | {

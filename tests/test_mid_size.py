@@ -10,6 +10,8 @@ the cache), 6-bit and chunked as for iOS, and every compressed const must be rea
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,9 @@ BUILDS = {
 
 
 @pytest.fixture(scope="module")
-def mid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict[str, dict]]:
-    """Every build above in one workspace and cache (the two mid-sd builds share their source and rewrites)."""
+def mid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Workspace, dict[str, dict]]]:
+    """Every build above in one workspace and cache (the two mid-sd builds share their source and
+    rewrites); removed afterwards, since it holds several gigabytes."""
     ws = make_workspace(tmp_path_factory.mktemp("mid"))
     reports = {}
     for name, (family, preset, attention, chunked, encoders) in BUILDS.items():
@@ -55,7 +58,8 @@ def mid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict[str, 
         )
         (ws.root / "recipes" / f"{name}.yaml").write_text(text)
         reports[name] = ws.build_json(f"recipes/{name}.yaml")
-    return ws, reports
+    yield ws, reports
+    shutil.rmtree(ws.root)
 
 
 def _objects(ws: Workspace, report: dict, stage: str) -> dict[str, Path]:

@@ -202,3 +202,18 @@ def test_ios18_form_matches_coremltools(float16_ios18: Path, tmp_path: Path, gra
 def test_grouped_needs_ios18(float16: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="iOS18"):
         palettize_package(float16, tmp_path / "out.mlpackage", PalettizeOptions(granularity="per_grouped_channel"))
+
+
+@pytest.mark.parametrize("nbits", range(1, 9))
+def test_packed_indices_are_coremltools_bytes(nbits):
+    from coremltools.optimize._utils import pack_elements_into_bits, restore_elements_from_packed_bits
+
+    from builder.coreml import bits
+
+    generator = np.random.default_rng(nbits)
+    for count in (1, 7, 8, 9, 17, 1001):
+        elements = generator.integers(0, 2**nbits, count).astype(np.uint8)
+        packed = pack_elements_into_bits(elements, nbits)
+        np.testing.assert_array_equal(bits.pack(elements, nbits), packed)
+        np.testing.assert_array_equal(bits.unpack(packed, nbits, count), elements)
+        np.testing.assert_array_equal(restore_elements_from_packed_bits(packed, nbits, count), elements)

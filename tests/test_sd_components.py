@@ -135,6 +135,9 @@ def test_planning_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, builder.cli, builder.stages.pipeline; print(sorted(m for m in ('torch', 'diffusers', 'coremltools') if m in sys.modules))"
+    code = (
+        "import sys, builder.cli, builder.stages.pipeline; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'coremltools') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

@@ -248,6 +248,8 @@ def test_a_local_replacement_vae_converts_in_float16_and_rebuilds_only_the_vae(s
         "rewrite:vae_encoder",
         "trace:vae_encoder",
         "convert:vae_encoder",
+        "provenance:model",  # the file digests of the two local sources, for the manifest
+        "provenance:vae",
         "bundle",
     }, plan
     ws.build_json("recipes/tiny-sdxl-vae.yaml")

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
 
+from builder.coreml import bits
 from builder.coreml import lut as lut_math
 from builder.coreml.package import WEIGHTS_DIR, normalize_mlpackage, package_size
 from builder.coreml.program import (
@@ -178,7 +179,6 @@ def _lut_op(const, indices: np.ndarray, lut: np.ndarray, nbits: int, ios18: bool
     """
     from coremltools.converters.mil.backend.mil import helper
     from coremltools.converters.mil.mil import types
-    from coremltools.optimize._utils import pack_elements_into_bits
 
     mil = mil_proto()
     name = op_name(const) + PALETTIZED_SUFFIX
@@ -190,7 +190,7 @@ def _lut_op(const, indices: np.ndarray, lut: np.ndarray, nbits: int, ios18: bool
         op.inputs["indices"].arguments.add().value.CopyFrom(_file_or_immediate(indices, index_dtype, blobs))
         op.inputs["lut"].arguments.add().value.CopyFrom(_file_or_immediate(lut, lut_dtype, blobs))
     else:
-        packed = pack_elements_into_bits(indices.reshape(-1), nbits)
+        packed = bits.pack(indices, nbits)
         op.attributes["indices"].CopyFrom(_file_or_immediate(packed, types.uint8, blobs))
         op.attributes["lut"].CopyFrom(_file_or_immediate(lut.reshape(-1), lut_dtype, blobs))
         op.attributes["shape"].CopyFrom(helper.create_tensor_value(np.array(indices.shape, np.uint32)))

@@ -35,19 +35,27 @@ temporary folder is on the output's filesystem (the engine points TMPDIR at the 
 folder), so that is a rename. The package's manifest lists folders, not file contents, so it is the
 same package.
 
-`tests/test_convert_speedups.py` converts the same module with and without these and compares the
-packages.
+All seven replacements are rows of one table (`PATCHES`), checked before a conversion: a different
+coremltools version, or an attribute renamed or gone, turns them all off with one warning and the
+conversion runs as plain coremltools (a replacement installed over a renamed internal would
+otherwise be a silent no-op). `tests/test_convert_speedups.py` converts the same module with and
+without them, compares the packages, and patches and restores every row.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib
+import inspect
 import os
 import shutil
 import tempfile
+import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,96 +71,165 @@ def fits_fp16_for_certain(value: np.ndarray) -> bool:
     return bool(max(value.max(), -value.min()) <= _FP16_MAX)
 
 
-@contextmanager
-def faster_conversion() -> Iterator[None]:
-    """Within this block, coremltools converts with the two shortcuts above; restored on exit."""
-    import torch
-    from coremltools.converters.mil.frontend.torch import load as torch_load
-    from coremltools.converters.mil.frontend.torch.converter import TorchConverter
-    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
-    from coremltools.converters.mil.mil.program import Program
-    from coremltools.models import model as ct_model
+@dataclass(frozen=True)
+class Patch:
+    """One coremltools attribute replaced during a conversion: where it lives, its name, and how to
+    build the replacement from the library's own (which the replacement may call)."""
 
-    library_overflow = FP16ComputePrecision.__dict__["fp16_overflow"]
-    library_validate = Program.validate
+    owner: str  # "module" or "module:Class"
+    attribute: str
+    replacement: Callable[[Any], Any]
 
+    def target(self) -> Any:
+        module, _, cls = self.owner.partition(":")
+        found = importlib.import_module(module)
+        return getattr(found, cls) if cls else found
+
+    def original(self) -> Any:
+        """The attribute as stored, inherited or not (a staticmethod stays one); AttributeError if absent."""
+        return inspect.getattr_static(self.target(), self.attribute)
+
+    def owned(self) -> bool:
+        """Whether the owner itself holds the attribute (restoring an inherited one removes the override)."""
+        return self.attribute in vars(self.target())
+
+
+TESTED_VERSION = "9.0"  # the coremltools these replacements were written against and compared with
+
+
+def _fp16_overflow(library: Any) -> Any:
     def fp16_overflow(op) -> bool:
         for inputs in op.inputs.values():
             for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
                 if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
                     if not fits_fp16_for_certain(np.asarray(var.op.val.val)):
-                        return library_overflow.__func__(op)
+                        return library.__func__(op)
         return False
 
+    return staticmethod(fp16_overflow)
+
+
+def _validate(library: Any) -> Any:
     def validate(program, check_essential_scope=None) -> None:
         # The pass manager calls validate() once before a pipeline and validate(check_essential_scope=...)
         # after every pass; the latter is True right after dead-code elimination.
         if check_essential_scope is None or check_essential_scope:
-            library_validate(program, check_essential_scope=bool(check_essential_scope))
+            library(program, check_essential_scope=bool(check_essential_scope))
 
-    library_load = torch_load.load
-    library_create_package = ct_model._create_mlpackage
-    library_transform = FP16ComputePrecision.transform_op
-    library_convert_const = TorchConverter.convert_const
-    library_add_const = TorchConverter._add_const
+    return validate
 
+
+def _load(library: Any) -> Any:
+    def load(*args, **kwargs):
+        program = library(*args, **kwargs)
+        # The finished frontend's converter and context (which name every var) form reference cycles
+        # that would keep the float32 consts alive through the whole pipeline.
+        gc.collect()
+        return program
+
+    return load
+
+
+def _create_package(library: Any) -> Any:
+    def create_package(proto_spec, weights_dir=None, package_path=None) -> str:
+        if weights_dir is None:
+            return library(proto_spec, weights_dir, package_path)
+        with tempfile.TemporaryDirectory() as empty:
+            package_path = library(proto_spec, empty, package_path)
+        for name in os.listdir(weights_dir):
+            shutil.move(os.path.join(weights_dir, name), os.path.join(package_path, WEIGHTS_DIR, name))
+        return package_path
+
+    return create_package
+
+
+def _transform_op(library: Any) -> Any:
     def transform_op(self, op) -> None:
         block = op.enclosing_block  # the pass builds in this block (its context is entered)
         weights = [var for var in _const_inputs(op) if var.is_tensor_or_scalar_of(dtype="fp32")]
-        library_transform(self, op)
+        library(self, op)
         for var in weights:
             _fold_last_cast(var, block)
 
+    return transform_op
+
+
+def _convert_const(library: Any) -> Any:
     def convert_const(self) -> None:
         # A tensor object can appear under several names; it is released after its last one.
         self._sdbuild_readers = Counter(id(val) for val in self.graph.params.values() if _releasable(val))
-        library_convert_const(self)
+        library(self)
 
+    return convert_const
+
+
+def _add_const(library: Any) -> Any:
     def add_const(self, name, val) -> None:
+        import torch
+
         readers = getattr(self, "_sdbuild_readers", None)
         if readers is None or not _releasable(val) or self._has_compression_info(name):
-            return library_add_const(self, name, val)
-        library_add_const(self, name, val.detach().clone())
+            return library(self, name, val)
+        library(self, name, val.detach().clone())
         readers[id(val)] -= 1
         if readers[id(val)] == 0:
             # Points the tensor (shared with the module's parameter) at an empty storage; the old one
             # is freed once no other tensor uses it. Storages loaded by torch.jit.load cannot be resized.
             val.data = torch.empty(0, dtype=val.dtype)
 
-    FP16ComputePrecision.fp16_overflow = staticmethod(fp16_overflow)
-    Program.validate = validate
+    return add_const
 
-    def load(*args, **kwargs):
-        program = library_load(*args, **kwargs)
-        # The finished frontend's converter and context (which name every var) form reference cycles
-        # that would keep the float32 consts alive through the whole pipeline.
-        gc.collect()
-        return program
 
-    def create_package(proto_spec, weights_dir=None, package_path=None) -> str:
-        if weights_dir is None:
-            return library_create_package(proto_spec, weights_dir, package_path)
-        with tempfile.TemporaryDirectory() as empty:
-            package_path = library_create_package(proto_spec, empty, package_path)
-        for name in os.listdir(weights_dir):
-            shutil.move(os.path.join(weights_dir, name), os.path.join(package_path, WEIGHTS_DIR, name))
-        return package_path
+_QUANTIZATION = "coremltools.converters.mil.mil.passes.defs.quantization:FP16ComputePrecision"
+_CONVERTER = "coremltools.converters.mil.frontend.torch.converter:TorchConverter"
+PATCHES = (
+    Patch(_QUANTIZATION, "fp16_overflow", _fp16_overflow),
+    Patch("coremltools.converters.mil.mil.program:Program", "validate", _validate),
+    Patch("coremltools.converters.mil.frontend.torch.load", "load", _load),
+    Patch("coremltools.models.model", "_create_mlpackage", _create_package),
+    Patch(_QUANTIZATION, "transform_op", _transform_op),
+    Patch(_CONVERTER, "convert_const", _convert_const),
+    Patch(_CONVERTER, "_add_const", _add_const),
+)
 
-    torch_load.load = load
-    ct_model._create_mlpackage = create_package
-    FP16ComputePrecision.transform_op = transform_op
-    TorchConverter.convert_const = convert_const
-    TorchConverter._add_const = add_const
+
+def patches_unavailable() -> str | None:
+    """Why the patches cannot be applied to the installed coremltools, or None when they can."""
+    from coremltools import __version__ as version
+
+    if version != TESTED_VERSION:
+        return f"coremltools {version} is not the {TESTED_VERSION} they were checked against"
+    for patch in PATCHES:
+        try:
+            original = patch.original()
+        except (ImportError, AttributeError, KeyError):
+            return f"{patch.owner.replace(':', '.')}.{patch.attribute} is missing"
+        if not callable(original) and not isinstance(original, staticmethod):
+            return f"{patch.owner.replace(':', '.')}.{patch.attribute} is no longer a function"
+    return None
+
+
+@contextmanager
+def faster_conversion() -> Iterator[str | None]:
+    """Within this block coremltools converts with the shortcuts above (restored on exit). Yields
+    None, or, when the installed coremltools does not have what they replace, why they are off: the
+    conversion then runs as plain coremltools, after one warning."""
+    unavailable = patches_unavailable()
+    if unavailable is not None:
+        warnings.warn(f"conversion speed-ups are off: {unavailable}", RuntimeWarning, stacklevel=3)
+        yield unavailable
+        return
+    originals = [(patch, patch.original(), patch.owned()) for patch in PATCHES]
     try:
-        yield
+        for patch, original, _ in originals:
+            setattr(patch.target(), patch.attribute, patch.replacement(original))
+        yield None
     finally:
-        FP16ComputePrecision.fp16_overflow = library_overflow
-        Program.validate = library_validate
-        torch_load.load = library_load
-        ct_model._create_mlpackage = library_create_package
-        FP16ComputePrecision.transform_op = library_transform
-        TorchConverter.convert_const = library_convert_const
-        TorchConverter._add_const = library_add_const
+        for patch, original, owned in originals:
+            if owned:
+                setattr(patch.target(), patch.attribute, original)
+            else:
+                delattr(patch.target(), patch.attribute)
 
 
 def _releasable(val) -> bool:

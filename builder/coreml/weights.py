@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from builder.coreml import bits
 from builder.coreml.program import ValueReader, is_float_blob, op_name, operations, read_spec, value_reader
 
 _CONSTEXPR_PREFIX = "constexpr_"
@@ -41,12 +42,10 @@ def _weight_name(op: Any) -> str:
 def _lut_weight(op: Any, value: Inputs) -> np.ndarray:
     """Dense weight of a `constexpr_lut_to_dense` op, in either target's form."""
     if "lut" in op.attributes:  # iOS16/17: one LUT, indices packed into bytes, and the shape
-        from coremltools.optimize._utils import restore_elements_from_packed_bits
-
         lut, shape = value("lut"), value("shape")
         nbits = int(np.log2(lut.size))
-        packed = restore_elements_from_packed_bits(value("indices"), nbits, int(np.prod(shape)))
-        return lut[packed].reshape(tuple(shape))
+        indices = bits.unpack(value("indices"), nbits, int(np.prod(shape)))
+        return lut[indices].reshape(tuple(shape))
     # iOS18: a (groups per axis..., entries, 1) LUT; each axis's groups split it into equal blocks.
     lut, indices = value("lut"), value("indices")
     if lut.shape[-1] != 1:

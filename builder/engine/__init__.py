@@ -2,7 +2,7 @@
 content-addressed, and every stale stage comes with the reason it is stale."""
 
 from builder.engine.engine import Engine
-from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted, ThreadsShared, WorkersReady
+from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted, WorkersReady
 from builder.engine.reports import Explanation, GcReport, PlanEntry, StageResult
 from builder.engine.spec import GIB, Graph, StageSpec
 
@@ -10,7 +10,6 @@ __all__ = [
     "GIB",
     "Engine",
     "Event",
-    "ThreadsShared",
     "Explanation",
     "GcReport",
     "Graph",

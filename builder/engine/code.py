@@ -103,6 +103,24 @@ def _module(name: str) -> tuple[str, frozenset[str]] | None:
     return digest, imported
 
 
+def forget() -> None:
+    """Read the code again at the next key: each build and plan takes the code as it is when it starts."""
+    for remembered in (_root, _module, _project_closure, stage_code):
+        remembered.cache_clear()
+
+
+def module_digests(module: str) -> dict[str, str]:
+    """Digests of the project modules `module` reaches, read once per process and then remembered:
+    a process that imported them (the zygote, before forking workers) keeps the code it runs."""
+    return _project_closure(module)[0]
+
+
+def changed_since(expected: dict[str, str], function: str) -> list[str]:
+    """Modules whose code differs from `expected` (what a stage's key was computed with) in this process."""
+    now = stage_code(function).modules
+    return sorted(name for name in set(expected) | set(now) if expected.get(name) != now.get(name))
+
+
 @cache
 def _project_closure(module: str) -> tuple[dict[str, str], frozenset[str]]:
     """Project modules reachable from `module` (by digest) and the top-level names of everything

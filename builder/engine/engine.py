@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from builder.engine import code
 from builder.engine.events import Event
 from builder.engine.files import remove_tree
 from builder.engine.keys import action_key
@@ -78,6 +79,7 @@ class Engine:
             raise UserError(f"jobs must be at least 1, got {jobs}", "pass --jobs 1 or more")
         order = graph.order()
         budget = available_memory_bytes() if memory_budget_bytes is None else memory_budget_bytes
+        code.forget()
         with CacheLock(self.store.lock_file):
             self._clean_tmp()
             scheduler = Scheduler(
@@ -154,6 +156,7 @@ class Engine:
 
     def _assess_all(self, graph: Graph) -> list[Assessment]:
         """Assess in topological order; a stale stage's output digest is unknown, so its dependants are stale too."""
+        code.forget()
         index = self.store.load_index(self.target)
         digests: dict[str, str | None] = {}
         skipped: set[str] = set()

@@ -32,11 +32,4 @@ class WorkersReady(BaseModel):
     import_seconds: float
 
 
-class ThreadsShared(BaseModel):
-    """A running stage was given a new share of the cores (when a stage beside it started or ended)."""
-
-    id: str
-    threads: int
-
-
-Event = StageStarted | Heartbeat | StageFinished | WorkersReady | ThreadsShared
+Event = StageStarted | Heartbeat | StageFinished | WorkersReady

@@ -49,12 +49,18 @@ def remove_tree(path: Path) -> None:
 
 
 def set_writable(root: Path, writable: bool) -> None:
-    """Add or drop write permission on every file under `root`; published objects are read-only."""
+    """Add or drop write permission on every file under `root`; published objects are read-only.
+
+    A file with more than one link is left as it is: its inode is shared with another owner (a
+    stage may hard-link a Hugging Face cache blob), whose permissions are not ours to change. Its
+    recorded digest still catches any change to its bytes.
+    """
     for folder, _dirs, names in os.walk(root):
         for name in names:
             file = os.path.join(folder, name)
-            mode = os.lstat(file).st_mode
-            if stat.S_ISLNK(mode):
+            info = os.lstat(file)
+            mode = info.st_mode
+            if stat.S_ISLNK(mode) or info.st_nlink > 1:
                 continue
             mode = mode | stat.S_IWUSR if writable else mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
             os.chmod(file, stat.S_IMODE(mode))

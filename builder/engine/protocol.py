@@ -22,6 +22,9 @@ class WorkerRequest(BaseModel):
     python_path: list[str]
     # Threads the stage runs (`engine.threads`); None when the user fixed the thread counts.
     threads: int | None = None
+    # The project modules' digests the stage's key was computed with (`engine.code`): a worker
+    # running other code (sdbuild edited during the build) refuses rather than mislabel its output.
+    code: dict[str, str] = {}
 
 
 # Exit status meaning "the stage reported a UserError, see user-error.json".

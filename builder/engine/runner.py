@@ -120,6 +120,7 @@ def start(
         parent_pid=launcher.parent_pid,
         python_path=python_path(),
         threads=threads,
+        code=key_inputs.get("code", {}),
     )
     request_file = folder / "request.json"
     request_file.write_text(request.model_dump_json())

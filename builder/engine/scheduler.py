@@ -127,7 +127,8 @@ class Scheduler:
     def _admit(self) -> None:
         """Start ready stages, longest remaining chain first, while jobs and memory allow (one too big
         for the budget runs alone). A stage on the critical path never waits for a core; any other
-        starts only on a free one."""
+        (one thread) starts when at most one thread more than the cores would then run, so the
+        machine stays busy beside the critical path without oversubscribing it further."""
         self.ready = deque(sorted(self.ready, key=lambda found: -self.priority[found.spec.id]))
         for found in list(self.ready):
             if len(self.running) >= self.jobs:
@@ -138,7 +139,7 @@ class Scheduler:
                 return
             threads = self.stage_threads[spec.id] if self.stage_threads is not None else None
             busy = sum(job.threads or 0 for job in self.running.values())
-            if threads is not None and spec.id not in self.critical and busy + threads > self.cores:
+            if threads is not None and spec.id not in self.critical and busy + threads > self.cores + 1:
                 continue
             self.ready.remove(found)
             self._start(found, threads)

@@ -6,8 +6,10 @@ stage more cores later would be faster still, but a thread count changes float r
 1e-6 level (reductions split differently), so a stage's outputs, and the PSNR figures a manifest
 records, would depend on timing. Instead each stage's count is fixed by the graph and the machine:
 a stage on the longest chain of work that spreads over threads gets every core and is never kept
-waiting for one; any other stage gets one thread and starts only on a free core. The same recipe on
-the same machine therefore computes the same bytes, however the stages interleave.
+waiting for one; any other stage gets one thread and starts when at most one thread more than the
+cores would then run (waiting for a wholly free core left the SDXL VAE, long at 768x768 but light,
+to run after the whole UNet chain). The same recipe on the same machine therefore computes the
+same bytes, however the stages interleave.
 
 Threads set by the user (OMP_NUM_THREADS, MKL_NUM_THREADS) are left alone.
 """

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from builder.engine import threads
+from builder.engine import code, threads
 from builder.engine.files import write_json_atomic
 from builder.engine.memory import own_cpu_seconds, own_peak_rss_bytes, return_large_frees_to_os
 from builder.engine.protocol import (
@@ -69,6 +69,17 @@ def _innermost_own_frame(error: BaseException) -> str | None:
     return found
 
 
+def _check_code(request: WorkerRequest) -> None:
+    """The code this process runs is the code the stage's cache key names (see `engine.code`)."""
+    changed = code.changed_since(request.code, request.function) if request.code else []
+    if changed:
+        raise UserError(
+            f"the code of this stage changed while the build ran ({', '.join(changed[:3])}), so it "
+            "would run other code than its cache key says",
+            hint="run the build again; stages that finished are cached under the code they ran",
+        )
+
+
 def main(request_file: str) -> None:
     request = WorkerRequest.model_validate_json(Path(request_file).read_bytes())
     die_with_parent(request.parent_pid)
@@ -79,7 +90,9 @@ def main(request_file: str) -> None:
         threads.apply(request.threads)
     tempfile.tempdir = None  # a zygote may have looked it up already
     try:
-        summary = _load(request.function)(dict(request.inputs), request.params, request.out)
+        function = _load(request.function)
+        _check_code(request)
+        summary = function(dict(request.inputs), request.params, request.out)
     except UserError as error:
         _report(request, WorkerUserError(message=error.message, hint=error.hint))
     except Exception as error:

@@ -26,7 +26,7 @@ import traceback
 
 from pydantic import BaseModel
 
-from builder.engine import worker
+from builder.engine import code, worker
 
 
 class ZygoteConfig(BaseModel):
@@ -87,6 +87,8 @@ def serve(config: ZygoteConfig) -> None:
     sys.path[:0] = [p for p in config.python_path if p not in sys.path]
     started = time.monotonic()
     _import_all(config.modules)
+    for name in config.modules:  # the code as imported: forked workers check their keys against it
+        code.module_digests(name)
 
     def reply(message: dict) -> None:
         replies.write(json.dumps(message) + "\n")

@@ -32,6 +32,8 @@ class LoadedRecipe:
     """sha256 of the recipe's canonical JSON: formatting and comments do not change it."""
     document: Document
     """The merged data as written, with the origin of every value."""
+    workspace: Path
+    """The workspace every path it names is confined to, absolute."""
 
     def origin(self, field_path: str) -> str:
         """`file:line` where the dotted field (e.g. `components.unet.compression`) was written, or
@@ -57,7 +59,7 @@ def load_recipe(path: Path, workspace: Path | None = None) -> LoadedRecipe:
     except ValidationError as error:
         raise translate(error, document, Recipe) from None
     digest = hashlib.sha256(recipe.canonical_json().encode()).hexdigest()
-    return LoadedRecipe(recipe, file, files, digest, document)
+    return LoadedRecipe(recipe, file, files, digest, document, workspace)
 
 
 def _read_with_bases(file: Path, workspace: Path, chain: tuple[Path, ...]) -> tuple[Document, tuple[Path, ...]]:

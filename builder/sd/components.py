@@ -287,7 +287,8 @@ def _safety_checker_examples(folder: Path, model: nn.Module, specs: list[TensorS
     if not (folder / "feature_extractor" / "preprocessor_config.json").is_file():
         raise UserError(
             "this pipeline has a safety checker but no feature_extractor/preprocessor_config.json",
-            hint="add the pipeline's feature_extractor folder (CLIP's image preprocessing), or remove components.safety_checker",
+            hint="add the pipeline's feature_extractor folder (CLIP's image preprocessing), "
+            "or remove components.safety_checker",
         )
     processor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
     shapes = {spec.name: spec.shape for spec in specs}

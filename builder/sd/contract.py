@@ -251,7 +251,8 @@ def _controlnet_problems(
                     problems.append(f"{name}: controlnet_cond shape is {shape}, the Swift package needs {wanted}")
             elif feature in unet_inputs and inputs[feature].shape != unet_inputs[feature].shape:
                 problems.append(
-                    f"{name}: {feature} shape is {inputs[feature].shape}, {CONTROLLED_UNET} takes {unet_inputs[feature].shape}"
+                    f"{name}: {feature} shape is {inputs[feature].shape}, "
+                    f"{CONTROLLED_UNET} takes {unet_inputs[feature].shape}"
                 )
         outputs = {o.name: o.shape for o in info.outputs}
         if outputs != residuals:

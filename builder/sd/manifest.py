@@ -1,14 +1,16 @@
 """`manifest.json`: everything an app needs to configure the Swift pipeline that no model file says.
 
-Written by sdbuild next to `Resources/`; the Swift package never reads it, apps and CI do. No
-timestamps, so identical builds give identical manifests.
+Written by sdbuild next to `Resources/`; the Swift package never reads it, apps and CI do. It also
+says what made the bundle (recipe files as written, sources with file digests, sdbuild's version and
+commit, every dependency's version), so a shipped bundle can be traced and rebuilt. No timestamps
+unless `SOURCE_DATE_EPOCH` is set, so identical builds give identical manifests.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from builder.coreml.package import ModelInfo
 
@@ -55,6 +57,98 @@ class ModelEntry(ModelInfo):
     chunk: ChunkEntry | None = None
 
 
+class RecipeFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Relative to the workspace, posix separators.")
+    text: str = Field(description="The file's text, as written.")
+
+
+class RecipeRecord(RecipeFile):
+    """The recipe as written: with its bases and included files, enough to rebuild it from the manifest."""
+
+    digest: str = Field(description="sha256 of the recipe's canonical JSON (recipe_digest), what the build keys on.")
+    extends: list[RecipeFile] = Field(description="Every base recipe pulled in by `extends:`, nearest first.")
+    includes: list[RecipeFile] = Field(description="Other files the recipe reads: mixed-bit recipe files.")
+
+
+class SdbuildInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str = Field(description="The sdbuild package version.")
+    commit: str | None = Field(description="git commit of the checkout sdbuild ran from; null when installed.")
+    dirty: bool = Field(description="Tracked files of that checkout differed from the commit.")
+
+
+class Environment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    python: str
+    packages: dict[str, str] = Field(description="sdbuild's runtime dependencies, transitively, as installed.")
+
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class HubSourceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["hub"]
+    id: str
+    revision: str = Field(pattern=r"^[0-9a-f]{40}$")
+    files: dict[str, Sha256] = Field(description="sha256 of every file the build read from the repository.")
+
+
+class LocalSourceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["local"]
+    path: str = Field(description="As written in the recipe, relative to the recipe file that writes it.")
+    digest: Sha256 = Field(description="sha256 of a single file, or the folder's tree digest (as the cache keys it).")
+    files: dict[str, Sha256] = Field(description="sha256 of every file read (a single file: its name).")
+
+
+class SyntheticSourceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["synthetic"]
+    preset: str
+    seed: int
+
+
+SourceEntry = Annotated[HubSourceEntry | LocalSourceEntry | SyntheticSourceEntry, Field(discriminator="kind")]
+
+
+class _Named(BaseModel):
+    name: str = Field(description="The ControlNet's name in Resources/controlnet/.")
+
+
+class HubControlNetEntry(HubSourceEntry, _Named):
+    pass
+
+
+class LocalControlNetEntry(LocalSourceEntry, _Named):
+    pass
+
+
+class SyntheticControlNetEntry(SyntheticSourceEntry, _Named):
+    pass
+
+
+ControlNetEntry = Annotated[
+    HubControlNetEntry | LocalControlNetEntry | SyntheticControlNetEntry, Field(discriminator="kind")
+]
+
+
+class Sources(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: SourceEntry
+    refiner: SourceEntry | None
+    vae: SourceEntry | None
+    controlnets: list[ControlNetEntry]
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -78,3 +172,14 @@ class Manifest(BaseModel):
     models: dict[str, ModelEntry]
     files: dict[str, FileEntry]
     tools: dict[str, str]
+    recipe: RecipeRecord
+    sdbuild: SdbuildInfo
+    sources: Sources
+    environment: Environment
+    date: str | None = Field(description="SOURCE_DATE_EPOCH as YYYY-MM-DDTHH:MM:SSZ when it was set, else null.")
+
+
+def manifest_json_schema() -> dict:
+    """The JSON Schema every manifest.json validates against (`sdbuild schema --manifest`)."""
+    schema = Manifest.model_json_schema(mode="serialization")
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema"} | schema | {"title": "sdbuild manifest.json"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from builder.sd.presets import Preset
-from builder.sd.tokenizer_files import clip_vocab_size, write_tokenizer_folder
+from builder.sd.tokenizer_files import TokenizerInfo, write_tokenizer_folder
 
 # Normal(0, std) for matrices; norms and biases keep their (deterministic) defaults. A small std
 # keeps activations in the range real checkpoints have, so float16 behaves as it would for them.
@@ -104,26 +104,19 @@ def _write_feature_extractor(folder: Path, image_size: int) -> None:
 def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
     """Create `folder` as a diffusers folder its family's pipeline loads (SD, SDXL base or refiner)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer_folder(folder / "tokenizer")
     generator = torch.Generator().manual_seed(seed)
 
-    def text_config(config: dict) -> CLIPTextConfig:
-        # Full-size presets keep the real embedding table size; ids past our tokenizer's stay unused.
-        return CLIPTextConfig(
-            **({"vocab_size": clip_vocab_size()} | config),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-
     builders: dict[str, Callable[[], torch.nn.Module]] = {}
     if preset.text_encoder is not None:
-        builders["text_encoder"] = lambda: CLIPTextModel(text_config(preset.text_encoder))
+        builders["text_encoder"] = lambda: CLIPTextModel(clip_text_config(preset.text_encoder, tokenizer))
     if preset.text_encoder_2 is not None:
-        builders["text_encoder_2"] = lambda: CLIPTextModelWithProjection(text_config(preset.text_encoder_2))
+        builders["text_encoder_2"] = lambda: CLIPTextModelWithProjection(
+            clip_text_config(preset.text_encoder_2, tokenizer)
+        )
     builders["unet"] = lambda: UNet2DConditionModel(**preset.unet)
     builders["vae"] = lambda: AutoencoderKL(**preset.vae)
     # One model in memory at a time: a full-size pipeline never holds more than its UNet.
@@ -139,18 +132,32 @@ def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
         _write_feature_extractor(folder / "feature_extractor", checker.config.vision_config.image_size)
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(preset.scheduler, indent=2, sort_keys=True))
-    (folder / "model_index.json").write_text(json.dumps(_model_index(preset), indent=2, sort_keys=True))
+    (folder / "model_index.json").write_text(json.dumps(model_index(preset), indent=2, sort_keys=True))
 
 
-def _model_index(preset: Preset) -> dict:
-    """The pipeline's model_index.json: which class loads it and which components it has."""
+def clip_text_config(config: dict, tokenizer: TokenizerInfo):
+    """A preset's text encoder config with the special token ids of the tokenizer it is used with."""
+    from transformers import CLIPTextConfig
+
+    # Full-size presets keep the real embedding table size; ids past a generated tokenizer's stay unused.
+    return CLIPTextConfig(
+        **({"vocab_size": tokenizer.vocab_size} | config),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def model_index(preset: Preset, *, with_safety_checker: bool = True) -> dict:
+    """The pipeline's model_index.json: which class loads it and which components it has (the safety
+    checker only when the preset has one and `with_safety_checker`)."""
     common = {
         "scheduler": ["diffusers", preset.scheduler["_class_name"]],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     if preset.family == "sd":
-        has_checker = preset.safety_checker is not None
+        has_checker = preset.safety_checker is not None and with_safety_checker
         return common | {
             "_class_name": "StableDiffusionPipeline",
             "feature_extractor": ["transformers", "CLIPImageProcessor"] if has_checker else [None, None],

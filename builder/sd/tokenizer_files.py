@@ -472,6 +472,11 @@ def write_tokenizer_folder(folder: Path, *, merges: int = 2000, pad_token: str =
     """
     folder = Path(folder)
     info = write_clip_tokenizer(folder, merges=merges)
+    _write_tokenizer_configs(folder, pad_token)
+    return info
+
+
+def _write_tokenizer_configs(folder: Path, pad_token: str) -> None:
     special = {
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
@@ -490,4 +495,40 @@ def write_tokenizer_folder(folder: Path, *, merges: int = 2000, pad_token: str =
     for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         text = json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n"
         (folder / name).write_bytes(text.encode("utf-8"))
-    return info
+
+
+# OpenAI CLIP's own merges (builder/sd/data/README.md): the vocabulary real checkpoints were trained with.
+_CLIP_MERGES = Path(__file__).parent / "data" / "clip_merges.txt.gz"
+CLIP_VOCAB_SIZE = 49408
+
+
+@lru_cache(maxsize=1)
+def _clip_merges() -> tuple[tuple[str, str], ...]:
+    import gzip
+
+    lines = gzip.decompress(_CLIP_MERGES.read_bytes()).decode("utf-8").splitlines()
+    return tuple(tuple(line.split(" ")) for line in lines[1:])  # type: ignore[misc]
+
+
+def write_openai_clip_tokenizer_folder(folder: Path, *, pad_token: str = EOS_TOKEN) -> TokenizerInfo:
+    """Write the real CLIP tokenizer (the one SD 1.x, 2.x and SDXL checkpoints were trained with) as a
+    diffusers tokenizer folder: its vocabulary is the byte symbols, the same with `</w>`, one token per
+    merge and the two special tokens, in that order, as CLIP builds it from its merges."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    merges = _clip_merges()
+    symbols = list(_byte_symbols())
+    entries = [*symbols, *(s + END_OF_WORD for s in symbols), *(a + b for a, b in merges), BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: i for i, token in enumerate(entries)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise ValueError(f"{_CLIP_MERGES} gives {len(vocab)} tokens, not CLIP's {CLIP_VOCAB_SIZE}")
+    (folder / "vocab.json").write_bytes(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
+    _write_tokenizer_configs(folder, pad_token)
+    return TokenizerInfo(
+        vocab_size=CLIP_VOCAB_SIZE,
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=vocab[pad_token],
+    )

@@ -2,7 +2,8 @@
 
 Models are copied under the contract's names (compiled `.mlmodelc` where the compile stage ran,
 else `.mlpackage`), their interfaces read back from the saved files and checked against the
-contract, and every file's digest recorded.
+contract, and every file's digest recorded, with the build's provenance (params, and the sources'
+file digests from the provenance stages).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from builder.sd.contract import (
     resource_name,
 )
 from builder.sd.manifest import ChunkEntry, FileEntry, Manifest, ModelEntry
+from builder.stages.provenance import with_digests
 
 
 class BundleParams(BaseModel):
@@ -43,6 +45,12 @@ class BundleParams(BaseModel):
     precision: dict[str, str] = {}  # component -> Core ML compute precision
     tools: dict[str, str]
     sdbuild_version: str
+    # provenance (builder/build_info.py, builder/stages/provenance.py)
+    recipe: dict
+    sdbuild: dict
+    sources: dict
+    environment: dict
+    date: str | None
 
 
 def _sha256(path: Path) -> str:
@@ -156,6 +164,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         models=models,
         files=files,
         tools=p.tools,
+        recipe=p.recipe,
+        sdbuild=p.sdbuild,
+        sources=with_digests(p.sources, inputs),
+        environment=p.environment,
+        date=p.date,
     )
     (out / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
     return {"files": len(files), "size_bytes": sum(f.size for f in files.values())}

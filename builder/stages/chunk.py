@@ -44,9 +44,10 @@ def _parameter_names(chunk: nn.Module) -> list[str]:
     return [name for name, _ in chunk.named_parameters()]
 
 
-def split(rewritten: Path, part: Part) -> tuple[Chunks, dict]:
+def split(rewritten: Path, part: Part, attention: str | None = None) -> tuple[Chunks, dict]:
     """The rewrite stage's conversion module cut in two, with only `part`'s weights loaded (the
-    other chunk's stay on the meta device); ValueError names what cannot be chunked."""
+    other chunk's stay on the meta device) and `attention` as in `load_conversion_module`;
+    ValueError names what cannot be chunked."""
     names = [spec["name"] for spec in json.loads((rewritten / "architecture.json").read_text())["inputs"]]
 
     def wanted(module: nn.Module) -> list[str]:
@@ -55,7 +56,7 @@ def split(rewritten: Path, part: Part) -> tuple[Chunks, dict]:
         chunks = split_unet(module, names)
         return _parameter_names(chunks.first if part == "first" else chunks.second)
 
-    module, architecture = load_conversion_module(rewritten, wanted)
+    module, architecture = load_conversion_module(rewritten, wanted, attention)
     return split_unet(module, names), architecture
 
 

@@ -52,7 +52,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             hint="the cache is inconsistent; run `sdbuild verify` and rebuild",
         ) from None
     package = out / "model.mlpackage"
-    with faster_conversion():
+    with faster_conversion() as speedups_off:
         model = ct.convert(
             graph,
             inputs=[
@@ -75,4 +75,5 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     model.short_description = f"sdbuild {p.component}" + (f" chunk {p.chunk}" if p.chunk else "")
     write_spec(package, model.get_spec())
     normalize_mlpackage(package)
-    return {"size_bytes": package_size(package), "precision": p.precision}
+    summary = {"size_bytes": package_size(package), "precision": p.precision}
+    return summary | ({"speedups_off": speedups_off} if speedups_off else {})

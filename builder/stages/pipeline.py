@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from builder import __version__
+from builder.build_info import build_date, environment, recipe_record, sdbuild_info
 from builder.engine.spec import Graph, StageSpec
 from builder.errors import RecipeError
 from builder.recipe import Component, LoadedRecipe
@@ -21,20 +22,22 @@ from builder.sd.contract import controlnet_name
 from builder.sd.presets import PRESETS
 from builder.sd.settings import ANALYSED_COMPONENTS, CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
 from builder.stages.preflight import check_sources, size_extra_bytes
+from builder.stages.provenance import sources_provenance
 from builder.stages.tools import compile_unavailable, python_tools, xcode_version
 
 GIB = 1024**3
 STAGE_VERSIONS = {
-    "source": "2",
+    "source": "3",
     "rewrite": "2",
     "trace": "3",
     "convert": "2",
     "palettize": "2",
-    "quantize": "2",
-    "verify": "3",
-    "compile": "1",
-    "bundle": "8",
+    "quantize": "1",
+    "verify": "2",
+    "compile": "2",
+    "bundle": "9",
     "chunk": "3",
+    "provenance": "1",
 }
 MINIMUM_PSNR_DB = 35.0
 # Stages whose work one core does (writing seeded weights or downloading, coremltools' conversion,
@@ -208,6 +211,8 @@ def _check_has_safety_checker(loaded: LoadedRecipe) -> None:
         source.local is not None and source.local.path.is_dir() and not (source.local.path / "safety_checker").is_dir()
     ):
         missing = f"{source.local.path} has no safety_checker/ folder"
+    elif source.local is not None and source.local.path.is_file():
+        missing = f"the single-file checkpoint {source.local.path.name} has no safety checker"
     else:
         return
     with_checker = sorted(name for name, preset in PRESETS.items() if preset.safety_checker is not None)
@@ -490,6 +495,9 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
             components[c]["recipe"] = os.path.relpath(compression.recipe, loaded.path.parent)
 
+    provenance = sources_provenance(loaded, STAGE_VERSIONS["provenance"])
+    stages += provenance.stages
+    bundle_inputs |= provenance.inputs
     bundle_params = {
         "name": recipe.name,
         "version": recipe.version,
@@ -505,6 +513,11 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
         "precision": precisions,
         "tools": compile_tools,
         "sdbuild_version": __version__,
+        "recipe": recipe_record(loaded),
+        "sdbuild": sdbuild_info(),
+        "sources": provenance.params,
+        "environment": environment(),
+        "date": build_date(),
     }
     stages.append(
         StageSpec(

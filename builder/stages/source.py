@@ -1,4 +1,5 @@
-"""Materialise a pipeline folder: seeded synthetic weights, or a pinned Hugging Face snapshot."""
+"""Materialise a pipeline folder: seeded synthetic weights, a single-file checkpoint unpacked, or a
+pinned Hugging Face snapshot taken from the Hugging Face cache by hard links."""
 
 from __future__ import annotations
 
@@ -7,27 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from builder.errors import UserError
+from builder.errors import UserError, first_line
+from builder.hub.cache import HubRef, link_snapshot, snapshot
+from builder.hub.layout import RepoKind
 from builder.sd.presets import get_controlnet_preset, get_preset
 from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
-
-# Only what conversion needs, and never pickled weights: safetensors, configs and tokenizer files.
-_HUB_PATTERNS = [
-    "model_index.json",
-    "*/config.json",
-    "*/*.safetensors",
-    "scheduler/*.json",
-    "tokenizer*/*",
-    "feature_extractor/*.json",
-]
-# Reduced-precision variants (SDXL's repositories hold float16 copies of every model) are never loaded.
-_HUB_EXCLUDED = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*.h5", "*.fp16.safetensors"]
-# A replacement VAE repository: one AutoencoderKL at the root (some also hold single-file copies).
-_VAE_HUB_PATTERNS = [
-    "config.json",
-    "diffusion_pytorch_model*.safetensors",
-    "diffusion_pytorch_model.safetensors.index.json",
-]
 
 
 class SyntheticSourceParams(BaseModel):
@@ -59,10 +44,6 @@ class HubControlNetParams(BaseModel):
     revision: str
 
 
-# A ControlNet repository holds one diffusers model at its root.
-_CONTROLNET_HUB_PATTERNS = ["config.json", "*.safetensors"]
-
-
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     if params["kind"] == "controlnet_synthetic":
         synthetic = SyntheticControlNetParams.model_validate(params)
@@ -70,7 +51,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         return {"source": f"synthetic-controlnet:{synthetic.preset}@{synthetic.seed}"}
     if params["kind"] == "controlnet_hub":
         hub = HubControlNetParams.model_validate(params)
-        download_snapshot(hub.id, hub.revision, out, _CONTROLNET_HUB_PATTERNS)
+        take_snapshot(HubRef(hub.id, hub.revision, RepoKind.CONTROLNET), out)
         return {"source": f"hub:{hub.id}@{hub.revision}"}
     if params["kind"] == "synthetic":
         synthetic = SyntheticSourceParams.model_validate(params)
@@ -81,78 +62,53 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         import_single_file(inputs["checkpoint"], single.family, out)
         return {"source": f"single_file:{inputs['checkpoint'].name}"}
     hub = HubSourceParams.model_validate(params)
-    download_snapshot(hub.id, hub.revision, out, _VAE_HUB_PATTERNS if hub.kind == "vae_hub" else _HUB_PATTERNS)
+    take_snapshot(HubRef(hub.id, hub.revision, RepoKind.VAE if hub.kind == "vae_hub" else RepoKind.PIPELINE), out)
     return {"source": f"hub:{hub.id}@{hub.revision}"}
 
 
-def download_snapshot(repo_id: str, revision: str, out: Path, patterns: list[str] = _HUB_PATTERNS) -> None:
-    """Download the convertible files of `repo_id` at `revision` into `out`, or fail in one line."""
-    from huggingface_hub import constants, snapshot_download
-
-    if not constants.HF_HUB_OFFLINE:
-        _check_reachable(constants.ENDPOINT, repo_id, revision)
-    try:
-        snapshot_download(
-            repo_id,
-            revision=revision,
-            local_dir=out,
-            allow_patterns=patterns,
-            ignore_patterns=_HUB_EXCLUDED,
-        )
-    except Exception as error:  # network, auth, missing repo: all end the same way for the user
-        raise _cannot_fetch(repo_id, revision, _first_line(error)) from None
-    # The hub client leaves its own bookkeeping folder; it is not part of the model.
-    cache_meta = out / ".cache"
-    if cache_meta.exists():
-        import shutil
-
-        shutil.rmtree(cache_meta)
+def take_snapshot(ref: HubRef, out: Path) -> None:
+    """The files of `ref` a conversion reads, from the Hugging Face cache (filled first where it lacks
+    them and the Hub may be used), hard-linked into `out`: a model in the cache is never downloaded again."""
+    link_snapshot(snapshot(ref), ref, out)
 
 
-def _first_line(error: Exception) -> str:
-    """The error's type and the first line of its message: one line for the user, not a trace."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+def import_single_file(checkpoint: Path, pipeline: str, out: Path) -> None:
+    """Unpack a single-file .safetensors checkpoint into a diffusers folder, offline: the component
+    configs and tokenizers come from sdbuild's own (builder/sd/single_file.py), not the base model's
+    hub repository. `pipeline` is sd, sdxl or sdxl-refiner."""
+    import shutil
+    import tempfile
 
-
-def _cannot_fetch(repo_id: str, revision: str, why: str) -> UserError:
-    return UserError(
-        f"cannot fetch the weights of {repo_id}@{revision[:12]} from the Hugging Face Hub ({why})",
-        hint="check the network and the id/revision, log in with `hf auth login` for gated models, "
-        "or download it once and give that folder as the source's `local: {path: ...}` instead of `hub:`",
-    )
-
-
-def _check_reachable(endpoint: str, repo_id: str, revision: str) -> None:
-    """Fail in a second, not after the hub client's minute of retries, when the hub's host is unknown."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(endpoint)
-    try:
-        socket.getaddrinfo(url.hostname, url.port or 443)
-    except OSError as error:
-        raise _cannot_fetch(repo_id, revision, f"{url.hostname} is unreachable: {error.strerror or error}") from None
-
-
-def import_single_file(checkpoint: Path, family: str, out: Path) -> None:
-    """Unpack a single-file .safetensors checkpoint into a diffusers folder.
-
-    diffusers recognises the architecture from the weights but takes the component configs from the
-    base model's hub repository, so this needs the hub (or its local cache) once.
-    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    pipeline_class = {"sdxl": StableDiffusionXLPipeline, "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(
-        family, StableDiffusionPipeline
-    )
+    from builder.sd.single_file import checkpoint_shapes, preset_for, write_config_folder
+
     try:
-        pipeline = pipeline_class.from_single_file(str(checkpoint), use_safetensors=True)
-    except Exception as error:  # offline, unknown architecture, corrupt file: all end the same way
+        shapes = checkpoint_shapes(checkpoint)
+    except Exception as error:  # not a safetensors file, truncated header
         raise UserError(
-            f"cannot read the single-file checkpoint {checkpoint.name} ({_first_line(error)})",
-            hint="check that it is a Stable Diffusion checkpoint in safetensors format; diffusers also needs the base "
-            "model's config files from the Hugging Face Hub once, so connect, or convert the checkpoint to a "
-            "diffusers folder elsewhere and point model.local.path at that folder",
+            f"cannot read the single-file checkpoint {checkpoint.name} ({first_line(error)})",
+            hint="check that it is a Stable Diffusion checkpoint in safetensors format",
         ) from None
-    pipeline.save_pretrained(out, safe_serialization=True)
+    preset = preset_for(shapes, pipeline)
+    pipeline_class = {"sdxl": StableDiffusionXLPipeline, "sdxl-refiner": StableDiffusionXLImg2ImgPipeline}.get(
+        pipeline, StableDiffusionPipeline
+    )
+    with tempfile.TemporaryDirectory() as configs:
+        write_config_folder(preset, Path(configs))
+        try:
+            loaded = pipeline_class.from_single_file(
+                str(checkpoint), config=configs, local_files_only=True, use_safetensors=True
+            )
+        except Exception as error:  # missing or misshapen tensors: all end the same way
+            raise UserError(
+                f"cannot read the single-file checkpoint {checkpoint.name} with the {preset} configs "
+                f"({first_line(error)})",
+                hint="check that the file is complete; a checkpoint of another size needs a diffusers folder with "
+                "its own configs, given as model.local.path",
+            ) from None
+        loaded.save_pretrained(out, safe_serialization=True)
+        # The tokenizer files as written, not as transformers saves them again (tokenizer.json only).
+        for tokenizer in sorted(Path(configs).glob("tokenizer*")):
+            shutil.rmtree(out / tokenizer.name, ignore_errors=True)
+            shutil.copytree(tokenizer, out / tokenizer.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -14,18 +15,38 @@ _PACKAGES = ("torch", "coremltools", "diffusers", "transformers", "numpy", "scik
 
 @cache
 def python_tools() -> dict[str, str]:
-    """Installed versions, read from package metadata so no heavy import is needed."""
+    """Installed versions, read from package metadata so no heavy import is needed.
+
+    A local version label names a build of the same release for one platform (Linux's torch is
+    2.13.0+cpu, macOS's 2.13.0): it is dropped, so a Mac keys its stages as the Linux build that filled
+    the cache did and only compiles.
+    """
     versions = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
-            versions[name] = metadata.version(name)
+            versions[name] = metadata.version(name).split("+")[0]
         except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
 
 
+# Names the `xcrun` to compile with, on any platform. Unset (always, for users), compiling needs
+# macOS and Xcode's own xcrun; tests set it to a fake xcrun they put on PATH, so the compile and
+# bundle stages' `.mlmodelc` branch runs on Linux too. Nobody trips it by accident: it must be named.
+XCRUN_VARIABLE = "SDBUILD_XCRUN"
+
+
+def xcrun() -> str:
+    """The xcrun program that runs `coremlcompiler`."""
+    return os.environ.get(XCRUN_VARIABLE) or "xcrun"
+
+
 def compile_unavailable() -> str | None:
     """Why `.mlmodelc` compilation cannot run here, or None when it can."""
+    if os.environ.get(XCRUN_VARIABLE):
+        if shutil.which(xcrun()) is None:
+            return f"{XCRUN_VARIABLE}={xcrun()} names no executable program"
+        return None
     if sys.platform != "darwin":
         return "needs macOS (xcrun coremlcompiler)"
     if shutil.which("xcrun") is None:
@@ -33,8 +54,12 @@ def compile_unavailable() -> str | None:
     return None
 
 
-@cache
 def xcode_version() -> str:
     """The Core ML compiler's version, keying the compile stage."""
-    done = subprocess.run(["xcrun", "coremlcompiler", "version"], capture_output=True, text=True, check=False)
+    return _compiler_version(xcrun())
+
+
+@cache
+def _compiler_version(program: str) -> str:
+    done = subprocess.run([program, "coremlcompiler", "version"], capture_output=True, text=True, check=False)
     return done.stdout.strip() or "unknown"

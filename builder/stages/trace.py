@@ -30,7 +30,7 @@ class TraceParams(BaseModel):
 
 
 def load_conversion_module(
-    rewritten: Path, only: Callable[[nn.Module], Iterable[str]] | None = None
+    rewritten: Path, only: Callable[[nn.Module], Iterable[str]] | None = None, attention: str | None = None
 ) -> tuple[nn.Module, dict]:
     """Rebuild the rewrite stage's module from its architecture and weights.
 
@@ -39,13 +39,14 @@ def load_conversion_module(
     state dict does not hold (causal masks, position ids) are still built by the constructors.
     `only`, given the storage-less module, names the parameters to load (a UNet chunk's share); the
     others stay on the meta device, so a chunk of a full-size UNet holds only its own weights.
+    `attention` builds another attention form than the rewrite's (all three have the same parameters).
     """
     from accelerate import init_empty_weights
 
     architecture = json.loads((rewritten / "architecture.json").read_text())
     k = kind(architecture["component"], architecture.get("family", "sd"))
     with init_empty_weights(include_buffers=False):
-        module = k.wrap(k.from_config(architecture["config"]), architecture["attention"])
+        module = k.wrap(k.from_config(architecture["config"]), attention or architecture["attention"])
     weights = rewritten / "weights.safetensors"
     if only is None:
         module.load_state_dict(load_file(weights), strict=True, assign=True)

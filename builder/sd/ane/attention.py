@@ -1,6 +1,7 @@
 """Multi-head attention on (B, C, 1, S) tensors, in the three forms a recipe can choose.
 
-Inputs are projected queries (B, heads*d, 1, Sq), keys and values (B, heads*d, 1, Sk); head h owns channels [h*d, (h+1)*d), as in diffusers. The output is
+Inputs are projected queries (B, heads*d, 1, Sq), keys and values (B, heads*d, 1, Sk); head h owns
+channels [h*d, (h+1)*d), as in diffusers. The output is
 (B, heads*d, 1, Sq). ORIGINAL suits the GPU. The SPLIT_EINSUM forms give each head its own small
 ops and put keys on axis 1 so softmax reduces over channels of a (B, Sk, 1, Sq) tensor, which the
 Neural Engine handles well; SPLIT_EINSUM_V2 further cuts query sequences of 512 or more into
