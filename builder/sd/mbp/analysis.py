@@ -132,14 +132,9 @@ class Probe:
         self._apply(recipe)
         return self.scores_of(self.module)
 
-    def psnr_now(self) -> float:
-        """Average PSNR over prompts with the module's weights as they are now (e.g. a package's
-        compressed weights loaded in place by the caller), against the float16 reference."""
-        return self.scores_of(self.module).latent_psnr_db
-
     def scores_of(self, module: nn.Module) -> Scores:
-        """Both metrics for `module` as it is now (the probe's own, or another model of the same UNet,
-        e.g. a quantized one), against the float16 reference."""
+        """Both metrics for `module` as it is now (the probe's own with a package's compressed weights
+        loaded in place, or another model of the same UNet, e.g. a quantized one), against float16."""
         produced, first_call = self._denoise(module)
         latent = sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=True)) / len(self.reference)
         return Scores(latent, psnr(first_call, self.first_call))
