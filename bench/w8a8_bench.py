@@ -94,6 +94,20 @@ def _timed_scores(score: Callable[[str], float], names: list[str]) -> tuple[dict
     return measured, seconds
 
 
+def _shared_sensitivity(
+    phases: Phases, unet, example, samples, probe_inputs: Path, chosen: list
+) -> tuple[dict[str, float], list[float], int]:
+    """The shared schedule: (layer -> PSNR, seconds per layer, UNet calls of the workload)."""
+    layers = unet.layers()
+    with phases.phase("ranges (shared)"):
+        prepared = Prepared(unet, sensitivity_config([layer.name for layer in layers]), example)
+        prepared.calibrate(samples)
+        schedule = SharedSchedule(prepared, layers, probe_inputs)
+    with phases.phase("sensitivity (shared)"):
+        shared, seconds = _timed_scores(lambda n: schedule.scores(n).latent_psnr_db, [x.name for x in chosen])
+    return shared, seconds, schedule.probe.evaluations
+
+
 def bench(args: argparse.Namespace, root: Path) -> dict:
     preset = get_preset(args.preset)
     phases = Phases()
@@ -112,20 +126,16 @@ def bench(args: argparse.Namespace, root: Path) -> dict:
     prompts = list(BUILT_IN_PROMPTS[: args.calibration_prompts])
 
     with phases.phase("calibration"):
-        save_samples(record_samples(module, source, preset.family, size, prompts, args.calibration_steps, 0), samples_dir)
+        save_samples(
+            record_samples(module, source, preset.family, size, prompts, args.calibration_steps, 0), samples_dir
+        )
     samples = load_samples(samples_dir)
 
     layers = unet.layers()
-    with phases.phase("ranges (shared)"):
-        prepared = Prepared(unet, sensitivity_config([layer.name for layer in layers]), example)
-        prepared.calibrate(samples)
-        schedule = SharedSchedule(prepared, layers, probe_inputs)
     chosen = _spread(layers, args.sample)
-    with phases.phase("sensitivity (shared)"):
-        shared, shared_seconds = _timed_scores(lambda n: schedule.scores(n).latent_psnr_db, [x.name for x in chosen])
-    evaluations = schedule.probe.evaluations
+    shared, shared_seconds, evaluations = _shared_sensitivity(phases, unet, example, samples, probe_inputs, chosen)
     per_layer = phases.figures["sensitivity (shared)"]["seconds"] / len(chosen)
-    del schedule, prepared, unet, module
+    del unet, module  # the quantizer prepared them in place
 
     result: dict = {
         "preset": args.preset,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.errors import RecipeError
 from builder.recipe import LoadedRecipe
 
 OWNER_FILE = ".sdbuild-owner.json"
@@ -40,12 +39,9 @@ def check_claim(dest: Path, loaded: LoadedRecipe, workspace: Path, *, overwrite:
     mine = loaded.path.relative_to(workspace).as_posix()
     if digest == loaded.digest or owner is None or owner == mine:
         return  # same content, a bundle from before owners were recorded, or this recipe edited
-    file, _, line = loaded.origin("version").rpartition(":")
-    raise RecipeError(
-        file,
+    raise loaded.error(
+        "version",
         f"{dest.relative_to(workspace)}/ holds the bundle of {owner} (recipe digest {str(digest)[:12]}), "
         f"a different recipe with the same name and version",
-        line=int(line) if line.isdigit() else None,
-        field="version",
         hint="give this recipe its own name or version, or pass --overwrite to replace that bundle",
     )

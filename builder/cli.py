@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from builder.engine import Engine, Event, Heartbeat, StageFinished, StageResult, StageStarted, WorkersReady
-from builder.errors import EnvironmentFault, RecipeError, StageFailed, UserError
+from builder.engine import Engine, Event, Graph, Heartbeat, StageFinished, StageResult, StageStarted, WorkersReady
+from builder.errors import EnvironmentFault, StageFailed, UserError
 from builder.faults import as_fault, free_bytes, size_text
 from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
 from builder.sd.settings import ANALYSED_COMPONENTS
@@ -147,10 +147,31 @@ def _located(failure: StageFailed, loaded: LoadedRecipe, graph) -> UserError:
         field = f"components.{spec.component.split('.')[0]}"
     else:
         return failure
-    file, _, line = loaded.origin(field).rpartition(":")
-    return RecipeError(
-        file, failure.message, line=int(line) if line.isdigit() else None, field=field, hint=failure.hint
-    )
+    return loaded.error(field, failure.message, failure.hint)
+
+
+def _run(
+    workspace: Workspace,
+    loaded: LoadedRecipe,
+    graph: Graph,
+    console: Console,
+    *,
+    jobs: int,
+    preflight: argparse.Namespace | None = None,
+) -> tuple[Engine, dict[str, StageResult]]:
+    """Run `graph` with a live progress display (after the safety checks when `preflight` holds the
+    command's arguments): the engine and the results by stage id. A failed stage becomes a located
+    RecipeError."""
+    if preflight is not None:
+        _preflight(workspace, loaded, graph, preflight)
+    engine = workspace.engine(loaded)
+    progress = Progress(console)
+    try:
+        with progress.live:  # a no-op when everything is cached
+            results = {r.id: r for r in engine.build(graph, jobs=jobs, on_event=progress)}
+    except StageFailed as failure:
+        raise _located(failure, loaded, graph) from None
+    return engine, results
 
 
 def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
@@ -160,16 +181,10 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
     loaded = workspace.load(args.recipe)
     graph = build_graph(loaded)
     _preflight(workspace, loaded, graph, args)
-    engine = workspace.engine(loaded)
     console.print(f"[bold]sdbuild[/] {loaded.recipe.name} {loaded.recipe.version}  cache {workspace.cache}")
-    progress = Progress(console)
-    try:
-        with progress.live:
-            results = engine.build(graph, jobs=args.jobs, on_event=progress)
-    except StageFailed as failure:
-        raise _located(failure, loaded, graph) from None
-    bundle = next(r for r in results if r.id == "bundle")
-    dest = _publish(workspace, loaded, engine.output_path(bundle))
+    engine, by_id = _run(workspace, loaded, graph, console, jobs=args.jobs)
+    results = list(by_id.values())
+    dest = _publish(workspace, loaded, engine.output_path(by_id["bundle"]))
     seconds = time.monotonic() - started
     built = sum(r.status == "built" for r in results)
     console.print(f"[bold green]done[/] in {seconds:.1f} s, {built} stage(s) built -> {dest}")
@@ -221,14 +236,7 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
     loaded = workspace.load(args.recipe)
     _refuse_controlnets(loaded, "report")
     graph = build_graph(loaded)
-    _preflight(workspace, loaded, graph, args)
-    engine = workspace.engine(loaded)
-    progress = Progress(console)
-    try:
-        with progress.live:  # a no-op when the bundle is current
-            results = {r.id: r for r in engine.build(graph, jobs=args.jobs, on_event=progress)}
-    except StageFailed as failure:
-        raise _located(failure, loaded, graph) from None
+    engine, results = _run(workspace, loaded, graph, console, jobs=args.jobs, preflight=args)
     bundle = _publish(workspace, loaded, engine.output_path(results["bundle"]))
     # The diffusers folder the bundle was made from: the source stage's output, or a local folder read in place.
     pipeline = engine.output_path(results["source"]) if "source" in results else loaded.recipe.model.local.path
@@ -254,43 +262,14 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
 
 def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
     """Mixed-bit analysis of the recipe's UNet (or refiner UNet): candidate recipes at a series of PSNR targets."""
-    from builder.engine import Graph
     from builder.engine.publish import publish_tree
-    from builder.stages.analyze import analysis_stages
-    from builder.stages.pipeline import build_graph, memory_estimate
-    from builder.stages.tools import python_tools
+    from builder.stages.pipeline import analysis_graph
 
     loaded = workspace.load(args.recipe)
     _refuse_controlnets(loaded, "analyze")
-    full = build_graph(loaded)
     component = args.component
-    if f"rewrite:{component}" not in full:
-        raise UserError(
-            f"{loaded.path.name} does not convert {component}",
-            hint=f"add components.{component} to the recipe, or analyse another component",
-        )
-    rewrite = full[f"rewrite:{component}"]
-    needed = [*(full[stage_id] for stage_id in rewrite.inputs.values()), rewrite]
-    model = rewrite.inputs.get("model") or rewrite.external_inputs["model"]  # the component's pipeline folder
-    stages = analysis_stages(
-        rewritten=rewrite.id,
-        model=model,
-        description=f"{loaded.recipe.name} {component}, {loaded.recipe.attention.value}",
-        tools=python_tools(),
-        memory_estimate_bytes=memory_estimate(loaded, component),
-        family=loaded.recipe.family.value,
-        component=component,
-        chunks=args.chunks,
-    )
-    graph = Graph([*needed, *stages])
-    _preflight(workspace, loaded, graph, args)
-    engine = workspace.engine(loaded)
-    progress = Progress(console)
-    try:
-        with progress.live:
-            results = {r.id: r for r in engine.build(graph, jobs=args.jobs, on_event=progress)}
-    except StageFailed as failure:
-        raise _located(failure, loaded, graph) from None
+    graph = analysis_graph(loaded, component, args.chunks)
+    engine, results = _run(workspace, loaded, graph, console, jobs=args.jobs, preflight=args)
     analysis = engine.output_path(results[f"analyze:{component}"])
     dest = workspace.artifacts / loaded.recipe.name / ("mbp" if component == "unet" else f"mbp-{component}")
     publish_tree(analysis, dest)
@@ -317,18 +296,11 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
 
 def _build_unet_rewrite(workspace: Workspace, loaded: LoadedRecipe, console: Console, jobs: int) -> Path:
     """The recipe's rewritten UNet (and its source), built or taken from the cache."""
-    from builder.engine import Graph
     from builder.stages.pipeline import build_graph
 
     full = build_graph(loaded)
     graph = Graph([full[stage_id] for stage_id in ("source", "rewrite:unet") if stage_id in full])
-    engine = workspace.engine(loaded)
-    progress = Progress(console)
-    try:
-        with progress.live:
-            results = {r.id: r for r in engine.build(graph, jobs=jobs, on_event=progress)}
-    except StageFailed as failure:
-        raise _located(failure, loaded, graph) from None
+    engine, results = _run(workspace, loaded, graph, console, jobs=jobs)
     return engine.output_path(results["rewrite:unet"])
 
 
@@ -410,10 +382,7 @@ def cmd_fetch(args: argparse.Namespace, workspace: Workspace, console: Console) 
         try:
             fetched.append(fetch(item, announce))
         except UserError as error:
-            file, _, line = loaded.origin(item.field).rpartition(":")
-            raise RecipeError(
-                file, error.message, line=int(line) if line.isdigit() else None, field=item.field, hint=error.hint
-            ) from None
+            raise loaded.error(item.field, error.message, error.hint) from None
     size = sum(f.size_bytes for f in fetched)
     downloaded = sum(f.downloaded_bytes for f in fetched)
     if not inputs:

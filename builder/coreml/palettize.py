@@ -19,13 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt
+from pydantic import BaseModel
 
 from builder.coreml import bits
 from builder.coreml import lut as lut_math
+from builder.coreml.options import PalettizeOptions
 from builder.coreml.package import WEIGHTS_DIR, normalize_mlpackage, package_size
 from builder.coreml.program import (
     SPEC_PATH,
@@ -41,26 +41,8 @@ from builder.coreml.program import (
 )
 from builder.coreml.weights import PALETTIZED_SUFFIX
 
-Nbits = Literal[1, 2, 3, 4, 6, 8]
-
 _IOS16_SPEC_VERSION = 7  # first version with constexpr ops
 _IOS18_SPEC_VERSION = 9  # constexpr_lut_to_dense takes per-group LUTs and unpacked uintN indices
-
-
-class PalettizeOptions(BaseModel):
-    """What to palettize and with how many bits."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    nbits: Nbits = 6
-    granularity: Literal["per_tensor", "per_grouped_channel"] = "per_tensor"
-    # Output channels sharing one LUT with per_grouped_channel (iOS18/macOS15 targets only).
-    group_size: PositiveInt = 32
-    # Weights with more elements than this are palettized (coremltools' rule, strictly greater):
-    # below it a LUT costs more than it saves.
-    weight_threshold: NonNegativeInt = 2048
-    # Per-weight bits by const op name, for mixed-bit recipes; None keeps that weight as stored.
-    nbits_by_op: dict[str, Nbits | None] = {}
 
 
 class WeightReport(BaseModel):

@@ -22,7 +22,9 @@ class StageSpec(BaseModel):
     id: str = Field(min_length=1)
     stage: str = Field(min_length=1)
     component: str | None = None
-    version: str
+    # The code the function runs is keyed by its digest (engine.code); this salt only forces a rebuild of
+    # entries whose code and inputs did not change (say, after a library was found nondeterministic).
+    version: str = ""
     function: str = Field(pattern=r"^[\w.]+:\w+$")
     params: dict[str, Any] = {}
     param_origins: dict[str, str] = {}

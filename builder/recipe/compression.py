@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Le
 from pydantic import Field, StrictBool
 
+from builder.coreml.options import Nbits
+
 from .base import RecipeModel
 from .calibration import Calibration, Workload
 from .paths import MixedBitRecipePath
@@ -30,7 +32,7 @@ class Palettize(RecipeModel):
     """k-means palettization: each weight becomes an n-bit index into a lookup table."""
 
     mode: Literal["palettize"] = Field(description="Palettize weights with k-means.")
-    nbits: Annotated[Literal[1, 2, 3, 4, 6, 8], WholeNumber] = Field(
+    nbits: Annotated[Nbits, WholeNumber] = Field(
         description="Bits per weight index (1, 2, 3, 4, 6 or 8); 6 keeps SD quality at ~38% of the float16 size."
     )
     granularity: Literal["per_tensor", "per_grouped_channel"] = Field(

@@ -40,6 +40,11 @@ class LoadedRecipe:
         where its nearest written parent was when the value is a default."""
         return str(self.document.origin(parse_dotted(field_path)))
 
+    def error(self, field_path: str, message: str, hint: str | None = None) -> RecipeError:
+        """A RecipeError located where the dotted field (or its nearest written parent) was written."""
+        written = self.document.origin(parse_dotted(field_path))
+        return RecipeError(written.file, message, line=written.line, field=field_path, hint=hint)
+
 
 def load_recipe(path: Path, workspace: Path | None = None) -> LoadedRecipe:
     """Load and validate `path`; every local path it names must stay inside `workspace` (default:

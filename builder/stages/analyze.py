@@ -16,8 +16,8 @@ from builder.engine.spec import StageSpec
 from builder.sd.mbp.analysis import DEFAULT_TARGETS_DB, NBITS, ProbeSettings
 from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD
 
-VERSION = "1"
 _SENSITIVITY_FILE = "sensitivity.json"
+DEFAULT_PROBE = ProbeSettings()
 
 
 class LayerParams(BaseModel):
@@ -48,11 +48,10 @@ def probe_stage(
     *,
     rewritten: str,
     model: str | Path,
-    tools: dict[str, str],
     memory_estimate_bytes: int,
     family: str,
     component: str = "unet",
-    probe: ProbeSettings = ProbeSettings(),
+    probe: ProbeSettings = DEFAULT_PROBE,
 ) -> StageSpec:
     """The fixed workload (latents, prompt conditioning, scheduler) compressions are scored on."""
     params = ProbeInputsParams(**probe.model_dump(), family=family)
@@ -60,12 +59,10 @@ def probe_stage(
         id=f"analyze-inputs:{component}",
         stage="analyze-inputs",
         component=component,
-        version=VERSION,
         function="builder.stages.analyze:run_inputs",
         params=params.model_dump(mode="json"),
         inputs=({"model": model} if isinstance(model, str) else {}) | {"rewritten": rewritten},
         external_inputs={"model": model} if isinstance(model, Path) else {},
-        tools=tools,
         memory_estimate_bytes=memory_estimate_bytes,
     )
 
@@ -75,12 +72,11 @@ def analysis_stages(
     rewritten: str,
     model: str | Path,
     description: str,
-    tools: dict[str, str],
     memory_estimate_bytes: int,
     family: str,
     component: str = "unet",
     chunks: int = 16,
-    probe: ProbeSettings = ProbeSettings(),
+    probe: ProbeSettings = DEFAULT_PROBE,
     nbits: tuple[int, ...] = NBITS,
     targets_db: tuple[float, ...] = DEFAULT_TARGETS_DB,
 ) -> list[StageSpec]:
@@ -89,14 +85,11 @@ def analysis_stages(
     The last stage, `analyze:<component>`, holds `analysis.json` and `recipes/*.yaml`."""
     common = {
         "component": component,
-        "version": VERSION,
-        "tools": tools,
         "memory_estimate_bytes": memory_estimate_bytes,
     }
     prepare = probe_stage(
         rewritten=rewritten,
         model=model,
-        tools=tools,
         memory_estimate_bytes=memory_estimate_bytes,
         family=family,
         component=component,

@@ -13,8 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from builder.coreml.package import WEIGHTS_DIR, describe_mlpackage, package_size
 from builder.errors import UserError
 from builder.sd.contract import (
@@ -27,30 +25,8 @@ from builder.sd.contract import (
     resource_name,
 )
 from builder.sd.manifest import ChunkEntry, FileEntry, Manifest, ModelEntry
+from builder.stages.params import BundleParams
 from builder.stages.provenance import with_digests
-
-
-class BundleParams(BaseModel):
-    name: str
-    version: str
-    recipe_digest: str
-    family: str
-    latent_size: tuple[int, int]
-    unet_batch_size: int
-    attention: str
-    compute_unit: str
-    deployment_target: str
-    components: dict[str, dict]  # component -> its compression settings
-    chunked: list[str] = []  # components shipped as two chunks
-    precision: dict[str, str] = {}  # component -> Core ML compute precision
-    tools: dict[str, str]
-    sdbuild_version: str
-    # provenance (builder/build_info.py, builder/stages/provenance.py)
-    recipe: dict
-    sdbuild: dict
-    sources: dict
-    environment: dict
-    date: str | None
 
 
 def _sha256(path: Path) -> str:

@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from builder.errors import UserError
 from builder.sd.chunk import Chunks, split_unet
 from builder.sd.psnr import psnr
+from builder.stages.params import ChunkParams
 from builder.stages.torchscript import save_graph
 from builder.stages.trace import load_conversion_module, trace_capturing_outputs
 
@@ -32,12 +32,6 @@ EXAMPLES = "examples.safetensors"
 INTERFACE = "interface.json"
 
 Part = Literal["first", "second", "whole"]
-
-
-class ChunkParams(BaseModel):
-    component: str
-    chunk: int = Field(ge=1, le=2)
-    minimum_psnr_db: float = 35.0
 
 
 def _parameter_names(chunk: nn.Module) -> list[str]:

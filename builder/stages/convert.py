@@ -10,19 +10,12 @@ from pathlib import Path
 
 import coremltools as ct
 import numpy as np
-from pydantic import BaseModel
 
 from builder.coreml.package import normalize_mlpackage, package_size, write_spec
 from builder.coreml.speedups import faster_conversion
 from builder.errors import UserError
+from builder.stages.params import ConvertParams
 from builder.stages.torchscript import load_graph
-
-
-class ConvertParams(BaseModel):
-    component: str
-    chunk: int | None = None  # a UNet chunk (the traced input says its interface); None: the whole component
-    deployment_target: str
-    precision: str = "float16"
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.coreml.palettize import PalettizeOptions, palettize_package
+from builder.stages.params import MixedPalettizeParams
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
@@ -18,9 +19,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         from builder.sd.mbp.layers import conversion_layers
         from builder.sd.mbp.recipe_file import to_palettize_options
 
-        threshold = params["weight_threshold"]
-        layers = conversion_layers(inputs["rewritten"], threshold)
-        options = to_palettize_options(inputs["mbp_recipe"], layers, package, threshold, chunk="chunk" in params)
+        mixed = MixedPalettizeParams.model_validate(params)
+        layers = conversion_layers(inputs["rewritten"], mixed.weight_threshold)
+        options = to_palettize_options(
+            inputs["mbp_recipe"], layers, package, mixed.weight_threshold, chunk=mixed.chunk is not None
+        )
     else:
         options = PalettizeOptions.model_validate(params)
     report = palettize_package(package, out / "model.mlpackage", options)

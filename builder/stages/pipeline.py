@@ -1,261 +1,62 @@
 """The stage graph of a recipe: which stages run for which component, on what, with which params.
 
 This is the one place that knows the order source -> rewrite -> trace -> convert -> [palettize or
-quantize] -> [verify] -> compile -> bundle. Params hold only what a stage's output depends on, each with the recipe field it
-came from, so the engine can say exactly which edit made a stage stale. A chunked UNet replaces
-trace with one `chunk` stage per chunk and runs every later stage per chunk (`<stage>:unet.chunk<k>`).
+quantize] -> [verify] -> compile -> bundle. Params (typed in `params.py`) hold only what a stage's
+output depends on, each with the recipe field it came from, so the engine can say exactly which edit
+made a stage stale. A chunked UNet replaces trace with one `chunk` stage per chunk and runs every later
+stage per chunk (`<stage>:unet.chunk<k>`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from pydantic import BaseModel
 
 from builder import __version__
 from builder.build_info import build_date, environment, recipe_record, sdbuild_info
-from builder.engine.spec import Graph, StageSpec
-from builder.errors import RecipeError
+from builder.engine.spec import GIB, Graph, StageSpec
+from builder.errors import UserError
 from builder.recipe import Component, LoadedRecipe
+from builder.recipe.compression import Compression
 from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
-from builder.sd.presets import PRESETS
-from builder.sd.settings import ANALYSED_COMPONENTS, CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
-from builder.stages.preflight import check_sources, size_extra_bytes
+from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
+from builder.stages.params import (
+    BundleParams,
+    ChunkParams,
+    CompileParams,
+    ConvertParams,
+    HubControlNet,
+    HubSource,
+    MixedPalettizeParams,
+    PalettizeOptions,
+    QuantizeParams,
+    RewriteParams,
+    SingleFileSource,
+    StageParams,
+    SyntheticControlNet,
+    SyntheticSource,
+    TraceParams,
+    VerifyParams,
+)
+from builder.stages.preflight import check_sources, memory_estimate
 from builder.stages.provenance import sources_provenance
-from builder.stages.tools import compile_unavailable, python_tools, xcode_version
+from builder.stages.supported import check_supported, vae_precision
+from builder.stages.tools import compile_unavailable, recorded_tools, xcode_version
 
-GIB = 1024**3
-STAGE_VERSIONS = {
-    "source": "3",
-    "rewrite": "2",
-    "trace": "3",
-    "convert": "2",
-    "palettize": "2",
-    "quantize": "1",
-    "verify": "2",
-    "compile": "2",
-    "bundle": "9",
-    "chunk": "3",
-    "provenance": "1",
-}
-MINIMUM_PSNR_DB = 35.0
 # Stages whose work one core does (writing seeded weights or downloading, coremltools' conversion,
 # the Core ML compiler, copying files): given one thread, so they run beside the stages that use many.
 SINGLE_THREADED = frozenset({"source", "convert", "compile", "bundle"})
 
 
-def _field_error(loaded: LoadedRecipe, field: str, message: str, hint: str) -> RecipeError:
-    file, _, line = loaded.origin(field).rpartition(":")
-    return RecipeError(file, message, line=int(line) if line.isdigit() else None, field=field, hint=hint)
+class _Source(NamedTuple):
+    """Where a component's weights come from: upstream stage outputs, or folders read in place."""
 
-
-def _check_supported(loaded: LoadedRecipe) -> None:
-    """Refuse, with the field to change, what the recipe schema allows but this version cannot build."""
-    recipe = loaded.recipe
-    if recipe.model.synthetic is not None and recipe.model.synthetic.preset not in PRESETS:
-        raise _field_error(
-            loaded,
-            "model.synthetic.preset",
-            f"unknown synthetic preset '{recipe.model.synthetic.preset}'",
-            f"use one of: {', '.join(sorted(PRESETS))}",
-        )
-    refiner = recipe.model.refiner
-    if refiner is not None and refiner.synthetic is not None and refiner.synthetic.preset not in PRESETS:
-        raise _field_error(
-            loaded,
-            "model.refiner.synthetic.preset",
-            f"unknown synthetic preset '{refiner.synthetic.preset}'",
-            f"use one of: {', '.join(sorted(PRESETS))}",
-        )
-    for component in recipe.components.enabled():
-        if component.value not in COMPONENT_SETTINGS:
-            raise _field_error(
-                loaded,
-                f"components.{component.value}",
-                f"component {component.value} cannot be converted yet",
-                f"remove it; supported: {', '.join(COMPONENT_SETTINGS)}",
-            )
-    for component, settings in recipe.components.enabled().items():
-        if settings.compression.mode == "mixed" and component.value not in ANALYSED_COMPONENTS:
-            raise _field_error(
-                loaded,
-                f"components.{component.value}.compression.mode",
-                "mixed-bit palettization is analysed for the UNets only (unet, unet_refiner)",
-                "use mode: palettize with one nbits for this component",
-            )
-    for component, settings in recipe.components.enabled().items():
-        if settings.compression.mode == "w8a8":
-            _check_w8a8(loaded, component.value)
-    for component in ("vae_decoder", "vae_encoder"):
-        settings = getattr(recipe.components, component)
-        if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
-            raise _field_error(
-                loaded,
-                f"components.{component}.compression.mode",
-                "the SDXL VAE overflows in float16, so it is converted in float32 and cannot be compressed",
-                "use mode: float16 (the VAE then stays float32), or set model.vae to a float16-safe VAE "
-                "such as madebyollin/sdxl-vae-fp16-fix",
-            )
-    if recipe.components.safety_checker is not None:
-        _check_has_safety_checker(loaded)
-    if recipe.model.controlnets:
-        _check_controlnets(loaded)
-        if recipe.components.unet.compression.mode == "mixed":
-            raise _field_error(
-                loaded,
-                "components.unet.compression.mode",
-                "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
-                "use mode: palettize with one nbits, or remove model.controlnets",
-            )
-
-
-def _check_w8a8(loaded: LoadedRecipe, component: str) -> None:
-    """W8A8 quantizes a whole plain UNet in torch (builder/sd/w8a8)."""
-    field = f"components.{component}.compression.mode"
-    if component not in ANALYSED_COMPONENTS:
-        raise _field_error(
-            loaded,
-            field,
-            "w8a8 is calibrated and analysed for the UNets only (unet, unet_refiner)",
-            "use mode: quantize",
-        )
-    if loaded.recipe.chunk_unet:
-        raise _field_error(
-            loaded,
-            field,
-            "a w8a8 UNet is quantized and converted whole; chunk_unet cuts the float module",
-            "set chunk_unet: false, or use mode: quantize or palettize for a chunked UNet",
-        )
-    if loaded.recipe.model.controlnets:
-        raise _field_error(
-            loaded,
-            field,
-            "w8a8 is analysed on the plain UNet, not the ControlledUnet built with ControlNets",
-            "use mode: quantize or palettize, or remove model.controlnets",
-        )
-
-
-def vae_precision(loaded: LoadedRecipe) -> str:
-    """SDXL's own VAE overflows in float16 and is converted in float32; a replacement VAE
-    (model.vae, e.g. a float16-safe one) and SD's VAE are converted in float16."""
-    recipe = loaded.recipe
-    return "float32" if recipe.family.value == "sdxl" and recipe.model.vae is None else "float16"
-
-
-def _source_stage(
-    loaded: LoadedRecipe, stage_id: str, field: str, source, tools: dict, *, pipeline: str, hub_kind: str = "hub"
-) -> tuple[list[StageSpec], dict[str, str], dict[str, Path]]:
-    """The stage that materialises one source (`field` names it in the recipe), as (stages, inputs,
-    external inputs) for the stages reading it. A local folder is read in place; `pipeline` is the
-    single-file checkpoint's pipeline (sd, sdxl, sdxl-refiner); `hub_kind` what a hub download fetches."""
-    if source.local is not None and source.local.path.is_dir():
-        return [], {}, {"model": source.local.path}
-    checkpoint: dict[str, Path] = {}
-    if getattr(source, "synthetic", None) is not None:
-        params = {"kind": "synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
-        origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
-    elif source.local is not None:
-        params = {"kind": "single_file", "family": pipeline}
-        origins = {"family": f"{field}.local.path"}
-        checkpoint = {"checkpoint": source.local.path}
-    else:
-        params = {"kind": hub_kind, "id": source.hub.id, "revision": source.hub.revision}
-        origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
-    stage = StageSpec(
-        id=stage_id,
-        stage="source",
-        version=STAGE_VERSIONS["source"],
-        function="builder.stages.source:run",
-        params=params,
-        param_origins=origins,
-        external_inputs=checkpoint,
-        tools=tools,
-        memory_estimate_bytes=memory_estimate(loaded, None),
-        parallel=False,
-    )
-    return [stage], {"model": stage_id}, {}
-
-
-def _check_controlnets(loaded: LoadedRecipe) -> None:
-    """Known synthetic presets, and names that stay apart in Resources/controlnet/."""
-    from builder.sd.presets import CONTROLNET_PRESETS
-
-    seen: dict[str, int] = {}
-    for index, source in enumerate(loaded.recipe.model.controlnets):
-        field = f"model.controlnets.{index}"
-        if source.synthetic is not None and source.synthetic.preset not in CONTROLNET_PRESETS:
-            raise _field_error(
-                loaded,
-                f"{field}.synthetic.preset",
-                f"unknown synthetic ControlNet preset '{source.synthetic.preset}'",
-                f"use one of: {', '.join(sorted(CONTROLNET_PRESETS))}",
-            )
-        name = controlnet_name(source)
-        if name in seen:
-            raise _field_error(
-                loaded,
-                field,
-                f"ControlNets {seen[name]} and {index} would both be controlnet/{name}",
-                "list each ControlNet once (a local folder is named after its folder: rename one)",
-            )
-        seen[name] = index
-
-
-def _check_has_safety_checker(loaded: LoadedRecipe) -> None:
-    """A safety checker must exist in the source; hub pipelines are checked when downloaded."""
-    source = loaded.recipe.model
-    if source.synthetic is not None and PRESETS[source.synthetic.preset].safety_checker is None:
-        missing = f"synthetic preset '{source.synthetic.preset}' has no safety checker"
-    elif (
-        source.local is not None and source.local.path.is_dir() and not (source.local.path / "safety_checker").is_dir()
-    ):
-        missing = f"{source.local.path} has no safety_checker/ folder"
-    elif source.local is not None and source.local.path.is_file():
-        missing = f"the single-file checkpoint {source.local.path.name} has no safety checker"
-    else:
-        return
-    with_checker = sorted(name for name, preset in PRESETS.items() if preset.safety_checker is not None)
-    raise _field_error(
-        loaded,
-        "components.safety_checker",
-        missing,
-        f"remove safety_checker from components (SD 2.x pipelines ship without one); presets with one: {', '.join(with_checker)}",
-    )
-
-
-def _check_mixed_recipe(path: Path) -> None:
-    """Validate a mixed-bit recipe file before anything runs (its errors name its own lines)."""
-    from builder.sd.mbp.recipe_file import load_recipe_file
-
-    load_recipe_file(path)
-
-
-# Largest stage peak per component at full size, rounded up: SD 2.1 base, bench/convert_bench.py
-# (UNet 5.6 GiB converting, when float32 and float16 weights coexist; text encoder 2.5 GiB; VAE
-# decoder 1.8 GiB; the synthetic source 5.6 GiB). Peaks grow with the weights: SDXL's UNet has 3x.
-_FULL_SIZE_PEAK_GIB = {
-    None: 6,
-    "unet": 6,
-    "unet_refiner": 6,
-    "text_encoder": 3,
-    "text_encoder_2": 3,
-    "vae_decoder": 2,
-    "vae_encoder": 2,
-}
-_SDXL_UNET_SCALE = 3
-
-
-def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
-    """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot;
-    sizes above the family's native one add what their attention scores take."""
-    extra = size_extra_bytes(loaded, component)
-    if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
-        return 1 * GIB + extra
-    estimate = _FULL_SIZE_PEAK_GIB.get(component, 4)
-    if component in ("unet", "unet_refiner") and loaded.recipe.family.value == "sdxl":
-        estimate *= _SDXL_UNET_SCALE
-    return estimate * GIB + extra
+    inputs: dict[str, str]
+    external: dict[str, Path]
 
 
 class _Job(NamedTuple):
@@ -266,272 +67,374 @@ class _Job(NamedTuple):
     recipe_component: str
     kind: str
     settings: ComponentSettings
-    model_inputs: dict[str, str]  # upstream stage outputs
-    model_external: dict[str, Path]  # folders read in place
+    source: _Source
 
 
-def _controlnet_jobs(loaded: LoadedRecipe, stages: list[StageSpec], tools: dict[str, str]) -> list[_Job]:
-    """A source stage per ControlNet (appended to `stages`) and its conversion job for build_graph."""
-    settings = loaded.recipe.components.controlnet or ComponentSettings()
-    jobs = []
-    for index, source in enumerate(loaded.recipe.model.controlnets):
-        label = f"controlnet.{controlnet_name(source)}"
-        field = f"model.controlnets.{index}"
-        if source.local is not None:
-            jobs.append(_Job(label, "controlnet", "controlnet", settings, {}, {"model": source.local.path}))
-            continue
-        if source.synthetic is not None:
-            params = {"kind": "controlnet_synthetic", "preset": source.synthetic.preset, "seed": source.synthetic.seed}
-            origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
-        else:
-            params = {"kind": "controlnet_hub", "id": source.hub.id, "revision": source.hub.revision}
-            origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
-        stages.append(
-            StageSpec(
-                id=f"source:{label}",
-                stage="source",
-                component=label,
-                version=STAGE_VERSIONS["source"],
-                function="builder.stages.source:run",
-                params=params,
-                param_origins=origins,
-                tools=tools,
-                memory_estimate_bytes=memory_estimate(loaded, "controlnet"),
-                parallel=False,
-            )
-        )
-        jobs.append(_Job(label, "controlnet", "controlnet", settings, {"model": f"source:{label}"}, {}))
-    return jobs
+class _Chain(NamedTuple):
+    """What one chunk's (or the whole component's) stages produced, for the next chunk and the bundle."""
+
+    trace: str
+    final: str  # the model shipped: converted, compressed
+    verify: str | None
 
 
 def build_graph(loaded: LoadedRecipe) -> Graph:
     """The stage graph for `loaded`, or a RecipeError naming the field this version cannot build."""
-    _check_supported(loaded)
+    check_supported(loaded)
     check_sources(loaded)
-    recipe = loaded.recipe
-    tools = python_tools()
-    stages: list[StageSpec] = []
+    graph = _GraphBuilder(loaded)
+    pipeline = graph.source("source", "model", loaded.recipe.model, pipeline=loaded.recipe.family.value)
+    for job in graph.jobs(pipeline):
+        graph.component(job)
+    graph.bundle(pipeline)
+    return Graph(graph.stages)
 
-    source_stages, model_inputs, model_external = _source_stage(
-        loaded, "source", "model", recipe.model, tools, pipeline=recipe.family.value
+
+def analysis_graph(loaded: LoadedRecipe, component: str, chunks: int) -> Graph:
+    """The stages `sdbuild analyze` runs: the component's rewrite (and what it reads), then the
+    mixed-bit analysis in `chunks` cached layer groups, ending in `analyze:<component>`."""
+    from builder.stages.analyze import analysis_stages  # imports torch
+
+    full = build_graph(loaded)
+    if f"rewrite:{component}" not in full:
+        raise UserError(
+            f"{loaded.path.name} does not convert {component}",
+            hint=f"add components.{component} to the recipe, or analyse another component",
+        )
+    rewrite = full[f"rewrite:{component}"]
+    needed = [*(full[stage_id] for stage_id in rewrite.inputs.values()), rewrite]
+    stages = analysis_stages(
+        rewritten=rewrite.id,
+        model=rewrite.inputs.get("model") or rewrite.external_inputs["model"],  # the component's pipeline folder
+        description=f"{loaded.recipe.name} {component}, {loaded.recipe.attention.value}",
+        memory_estimate_bytes=memory_estimate(loaded, component),
+        family=loaded.recipe.family.value,
+        component=component,
+        chunks=chunks,
     )
-    stages += source_stages
-    # Per component: the source it converts from (the refiner's UNet and a replacement VAE have their own).
-    sources = {c.value: (model_inputs, model_external) for c in recipe.components.enabled()}
-    if recipe.model.refiner is not None:
-        refiner_stages, *refiner = _source_stage(
-            loaded, "source-refiner", "model.refiner", recipe.model.refiner, tools, pipeline="sdxl-refiner"
-        )
-        stages += refiner_stages
-        sources["unet_refiner"] = tuple(refiner)
-    if recipe.model.vae is not None:
-        vae_stages, *vae = _source_stage(
-            loaded, "source-vae", "model.vae", recipe.model.vae, tools, pipeline="vae", hub_kind="vae_hub"
-        )
-        stages += vae_stages
-        sources |= {c: tuple(vae) for c in ("vae_decoder", "vae_encoder") if c in sources}
+    return Graph([*needed, *stages])
 
-    pipeline_inputs, pipeline_external = model_inputs, model_external
-    settings = {
-        "family": (recipe.family.value, "family"),
-        "attention": (recipe.attention.value, "attention"),
-        "latent_size": (list(recipe.latent_size), "latent_size" if recipe.written_latent_size else "image_size"),
-        "batch_size": (recipe.unet_batch_size, "unet_batch_size"),
-    }
-    unavailable = compile_unavailable()
-    compile_tools = tools if unavailable else tools | {"xcode": xcode_version()}
-    bundle_inputs: dict[str, str] = {}
-    components: dict[str, dict] = {}
-    chunked_components: list[str] = []
-    precisions: dict[str, str] = {}
-    controlled = bool(recipe.model.controlnets)  # then the UNet takes the ControlNets' residuals
-    jobs = [
-        _Job(
-            c.value, c.value, "controlled_unet" if controlled and c is Component.UNET else c.value, s, *sources[c.value]
-        )
-        for c, s in recipe.components.enabled().items()
-        if c is not Component.CONTROLNET
-    ]
-    if controlled:
-        jobs += _controlnet_jobs(loaded, stages, tools)
-    for c, recipe_component, conversion_kind, component_settings, component_inputs, component_external in jobs:
-        precision = vae_precision(loaded) if c in ("vae_decoder", "vae_encoder") else "float16"
-        memory = memory_estimate(loaded, recipe_component)
-        depends_on = COMPONENT_SETTINGS[recipe_component]
-        rewrite_params = {"component": conversion_kind} | {name: settings[name][0] for name in depends_on}
-        rewrite_origins = {name: settings[name][1] for name in depends_on}
 
-        def add(
-            stage: str, inputs: dict[str, str], params: dict, origins: dict | None = None, part: str = "", **extra
-        ) -> str:
-            stage_id = f"{stage}:{c}{part}"
-            stages.append(
-                StageSpec(
-                    id=stage_id,
-                    stage=stage,
-                    component=f"{c}{part}",
-                    version=STAGE_VERSIONS[stage],
-                    function=f"builder.stages.{stage}:run",
-                    params=params,
-                    param_origins=origins or {},
-                    inputs=inputs,
-                    tools=extra.pop("tools", tools),
-                    memory_estimate_bytes=memory,
-                    parallel=stage not in SINGLE_THREADED,
-                    **extra,
-                )
+class _GraphBuilder:
+    """Collects the stages of one recipe, and what the bundle stage needs to know about them."""
+
+    def __init__(self, loaded: LoadedRecipe):
+        self.loaded = loaded
+        self.recipe = loaded.recipe
+        self.stages: list[StageSpec] = []
+        self.bundle_inputs: dict[str, str] = {}
+        self.components: dict[str, dict[str, Any]] = {}  # component -> compression, as the manifest records it
+        self.chunked: list[str] = []
+        self.precisions: dict[str, str] = {}
+        self.unavailable = compile_unavailable()
+        self.compile_tools = {} if self.unavailable else {"xcode": xcode_version()}
+
+    def add(
+        self,
+        stage: str,
+        label: str,
+        params: BaseModel,
+        origins: dict[str, str],
+        inputs: dict[str, str],
+        *,
+        memory: int,
+        external: dict[str, Path] | None = None,
+        **extra: Any,
+    ) -> str:
+        """Append one stage (`<stage>:<label>`) and return its id."""
+        stage_id = f"{stage}:{label}"
+        self.stages.append(
+            StageSpec(
+                id=stage_id,
+                stage=stage,
+                component=label,
+                function=f"builder.stages.{stage}:run",
+                params=params.model_dump(mode="json", exclude_unset=True),
+                param_origins=origins,
+                inputs=inputs,
+                external_inputs=external or {},
+                memory_estimate_bytes=memory,
+                parallel=stage not in SINGLE_THREADED,
+                **extra,
             )
-            return stage_id
+        )
+        return stage_id
 
-        rewrite = add("rewrite", component_inputs, rewrite_params, rewrite_origins, external_inputs=component_external)
-        precisions[c] = precision
-        compression = component_settings.compression
+    def source(self, stage_id: str, field: str, source: Any, *, pipeline: str, hub_kind: str = "hub") -> _Source:
+        """The stage that materialises one source (`field` names it in the recipe). A local folder is
+        read in place; `pipeline` is a single-file checkpoint's pipeline (sd, sdxl, sdxl-refiner);
+        `hub_kind` what a hub download fetches."""
+        if source.local is not None and source.local.path.is_dir():
+            return _Source({}, {"model": source.local.path})
+        checkpoint: dict[str, Path] = {}
+        params: StageParams
+        if getattr(source, "synthetic", None) is not None:
+            params = SyntheticSource(kind="synthetic", preset=source.synthetic.preset, seed=source.synthetic.seed)
+            origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
+        elif source.local is not None:
+            params = SingleFileSource(kind="single_file", family=pipeline)
+            origins = {"family": f"{field}.local.path"}
+            checkpoint = {"checkpoint": source.local.path}
+        else:
+            params = HubSource(kind=hub_kind, id=source.hub.id, revision=source.hub.revision)
+            origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
+        self.stages.append(
+            StageSpec(
+                id=stage_id,
+                stage="source",
+                function="builder.stages.source:run",
+                params=params.model_dump(mode="json", exclude_unset=True),
+                param_origins=origins,
+                external_inputs=checkpoint,
+                memory_estimate_bytes=memory_estimate(self.loaded, None),
+                parallel=False,
+            )
+        )
+        return _Source({"model": stage_id}, {})
+
+    def jobs(self, pipeline: _Source) -> list[_Job]:
+        """Every model to convert, with its source: the refiner's UNet and a replacement VAE have their own."""
+        model = self.recipe.model
+        sources = {c.value: pipeline for c in self.recipe.components.enabled()}
+        if model.refiner is not None:
+            sources["unet_refiner"] = self.source(
+                "source-refiner", "model.refiner", model.refiner, pipeline="sdxl-refiner"
+            )
+        if model.vae is not None:
+            vae = self.source("source-vae", "model.vae", model.vae, pipeline="vae", hub_kind="vae_hub")
+            sources |= {c: vae for c in ("vae_decoder", "vae_encoder") if c in sources}
+        controlled = bool(model.controlnets)  # then the UNet takes the ControlNets' residuals
+        jobs = [
+            _Job(
+                c.value,
+                c.value,
+                "controlled_unet" if controlled and c is Component.UNET else c.value,
+                s,
+                sources[c.value],
+            )
+            for c, s in self.recipe.components.enabled().items()
+            if c is not Component.CONTROLNET
+        ]
+        return jobs + (self._controlnet_jobs() if controlled else [])
+
+    def _controlnet_jobs(self) -> list[_Job]:
+        """A source stage per ControlNet that is not a local folder, and its conversion job."""
+        settings = self.recipe.components.controlnet or ComponentSettings()
+        jobs = []
+        for index, source in enumerate(self.recipe.model.controlnets):
+            label = f"controlnet.{controlnet_name(source)}"
+            field = f"model.controlnets.{index}"
+            if source.local is not None:
+                jobs.append(
+                    _Job(label, "controlnet", "controlnet", settings, _Source({}, {"model": source.local.path}))
+                )
+                continue
+            params: StageParams
+            if source.synthetic is not None:
+                params = SyntheticControlNet(
+                    kind="controlnet_synthetic", preset=source.synthetic.preset, seed=source.synthetic.seed
+                )
+                origins = {"preset": f"{field}.synthetic.preset", "seed": f"{field}.synthetic.seed"}
+            else:
+                params = HubControlNet(kind="controlnet_hub", id=source.hub.id, revision=source.hub.revision)
+                origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
+            memory = memory_estimate(self.loaded, "controlnet")
+            stage_id = self.add("source", label, params, origins, {}, memory=memory)
+            jobs.append(_Job(label, "controlnet", "controlnet", settings, _Source({"model": stage_id}, {})))
+        return jobs
+
+    def component(self, job: _Job) -> None:
+        """Rewrite once, then trace (or chunk), convert, compress, verify and compile per chunk."""
+        c = job.label
+        memory = memory_estimate(self.loaded, job.recipe_component)
+        settings = self._settings()
+        depends_on = COMPONENT_SETTINGS[job.recipe_component]
+        rewrite_params = RewriteParams(component=job.kind, **{name: settings[name][0] for name in depends_on})
+        origins = {name: settings[name][1] for name in depends_on}
+        rewrite = self.add(
+            "rewrite", c, rewrite_params, origins, job.source.inputs, memory=memory, external=job.source.external
+        )
+        self.precisions[c] = vae_precision(self.loaded) if c in ("vae_decoder", "vae_encoder") else "float16"
+        compression = job.settings.compression
         if compression.mode == "mixed":
-            _check_mixed_recipe(compression.recipe)
             from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes
 
-            stages.append(
+            model = job.source.inputs.get("model") or job.source.external["model"]
+            self.stages.append(
                 probe_stage(
                     rewritten=rewrite,
-                    model=component_inputs.get("model") or component_external["model"],
-                    tools=tools,
+                    model=model,
                     memory_estimate_bytes=memory,
-                    family=recipe.family.value,
+                    family=self.recipe.family.value,
                     component=c,
                 )
             )
-        chunked = recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
-        # A chunked UNet runs everything after rewrite once per chunk; the rewrite is shared. Chunk 2's
-        # stages read chunk 1's: its trace takes chunk 1's hand-over, its verify chunk 1's read-back.
-        first: dict[str, str] = {}
+        chunked = self.recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
+        first: _Chain | None = None
         for chunk in (1, 2) if chunked else (None,):
-            part = f".chunk{chunk}" if chunk else ""
-            chunk_params = {"chunk": chunk} if chunk else {}
-            chunk_origins = {"chunk": "chunk_unet"} if chunk else {}
-            if chunk:
-                trace = add(
-                    "chunk",
-                    {"rewritten": rewrite} | ({"first": first["trace"]} if chunk == 2 else {}),
-                    {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB} | chunk_params,
-                    chunk_origins,
-                    part=part,
-                )
-            else:
-                trace = add("trace", {"rewritten": rewrite}, {"component": c, "minimum_psnr_db": MINIMUM_PSNR_DB})
-            convert_params = {"component": c, "deployment_target": recipe.deployment_target.value} | chunk_params
-            convert_origins = {"deployment_target": "deployment_target"} | chunk_origins
-            if precision != "float16":  # float16 is the default, so float16 components keep their keys
-                convert_params["precision"] = precision
-                convert_origins["precision"] = "family"
-            converted = (
-                add("convert", {"traced": trace, "rewritten": rewrite}, convert_params, convert_origins, part=part)
-                if compression.mode != "w8a8"
-                else ""
-            )  # a W8A8 UNet is converted from its quantized model
-            final = converted
-            settings_path = f"components.{c}.compression"
-            # A floor the read-back PSNR must reach (first, so a failure is told at its recipe line).
-            floor = getattr(compression, "minimum_psnr_db", None)
-            verify_params = ({"minimum_psnr_db": floor} if floor is not None else {}) | chunk_params
-            verify_origins = {"minimum_psnr_db": f"{settings_path}.minimum_psnr_db"} if floor is not None else {}
-            verify_origins |= chunk_origins
-            verify_inputs = {"rewritten": rewrite, "float16": converted} | ({"traced": trace} if chunk else {})
-            verify_inputs |= {"handover": first["verify"]} if chunk == 2 else {}
-            verified = None
-            if compression.mode == "mixed":
-                final = add(
-                    "palettize",
-                    {"model": final, "rewritten": rewrite},
-                    {"weight_threshold": compression.weight_threshold} | chunk_params,
-                    {"mbp_recipe": f"{settings_path}.recipe", "weight_threshold": f"{settings_path}.weight_threshold"}
-                    | chunk_origins,
-                    external_inputs={"mbp_recipe": compression.recipe},
-                    part=part,
-                )
-                # The analysis workload runs the whole UNet: scored unchunked, or at chunk 2 with both chunks.
-                scored = chunk != 1
-                verify_inputs |= {"probe": f"analyze-inputs:{c}"} if scored else {}
-                verify_inputs |= {"first": first["final"]} if chunk == 2 else {}
-                verified = add(
-                    "verify",
-                    verify_inputs | {"model": final},
-                    verify_params,
-                    verify_origins,
-                    external_inputs={"mbp_recipe": compression.recipe} if scored else {},
-                    part=part,
-                )
-            elif compression.mode in ("palettize", "quantize"):
-                params = compression.model_dump(mode="json", exclude={"mode", "minimum_psnr_db"})
-                final = add(
-                    compression.mode,
-                    {"model": final},
-                    params,
-                    {name: f"{settings_path}.{name}" for name in params},
-                    part=part,
-                )
-                verified = add("verify", verify_inputs | {"model": final}, verify_params, verify_origins, part=part)
-            elif compression.mode == "w8a8":
-                from builder.stages.w8a8 import w8a8_stages  # imports torch: only for w8a8 recipes
-
-                quantized, final, verified = w8a8_stages(
-                    component=c,
-                    settings=compression,
-                    family=recipe.family.value,
-                    deployment_target=recipe.deployment_target,
-                    rewritten=rewrite,
-                    model=component_inputs.get("model") or component_external["model"],
-                    tools=tools,
-                    memory_estimate_bytes=memory,
-                )
-                stages += quantized
-            if verified is not None:
-                bundle_inputs[f"verify.{c}{part}"] = verified
-            first = {"trace": trace, "final": final, "verify": verified or ""}
-            compiled = add("compile", {"model": final}, {}, tools=compile_tools, unavailable=unavailable, part=part)
-            bundle_inputs |= {f"model.{c}{part}": final, f"compiled.{c}{part}": compiled, f"check.{c}{part}": trace}
+            first = self._chain(c, rewrite, compression, chunk, first, memory)
         if chunked:
-            chunked_components.append(c)
-        components[c] = compression.model_dump(mode="json")
+            self.chunked.append(c)
+        self.components[c] = compression.model_dump(mode="json")
         if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
-            components[c]["recipe"] = os.path.relpath(compression.recipe, loaded.path.parent)
+            self.components[c]["recipe"] = os.path.relpath(compression.recipe, self.loaded.path.parent)
 
-    provenance = sources_provenance(loaded, STAGE_VERSIONS["provenance"])
-    stages += provenance.stages
-    bundle_inputs |= provenance.inputs
-    bundle_params = {
-        "name": recipe.name,
-        "version": recipe.version,
-        "recipe_digest": loaded.digest,
-        "family": recipe.family.value,
-        "latent_size": list(recipe.latent_size),
-        "unet_batch_size": recipe.unet_batch_size,
-        "attention": recipe.attention.value,
-        "compute_unit": recipe.compute_unit.value,
-        "deployment_target": recipe.deployment_target.value,
-        "components": components,
-        "chunked": chunked_components,
-        "precision": precisions,
-        "tools": compile_tools,
-        "sdbuild_version": __version__,
-        "recipe": recipe_record(loaded),
-        "sdbuild": sdbuild_info(),
-        "sources": provenance.params,
-        "environment": environment(),
-        "date": build_date(),
-    }
-    stages.append(
-        StageSpec(
-            id="bundle",
-            stage="bundle",
-            version=STAGE_VERSIONS["bundle"],
-            function="builder.stages.bundle:run",
-            params=bundle_params,
-            param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
-            inputs=bundle_inputs | ({"tokenizer": "source"} if pipeline_inputs else {}),
-            external_inputs={"tokenizer": pipeline_external["model"]} if pipeline_external else {},
-            tools=tools,
-            memory_estimate_bytes=1 * GIB,
-            parallel=False,
+    def _settings(self) -> dict[str, tuple[Any, str]]:
+        """Recipe settings a rewrite may depend on: value and the field it came from."""
+        recipe = self.recipe
+        size_field = "latent_size" if recipe.written_latent_size else "image_size"
+        return {
+            "family": (recipe.family.value, "family"),
+            "attention": (recipe.attention.value, "attention"),
+            "latent_size": (tuple(recipe.latent_size), size_field),
+            "batch_size": (recipe.unet_batch_size, "unet_batch_size"),
+        }
+
+    def _chain(
+        self, c: str, rewrite: str, compression: Compression, chunk: int | None, first: _Chain | None, memory: int
+    ) -> _Chain:
+        """One chunk's stages (or the whole component's, for chunk None). A chunked UNet's rewrite is
+        shared; chunk 2's stages read chunk 1's: its trace takes chunk 1's hand-over, its verify chunk 1's."""
+        label = f"{c}.chunk{chunk}" if chunk else c
+        chunk_origins = {"chunk": "chunk_unet"} if chunk else {}
+        if chunk:
+            inputs = {"rewritten": rewrite} | ({"first": first.trace} if first else {})
+            trace = self.add(
+                "chunk", label, ChunkParams(component=c, chunk=chunk), chunk_origins, inputs, memory=memory
+            )
+        else:
+            trace = self.add("trace", label, TraceParams(component=c), {}, {"rewritten": rewrite}, memory=memory)
+        convert = ConvertParams(
+            component=c,
+            chunk=chunk,
+            deployment_target=self.recipe.deployment_target.value,
+            precision=self.precisions[c],
         )
-    )
-    return Graph(stages)
+        origins = {"deployment_target": "deployment_target", "precision": "family"} | chunk_origins
+        if compression.mode == "w8a8":  # converted from its quantized torch model, not from the trace
+            final, verified = self._w8a8(label, compression, rewrite, memory)
+        else:
+            converted = self.add(
+                "convert", label, convert, origins, {"traced": trace, "rewritten": rewrite}, memory=memory
+            )
+            final, verified = self._compress(label, compression, chunk, rewrite, trace, converted, first, memory)
+        compiled = self.add(
+            "compile",
+            label,
+            CompileParams(),
+            {},
+            {"model": final},
+            memory=memory,
+            tools=self.compile_tools,
+            unavailable=self.unavailable,
+        )
+        self.bundle_inputs |= {f"model.{label}": final, f"compiled.{label}": compiled, f"check.{label}": trace}
+        if verified is not None:
+            self.bundle_inputs[f"verify.{label}"] = verified
+        return _Chain(trace, final, verified)
+
+    def _compress(
+        self,
+        label: str,
+        compression: Compression,
+        chunk: int | None,
+        rewrite: str,
+        trace: str,
+        converted: str,
+        first: _Chain | None,
+        memory: int,
+    ) -> tuple[str, str | None]:
+        """The compression stage and its verify, if any: (the model shipped, the verify stage)."""
+        field = f"components.{label.split('.')[0]}.compression"
+        chunk_origins = {"chunk": "chunk_unet"} if chunk else {}
+        # A floor for the read-back PSNR, set only when the recipe has one (so other builds keep their keys).
+        floor = getattr(compression, "minimum_psnr_db", None)
+        floors = {"minimum_psnr_db": floor} if floor is not None else {}
+        verify_origins = chunk_origins | ({"minimum_psnr_db": f"{field}.minimum_psnr_db"} if floors else {})
+        verify_inputs = {"rewritten": rewrite, "float16": converted} | ({"traced": trace} if chunk else {})
+        verify_inputs |= {"handover": first.verify} if first and first.verify else {}
+        if compression.mode == "float16":
+            return converted, None
+        if compression.mode in ("quantize", "palettize"):
+            written = compression.model_dump(mode="json", exclude={"mode", "minimum_psnr_db"})
+            origins = {name: f"{field}.{name}" for name in written}
+            model = QuantizeParams if compression.mode == "quantize" else PalettizeOptions
+            final = self.add(
+                compression.mode, label, model.model_validate(written), origins, {"model": converted}, memory=memory
+            )
+            verify = VerifyParams(chunk=chunk, **floors)
+            return final, self.add(
+                "verify", label, verify, verify_origins, verify_inputs | {"model": final}, memory=memory
+            )
+        # mixed: per-layer widths from the recipe file; the analysis workload runs the whole UNet, so it
+        # is scored unchunked, or at chunk 2 with both chunks.
+        mixed = MixedPalettizeParams(weight_threshold=compression.weight_threshold, chunk=chunk)
+        origins = {"mbp_recipe": f"{field}.recipe", "weight_threshold": f"{field}.weight_threshold"} | chunk_origins
+        recipe_file = {"mbp_recipe": compression.recipe}
+        inputs = {"model": converted, "rewritten": rewrite}
+        final = self.add("palettize", label, mixed, origins, inputs, memory=memory, external=recipe_file)
+        scored = chunk != 1
+        verify_inputs |= {"probe": f"analyze-inputs:{label.split('.')[0]}"} if scored else {}
+        verify_inputs |= {"first": first.final} if first else {}
+        verify_inputs |= {"model": final}
+        external = recipe_file if scored else {}
+        verify = VerifyParams(chunk=chunk, **floors)
+        verified = self.add("verify", label, verify, verify_origins, verify_inputs, memory=memory, external=external)
+        return final, verified
+
+    def _w8a8(self, label: str, compression: Any, rewrite: str, memory: int) -> tuple[str, str]:
+        """A W8A8 UNet's stages (builder/stages/w8a8.py): (the model shipped, its verify stage)."""
+        from builder.stages.w8a8 import w8a8_stages
+
+        rewritten = next(spec for spec in self.stages if spec.id == rewrite)
+        stages, final, verified = w8a8_stages(
+            component=label,
+            settings=compression,
+            family=self.recipe.family.value,
+            deployment_target=self.recipe.deployment_target.value,
+            rewritten=rewrite,
+            model=rewritten.inputs.get("model") or rewritten.external_inputs["model"],  # the pipeline folder
+            memory_estimate_bytes=memory,
+        )
+        self.stages += stages
+        return final, verified
+
+    def bundle(self, pipeline: _Source) -> None:
+        """Resources and the manifest, from every model, the sources' provenance and the tokenizer."""
+        recipe = self.recipe
+        provenance = sources_provenance(self.loaded)
+        self.stages += provenance.stages
+        params = BundleParams(
+            name=recipe.name,
+            version=recipe.version,
+            recipe_digest=self.loaded.digest,
+            family=recipe.family.value,
+            latent_size=recipe.latent_size,
+            unet_batch_size=recipe.unet_batch_size,
+            attention=recipe.attention.value,
+            compute_unit=recipe.compute_unit.value,
+            deployment_target=recipe.deployment_target.value,
+            components=self.components,
+            chunked=self.chunked,
+            precision=self.precisions,
+            tools=recorded_tools() | self.compile_tools,
+            sdbuild_version=__version__,
+            recipe=recipe_record(self.loaded),
+            sdbuild=sdbuild_info(),
+            sources=provenance.params,
+            environment=environment(),
+            date=build_date(),
+        )
+        self.stages.append(
+            StageSpec(
+                id="bundle",
+                stage="bundle",
+                function="builder.stages.bundle:run",
+                params=params.model_dump(mode="json", exclude_unset=True),
+                param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
+                inputs=self.bundle_inputs | provenance.inputs | ({"tokenizer": "source"} if pipeline.inputs else {}),
+                external_inputs={"tokenizer": pipeline.external["model"]} if pipeline.external else {},
+                memory_estimate_bytes=1 * GIB,
+                parallel=False,
+            )
+        )

@@ -7,16 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from builder.engine.spec import Graph
-from builder.errors import RecipeError
+from builder.engine.spec import GIB, Graph
 from builder.recipe import LoadedRecipe
 from builder.sd.model_checks import ModelFolderProblem, check_config, check_family, check_weights
 from builder.sd.presets import PRESETS
-
-
-def _located(loaded: LoadedRecipe, field: str, message: str, hint: str) -> RecipeError:
-    file, _, line = loaded.origin(field).rpartition(":")
-    return RecipeError(file, message, line=int(line) if line.isdigit() else None, field=field, hint=hint)
 
 
 def local_folders(loaded: LoadedRecipe) -> list[tuple[str, Path, list[str]]]:
@@ -52,8 +46,7 @@ def check_sources(loaded: LoadedRecipe) -> None:
         family = PRESETS[synthetic.preset].family
         if family != recipe.family.value:
             same = sorted(name for name, preset in PRESETS.items() if preset.family == recipe.family.value)
-            raise _located(
-                loaded,
+            raise loaded.error(
                 field,
                 f"preset '{synthetic.preset}' is a {family} pipeline, "
                 f"but the recipe says family: {recipe.family.value}",
@@ -67,7 +60,7 @@ def check_sources(loaded: LoadedRecipe) -> None:
             for component in components:
                 check_config(folder, component)
         except ModelFolderProblem as problem:
-            raise _located(loaded, field, problem.message, problem.hint) from None
+            raise loaded.error(field, problem.message, problem.hint) from None
 
 
 # Attention heads assumed at the largest attention level: more than SD 1.x (8) and SD 2.x (5) have
@@ -75,7 +68,7 @@ def check_sources(loaded: LoadedRecipe) -> None:
 _HEADS = 10
 _FLOAT32 = 4
 _REFERENCE_LATENT = {"sd": (64, 64), "sdxl": (128, 128)}
-"""The size the per-component figures in pipeline.memory_estimate were measured at."""
+"""The size the per-component figures in memory_estimate were measured at."""
 
 
 def _attention_bytes(loaded: LoadedRecipe, component: str | None, latent: tuple[int, int]) -> int:
@@ -122,12 +115,37 @@ def check_memory(loaded: LoadedRecipe, graph: Graph, *, force: bool) -> None:
     component = (biggest.component or "").split(".")[0] or None
     by_size = size_extra_bytes(loaded, component) > biggest.memory_estimate_bytes / 2
     field = ("latent_size" if loaded.recipe.written_latent_size else "image_size") if by_size else "model"
-    gib = 1 << 30
-    raise _located(
-        loaded,
+    raise loaded.error(
         field,
-        f"stage {biggest.id} needs an estimated {biggest.memory_estimate_bytes / gib:.1f} GiB of memory; "
-        f"this machine has {have / gib:.1f} GiB",
+        f"stage {biggest.id} needs an estimated {biggest.memory_estimate_bytes / GIB:.1f} GiB of memory; "
+        f"this machine has {have / GIB:.1f} GiB",
         ("use a smaller size, or attention SPLIT_EINSUM_V2 (it computes attention in chunks); " if by_size else "")
         + "or pass --force to try anyway",
     )
+
+
+# Largest stage peak per component at full size, rounded up: SD 2.1 base, bench/convert_bench.py
+# (UNet 5.6 GiB converting, when float32 and float16 weights coexist; text encoder 2.5 GiB; VAE
+# decoder 1.8 GiB; the synthetic source 5.6 GiB). Peaks grow with the weights: SDXL's UNet has 3x.
+_FULL_SIZE_PEAK_GIB = {
+    None: 6,
+    "unet": 6,
+    "unet_refiner": 6,
+    "text_encoder": 3,
+    "text_encoder_2": 3,
+    "vae_decoder": 2,
+    "vae_encoder": 2,
+}
+_SDXL_UNET_SCALE = 3
+
+
+def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
+    """Expected peak of one stage, for the scheduler: tiny presets need little, real UNets a lot;
+    sizes above the family's native one add what their attention scores take."""
+    extra = size_extra_bytes(loaded, component)
+    if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
+        return 1 * GIB + extra
+    estimate = _FULL_SIZE_PEAK_GIB.get(component, 4)
+    if component in ("unet", "unet_refiner") and loaded.recipe.family.value == "sdxl":
+        estimate *= _SDXL_UNET_SCALE
+    return estimate * GIB + extra

@@ -40,7 +40,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     return {"files": len(files)}
 
 
-def sources_provenance(loaded: LoadedRecipe, version: str) -> SourcesProvenance:
+def sources_provenance(loaded: LoadedRecipe) -> SourcesProvenance:
     """The provenance stages of the recipe's sources, the bundle inputs they feed and the sources'
     manifest entries (without the digests the stages add)."""
     model = loaded.recipe.model
@@ -64,13 +64,11 @@ def sources_provenance(loaded: LoadedRecipe, version: str) -> SourcesProvenance:
                 id=stage_id,
                 stage="provenance",
                 component=label,
-                version=version,
                 function="builder.stages.provenance:run",
                 params=params,
                 param_origins={"file": f"{field}.local.path"} if params else {},
                 inputs=upstream,
                 external_inputs=external,
-                tools={},  # the digests depend on the bytes alone, not on any library
                 memory_estimate_bytes=GIB,
             )
         )

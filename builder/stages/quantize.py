@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import coremltools as ct
 from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
-from pydantic import BaseModel
 
 from builder.coreml.package import normalize_mlpackage, package_size
-
-
-class QuantizeParams(BaseModel):
-    granularity: Literal["per_tensor", "per_channel", "per_block"] = "per_channel"
-    block_size: int = 32
-    weight_threshold: int = 2048
+from builder.stages.params import QuantizeParams
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:

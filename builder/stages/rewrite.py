@@ -10,22 +10,12 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from safetensors.torch import save_file
 
 from builder.errors import UserError
 from builder.sd.components import ComponentShape, examples_for, kind, pipeline_time_ids
 from builder.sd.model_checks import ModelFolderProblem, check_config
-
-
-class RewriteParams(BaseModel):
-    """Only the settings the component depends on are given (see ComponentKind.depends_on)."""
-
-    component: str
-    family: str = "sd"
-    attention: str = "ORIGINAL"
-    latent_size: tuple[int, int] = (0, 0)
-    batch_size: int = 1
+from builder.stages.params import RewriteParams
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:

@@ -4,64 +4,33 @@ pinned Hugging Face snapshot taken from the Hugging Face cache by hard links."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel
 
 from builder.errors import UserError, first_line
 from builder.hub.cache import HubRef, link_snapshot, snapshot
 from builder.hub.layout import RepoKind
 from builder.sd.presets import get_controlnet_preset, get_preset
 from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
-
-
-class SyntheticSourceParams(BaseModel):
-    kind: Literal["synthetic"]
-    preset: str
-    seed: int
-
-
-class SingleFileSourceParams(BaseModel):
-    kind: Literal["single_file"]
-    family: str
-
-
-class HubSourceParams(BaseModel):
-    kind: Literal["hub", "vae_hub"]  # a whole pipeline, or one replacement VAE
-    id: str
-    revision: str
-
-
-class SyntheticControlNetParams(BaseModel):
-    kind: Literal["controlnet_synthetic"]
-    preset: str
-    seed: int
-
-
-class HubControlNetParams(BaseModel):
-    kind: Literal["controlnet_hub"]
-    id: str
-    revision: str
+from builder.stages.params import HubControlNet, HubSource, SingleFileSource, SyntheticControlNet, SyntheticSource
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     if params["kind"] == "controlnet_synthetic":
-        synthetic = SyntheticControlNetParams.model_validate(params)
+        synthetic = SyntheticControlNet.model_validate(params)
         write_synthetic_controlnet(get_controlnet_preset(synthetic.preset), synthetic.seed, out)
         return {"source": f"synthetic-controlnet:{synthetic.preset}@{synthetic.seed}"}
     if params["kind"] == "controlnet_hub":
-        hub = HubControlNetParams.model_validate(params)
+        hub = HubControlNet.model_validate(params)
         take_snapshot(HubRef(hub.id, hub.revision, RepoKind.CONTROLNET), out)
         return {"source": f"hub:{hub.id}@{hub.revision}"}
     if params["kind"] == "synthetic":
-        synthetic = SyntheticSourceParams.model_validate(params)
+        synthetic = SyntheticSource.model_validate(params)
         write_synthetic_pipeline(get_preset(synthetic.preset), synthetic.seed, out)
         return {"source": f"synthetic:{synthetic.preset}@{synthetic.seed}"}
     if params["kind"] == "single_file":
-        single = SingleFileSourceParams.model_validate(params)
+        single = SingleFileSource.model_validate(params)
         import_single_file(inputs["checkpoint"], single.family, out)
         return {"source": f"single_file:{inputs['checkpoint'].name}"}
-    hub = HubSourceParams.model_validate(params)
+    hub = HubSource.model_validate(params)
     take_snapshot(HubRef(hub.id, hub.revision, RepoKind.VAE if hub.kind == "vae_hub" else RepoKind.PIPELINE), out)
     return {"source": f"hub:{hub.id}@{hub.revision}"}
 

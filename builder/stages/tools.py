@@ -1,4 +1,9 @@
-"""Versions of the tools whose behaviour shapes stage outputs; they are part of every action key."""
+"""The tools outside Python a build uses (Xcode's Core ML compiler), and the versions a manifest records.
+
+Stage keys take the versions of the Python packages each stage's code imports by themselves
+(`builder.engine.code`); what is here is for the people reading a manifest, and for `compile`, whose
+tool the engine cannot see in the code.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +15,20 @@ import sys
 from functools import cache
 from importlib import metadata
 
-_PACKAGES = ("torch", "coremltools", "diffusers", "transformers", "numpy", "scikit-learn", "kmeans1d")
+# What a manifest names as the tools that made it (all dependencies are in its `environment`).
+_RECORDED = ("torch", "coremltools", "diffusers", "transformers", "numpy", "scikit-learn", "kmeans1d")
 
 
 @cache
-def python_tools() -> dict[str, str]:
+def recorded_tools() -> dict[str, str]:
     """Installed versions, read from package metadata so no heavy import is needed.
 
     A local version label names a build of the same release for one platform (Linux's torch is
-    2.13.0+cpu, macOS's 2.13.0): it is dropped, so a Mac keys its stages as the Linux build that filled
-    the cache did and only compiles.
+    2.13.0+cpu, macOS's 2.13.0): it is dropped, so a Mac records (and keys its bundle on) the versions
+    the Linux build that filled the cache did.
     """
     versions = {"python": platform.python_version()}
-    for name in _PACKAGES:
+    for name in _RECORDED:
         try:
             versions[name] = metadata.version(name).split("+")[0]
         except metadata.PackageNotFoundError:

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -21,12 +20,8 @@ from torch import nn
 from builder.errors import UserError
 from builder.sd.components import kind
 from builder.sd.psnr import psnr
+from builder.stages.params import TraceParams
 from builder.stages.torchscript import save_graph
-
-
-class TraceParams(BaseModel):
-    component: str
-    minimum_psnr_db: float = 35.0
 
 
 def load_conversion_module(

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -38,6 +37,7 @@ from builder.sd.read_back import (
     weight_sources,
 )
 from builder.stages.chunk import EXAMPLES, split
+from builder.stages.params import VerifyParams
 from builder.stages.trace import load_conversion_module
 
 HANDOVER = "handover.safetensors"
@@ -46,11 +46,6 @@ HANDOVER = "handover.safetensors"
 # several times faster on a CPU than one small einsum per head: most of a full-size verify was those.
 EVALUATED_ATTENTION = "ORIGINAL"
 _PACKAGE = "model.mlpackage"
-
-
-class VerifyParams(BaseModel):
-    minimum_psnr_db: float | None = None  # the recipe's floor for the read-back PSNR (None: record only)
-    chunk: int | None = Field(default=None, ge=1, le=2)
 
 
 class _Runner:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from builder.coreml.weights import compressed_const_names, iter_weights
@@ -25,16 +24,13 @@ from builder.sd.mbp.analysis import Probe
 from builder.sd.psnr import psnr
 from builder.sd.read_back import float16_weights
 from builder.sd.w8a8.convert import QUANTIZED_GRAPH, op_counts
+from builder.stages.params import VerifyParams
 from builder.stages.trace import load_conversion_module
 from builder.stages.verify import check_floor
 from builder.stages.w8a8 import DECISIONS_FILE
 
 _PACKAGE = "model.mlpackage"
 _CONST_SUFFIXES = ("_cast_fp16", "_to_fp16")
-
-
-class VerifyParams(BaseModel):
-    minimum_psnr_db: float | None = None
 
 
 def _parameter(const: str, parameters: dict[str, str]) -> str:

@@ -19,13 +19,10 @@ import json
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from builder.engine.spec import StageSpec
 from builder.recipe.compression import W8A8
-from builder.recipe.enums import DeploymentTarget
+from builder.stages.params import VerifyParams, W8A8CalibrateParams, W8A8LayersParams, W8A8Params
 
-VERSION = "1"
 SENSITIVITY_CHUNKS = 4
 _RANGES_FILE = "ranges.safetensors"
 _LAYERS_FILE = "layers.json"
@@ -35,42 +32,14 @@ DECISIONS_FILE = "decisions.json"
 _PACKAGE = "model.mlpackage"
 
 
-class CalibrateParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    family: str
-    prompts: list[str]
-    steps: int
-    seed: int
-
-
-class LayersParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    chunk: int
-    chunks: int
-
-
-class QuantizeParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    conv_psnr: float
-    attention_psnr: float
-    quantize_up_convs: bool
-    to_out_w8a32: bool
-    deployment_target: str
-    palettize_nbits: int | None = None
-
-
 def w8a8_stages(
     *,
     component: str,
     settings: W8A8,
     family: str,
-    deployment_target: DeploymentTarget,
+    deployment_target: str,
     rewritten: str,
     model: str | Path,
-    tools: dict[str, str],
     memory_estimate_bytes: int,
 ) -> tuple[list[StageSpec], str, str]:
     """(stages, id of the stage holding model.mlpackage, id of its verify stage) for one UNet."""
@@ -82,27 +51,21 @@ def w8a8_stages(
     probe = probe_stage(
         rewritten=rewritten,
         model=model,
-        tools=tools,
         memory_estimate_bytes=memory_estimate_bytes,
         family=family,
         component=component,
         probe=workload,
     )
-    common = {
-        "component": component,
-        "version": VERSION,
-        "tools": tools,
-        "memory_estimate_bytes": memory_estimate_bytes,
-    }
+    common = {"component": component, "memory_estimate_bytes": memory_estimate_bytes}
     source = {"model": model} if isinstance(model, str) else {}
     calibration = settings.calibration
     calibrate = StageSpec(
         id=f"w8a8-calibrate:{component}",
         stage="w8a8-calibrate",
         function="builder.stages.w8a8:run_calibrate",
-        params=CalibrateParams(
+        params=W8A8CalibrateParams(
             family=family, prompts=calibration.prompt_list(), steps=calibration.steps, seed=calibration.seed
-        ).model_dump(),
+        ).model_dump(mode="json"),
         param_origins={name: f"{path}.calibration.{name}" for name in ("prompts", "steps", "seed")},
         inputs=source | {"rewritten": rewritten},
         external_inputs={"model": model} if isinstance(model, Path) else {},
@@ -120,19 +83,19 @@ def w8a8_stages(
             id=f"w8a8-layers:{component}:{chunk}",
             stage="w8a8-layers",
             function="builder.stages.w8a8:run_layers",
-            params=LayersParams(chunk=chunk, chunks=SENSITIVITY_CHUNKS).model_dump(),
+            params=W8A8LayersParams(chunk=chunk, chunks=SENSITIVITY_CHUNKS).model_dump(mode="json"),
             inputs={"rewritten": rewritten, "ranges": ranges.id, "probe": probe.id},
             parallel=False,  # the chunks run side by side, a thread each (small layers' ops gain nothing from more)
             **common,
         )
         for chunk in range(SENSITIVITY_CHUNKS)
     ]
-    quantize_params = QuantizeParams(
+    quantize_params = W8A8Params(
         conv_psnr=settings.conv_psnr,
         attention_psnr=settings.attention_psnr,
         quantize_up_convs=settings.quantize_up_convs,
         to_out_w8a32=settings.to_out_w8a32,
-        deployment_target=deployment_target.value,
+        deployment_target=deployment_target,
         palettize_nbits=settings.palettize.nbits if settings.palettize else None,
     )
     origins = {name: f"{path}.{name}" for name in ("conv_psnr", "attention_psnr", "quantize_up_convs", "to_out_w8a32")}
@@ -140,7 +103,7 @@ def w8a8_stages(
         id=f"w8a8:{component}",
         stage="w8a8",
         function="builder.stages.w8a8:run_quantize",
-        params=quantize_params.model_dump(),
+        params=quantize_params.model_dump(mode="json"),
         param_origins=origins | {"deployment_target": "deployment_target", "palettize_nbits": f"{path}.palettize"},
         inputs={"rewritten": rewritten, "calibration": calibrate.id}
         | {f"layers.{s.params['chunk']}": s.id for s in chunks},
@@ -151,7 +114,9 @@ def w8a8_stages(
         id=f"verify:{component}",
         stage="verify",
         function="builder.stages.verify_w8a8:run",
-        params={"minimum_psnr_db": floor} if floor is not None else {},
+        params=VerifyParams(minimum_psnr_db=floor).model_dump(mode="json", exclude_unset=True)
+        if floor is not None
+        else {},
         param_origins={"minimum_psnr_db": f"{path}.minimum_psnr_db"} if floor is not None else {},
         inputs={"rewritten": rewritten, "model": quantize.id, "probe": probe.id},
         **common,
@@ -190,7 +155,7 @@ def _unet(rewritten: Path):
 def run_calibrate(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     from builder.sd.w8a8.calibration import record_samples, save_samples
 
-    p = CalibrateParams.model_validate(params)
+    p = W8A8CalibrateParams.model_validate(params)
     module, _, _, architecture = _unet(inputs["rewritten"])
     shape = architecture["inputs"][0]["shape"]
     samples = record_samples(module, inputs["model"], p.family, (shape[2], shape[3]), p.prompts, p.steps, p.seed)
@@ -228,7 +193,7 @@ def run_layers(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     from builder.sd.w8a8.quantizer import Prepared, sensitivity_config
     from builder.sd.w8a8.sensitivity import SharedSchedule, measure
 
-    p = LayersParams.model_validate(params)
+    p = W8A8LayersParams.model_validate(params)
     start = time.perf_counter()
     _, unet, example, _ = _unet(inputs["rewritten"])
     layers = _layers(inputs["ranges"])
@@ -261,7 +226,7 @@ def run_quantize(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     from builder.sd.w8a8.decisions import Thresholds, decide, w8a32_layers
     from builder.sd.w8a8.quantizer import Prepared, cumulative_config
 
-    p = QuantizeParams.model_validate(params)
+    p = W8A8Params.model_validate(params)
     _, unet, example, architecture = _unet(inputs["rewritten"])
     decisions = decide(unet.layers(), sensitivities(inputs), Thresholds.model_validate(p.model_dump()))
     kept = w8a32_layers(decisions)

@@ -27,7 +27,7 @@ from typing import get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from builder.coreml.palettize import Nbits, PalettizeOptions
+from builder.coreml.options import Nbits, PalettizeOptions
 from builder.coreml.program import float_weight_ops
 from builder.errors import RecipeError
 from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD, Layer, const_name, op_names
