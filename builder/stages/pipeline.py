@@ -20,7 +20,7 @@ from builder.build_info import build_date, environment, recipe_record, sdbuild_i
 from builder.engine.spec import GIB, Graph, StageSpec
 from builder.errors import UserError
 from builder.recipe import Component, LoadedRecipe
-from builder.recipe.compression import Compression
+from builder.recipe.compression import Compression, MixedPalettize
 from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
 from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
@@ -368,6 +368,7 @@ class _GraphBuilder:
             )
         # mixed: per-layer widths from the recipe file; the analysis workload runs the whole UNet, so it
         # is scored unchunked, or at chunk 2 with both chunks.
+        assert isinstance(compression, MixedPalettize)  # w8a8 never comes here (see _chain)
         mixed = MixedPalettizeParams(weight_threshold=compression.weight_threshold, chunk=chunk)
         origins = {"mbp_recipe": f"{field}.recipe", "weight_threshold": f"{field}.weight_threshold"} | chunk_origins
         recipe_file = {"mbp_recipe": compression.recipe}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from builder.engine.spec import StageSpec
 from builder.recipe.compression import W8A8
@@ -56,7 +57,7 @@ def w8a8_stages(
         component=component,
         probe=workload,
     )
-    common = {"component": component, "memory_estimate_bytes": memory_estimate_bytes}
+    common: dict[str, Any] = {"component": component, "memory_estimate_bytes": memory_estimate_bytes}
     source = {"model": model} if isinstance(model, str) else {}
     calibration = settings.calibration
     calibrate = StageSpec(
