@@ -215,7 +215,6 @@ def test_analysis_graph_builds_and_resumes_from_cache(tmp_path: Path) -> None:
         rewritten="rewrite:unet",
         model="source",
         description="tiny-sd UNet",
-        tools={},
         family="sd",
         memory_estimate_bytes=1 << 30,
         chunks=2,

@@ -275,7 +275,9 @@ class _GraphBuilder:
             first = self._chain(c, rewrite, compression, chunk, first, memory)
         if chunked:
             self.chunked.append(c)
-        self.components[c] = compression.model_dump(mode="json")
+        # An unset read-back floor is left out, so manifests read as they did before floors existed.
+        unset = {"minimum_psnr_db"} if getattr(compression, "minimum_psnr_db", None) is None else set()
+        self.components[c] = compression.model_dump(mode="json", exclude=unset)
         if compression.mode == "mixed":  # as written, so the manifest does not depend on where the workspace is
             self.components[c]["recipe"] = os.path.relpath(compression.recipe, self.loaded.path.parent)
 
