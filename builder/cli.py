@@ -279,13 +279,14 @@ def cmd_analyze(args: argparse.Namespace, workspace: Workspace, console: Console
         title=f"mixed-bit candidates for {loaded.recipe.name} "
         f"(UNet evaluations in the search: {summary['unet_evaluations']})"
     )
-    for column in ("target dB", "measured dB", "bits/weight", "MB", "recipe file"):
+    for column in ("target dB", "latents dB", "single call dB", "bits/weight", "MB", "recipe file"):
         table.add_column(column)
     for candidate in summary["candidates"]:
         name = f"{candidate['target_psnr_db']:g}db.yaml"
         table.add_row(
             f"{candidate['target_psnr_db']:g}",
             f"{candidate['psnr_db']:.2f}",
+            f"{candidate['single_call_psnr_db']:.2f}",
             f"{candidate['bits_per_weight']:.2f}",
             f"{candidate['size_bytes'] / 1e6:.2f}",
             str(dest / "recipes" / name),

@@ -610,7 +610,7 @@ def test_schema_is_json_and_lists_enums_and_modes() -> None:
     assert defs["Family"]["enum"] == ["sd", "sdxl"]
     assert defs["Palettize"]["properties"]["nbits"]["enum"] == [1, 2, 3, 4, 6, 8]
     compression = defs["ComponentSettings"]["properties"]["compression"]
-    assert set(compression["discriminator"]["mapping"]) == {"float16", "palettize", "quantize", "mixed"}
+    assert set(compression["discriminator"]["mapping"]) == {"float16", "palettize", "quantize", "mixed", "w8a8"}
     assert {"latent_size", "image_size", "extends"} <= set(schema["properties"])
     assert schema["additionalProperties"] is False
     assert "name" in schema["else"]["required"] and schema["if"] == {"required": ["extends"]}

@@ -82,18 +82,25 @@ def test_read_back_psnr_falls_with_fewer_bits(bundles):
     assert math.isfinite(six) and 20 < six < eight
 
 
-def test_plot_shows_the_candidates_and_the_bundle(tmp_path):
+def test_plot_shows_both_metrics_of_the_candidates_and_the_bundle(tmp_path):
     candidates = [
-        Candidate(name="4-bit", average_bits=4.1, size_bytes=1_300_000, psnr_db=30.0),
-        Candidate(name="8-bit", average_bits=8.05, size_bytes=2_500_000, psnr_db=50.0),
+        Candidate(name="4-bit", average_bits=4.1, size_bytes=1_300_000, psnr_db=30.0, single_call_psnr_db=22.0),
+        Candidate(name="8-bit", average_bits=8.05, size_bytes=2_500_000, psnr_db=50.0, single_call_psnr_db=41.0),
     ]
     path = tmp_path / "candidates.json"
     path.write_text(json.dumps([c.model_dump() for c in candidates]))
     assert load_candidates(path) == candidates
-    chosen = Candidate(name="tiny-sd", average_bits=6.7, size_bytes=1_900_000, psnr_db=37.0)
-    points, highlighted = psnr_vs_size_figure(candidates, chosen).axes[0].collections
+    chosen = Candidate(name="tiny-sd", average_bits=6.7, size_bytes=1_900_000, psnr_db=37.0, single_call_psnr_db=29.0)
+    latents, single_call = psnr_vs_size_figure(candidates, chosen).axes
+    points, highlighted = latents.collections
     np.testing.assert_allclose(points.get_offsets(), [[1.3, 30.0], [2.5, 50.0]])
     np.testing.assert_allclose(highlighted.get_offsets(), [[1.9, 37.0]])
+    points, highlighted = single_call.collections
+    np.testing.assert_allclose(points.get_offsets(), [[1.3, 22.0], [2.5, 41.0]])
+    np.testing.assert_allclose(highlighted.get_offsets(), [[1.9, 29.0]])
+    # A bundle not scored on the workload gets no star, rather than a figure of another metric.
+    unscored = Candidate(name="tiny-sd", average_bits=6.7, size_bytes=1_900_000, psnr_db=None)
+    assert [len(axes.collections) for axes in psnr_vs_size_figure(candidates, unscored).axes] == [1, 1]
     path.write_text(json.dumps([{"name": "x", "average_bits": 4, "size_bytes": -1, "psnr_db": 30}]))
     with pytest.raises(ValidationError):
         load_candidates(path)

@@ -1,6 +1,6 @@
 """What the user wrote: recipe models, YAML loading with located errors, and the JSON Schema."""
 
-from .compression import Compression, Float16, MixedPalettize, Palettize, Quantize
+from .compression import W8A8, Compression, Float16, MixedPalettize, Palettize, Quantize
 from .enums import Attention, Component, ComputeUnit, DeploymentTarget, Family
 from .load import LoadedRecipe, load_recipe
 from .model import Components, ComponentSettings, Recipe
@@ -27,6 +27,7 @@ __all__ = [
     "Recipe",
     "SyntheticSource",
     "VaeSource",
+    "W8A8",
     "load_recipe",
     "recipe_json_schema",
 ]

@@ -56,19 +56,47 @@ def recipe_violations(recipe: Recipe) -> list[Violation]:
 
 
 def _compression_violations(recipe: Recipe) -> list[Violation]:
-    """Grouped lookup tables exist only from iOS18/macOS15 (Core ML's constexpr_lut_to_dense v2)."""
-    if recipe.deployment_target.major >= (18 if recipe.deployment_target.platform == "iOS" else 15):
-        return []
-    return [
-        Violation(
-            f"components.{component.value}.compression.granularity",
-            "per_grouped_channel palettization needs iOS18 or macOS15; "
-            f"deployment_target is {recipe.deployment_target.value}",
-            "use granularity: per_tensor, or raise deployment_target to iOS18 / macOS15",
-        )
-        for component, settings in recipe.components.enabled().items()
-        if getattr(settings.compression, "granularity", "per_tensor") == "per_grouped_channel"
-    ]
+    """Compression the deployment target's Core ML cannot run: grouped lookup tables, per-block
+    scales and joint compression exist from iOS18/macOS15 (constexpr_lut_to_dense v2,
+    constexpr_blockwise_shift_scale); activation quantization (quantize/dequantize) from iOS17/macOS14."""
+    target = recipe.deployment_target
+    ios18 = target.major >= (18 if target.platform == "iOS" else 15)
+    ios17 = target.major >= (17 if target.platform == "iOS" else 14)
+    violations = []
+    for component, settings in recipe.components.enabled().items():
+        compression, path = settings.compression, f"components.{component.value}.compression"
+        granularity = getattr(compression, "granularity", "per_tensor")
+        if granularity in ("per_grouped_channel", "per_block") and not ios18:
+            kind = "palettization" if granularity == "per_grouped_channel" else "quantization"
+            violations.append(
+                Violation(
+                    f"{path}.granularity",
+                    f"{granularity} {kind} needs iOS18 or macOS15; deployment_target is {target.value}",
+                    f"use granularity: {'per_tensor' if kind == 'palettization' else 'per_channel'}, "
+                    "or raise deployment_target to iOS18 / macOS15",
+                )
+            )
+        if compression.mode == "w8a8" and not ios17:
+            violations.append(
+                Violation(
+                    "deployment_target",
+                    f"{path}.mode w8a8 quantizes activations with Core ML's quantize/dequantize ops, which need "
+                    f"iOS17 or macOS14 or newer; deployment_target is {target.value}",
+                    "raise deployment_target to iOS17 / macOS14 or newer (the A17 Pro and M4 Neural Engines run "
+                    "W8A8 fastest), or use mode: quantize (8-bit weights only)",
+                )
+            )
+        elif compression.mode == "w8a8" and compression.palettize is not None and not ios18:
+            violations.append(
+                Violation(
+                    f"{path}.palettize",
+                    "palettized weights on top of w8a8 are coremltools' joint compression (an int8 lookup table "
+                    f"scaled by constexpr_blockwise_shift_scale), which needs iOS18 or macOS15; deployment_target "
+                    f"is {target.value}",
+                    "remove palettize (8-bit weights), or raise deployment_target to iOS18 / macOS15",
+                )
+            )
+    return violations
 
 
 def _written_size(recipe: Recipe) -> tuple[str, int, tuple[int, int]]:

@@ -26,3 +26,5 @@ WholeNumber = BeforeValidator(_whole_number)
 ExactPositiveInt = Annotated[int, Strict(), Gt(0)]
 ExactNonNegativeInt = Annotated[int, Strict(), Ge(0)]
 Seed = Annotated[int, Strict(), Ge(0), Le(MAX_SEED)]
+StrictFloat = Annotated[float, Strict()]
+"""A number as written (`40` or `40.5`); `true` and `"40"` are refused."""

@@ -8,13 +8,13 @@ unless `SOURCE_DATE_EPOCH` is set, so identical builds give identical manifests.
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from builder.coreml.package import ModelInfo
 from builder.recipe.base import RecipeModel
-from builder.recipe.compression import Float16, Palettize, Quantize
+from builder.recipe.compression import W8A8, Float16, Palettize, Quantize
 
 SCHEMA_VERSION: Final = 2
 Precision = Literal["float16", "float32"]  # Core ML compute precision (SDXL's own VAE: float32)
@@ -27,10 +27,13 @@ class ShippedMixedPalettize(RecipeModel):
     mode: Literal["mixed"]
     recipe: str
     weight_threshold: int
+    minimum_psnr_db: float | None = None
 
 
 # A model's compression as its recipe set it, defaults filled in: the recipe's own types.
-ShippedCompression = Annotated[Float16 | Palettize | Quantize | ShippedMixedPalettize, Field(discriminator="mode")]
+ShippedCompression = Annotated[
+    Float16 | Palettize | Quantize | ShippedMixedPalettize | W8A8, Field(discriminator="mode")
+]
 
 
 class FileEntry(BaseModel):
@@ -66,8 +69,19 @@ class ModelEntry(ModelInfo):
     read_back_psnr_db: dict[str, float] | None
     # mixed-bit recipes: the recipe file's target and predicted PSNR, and what the saved weights achieve
     mixed_bit: dict[str, float] | None = None
+    # W8A8 UNets: the workload's PSNRs, activation quantize ops in the program, and every layer's
+    # decision (its PSNR alone and whether its activations are int8 or float)
+    w8a8: dict | None = None
     # UNet chunks: the cut, the compressed chain's read-back and this chunk's weight bytes (psnr_db is the chain's)
     chunk: ChunkEntry | None = None
+
+    @field_serializer("compression")
+    def _compression_as_set(self, compression: BaseModel) -> dict[str, Any]:
+        """An unset read-back floor is left out, so manifests read as they did before floors existed."""
+        written = compression.model_dump(mode="json")
+        if written.get("minimum_psnr_db") is None:
+            written.pop("minimum_psnr_db", None)
+        return written
 
 
 class RecipeFile(BaseModel):

@@ -173,6 +173,7 @@ def run_candidates(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             model=p.model,
             target_psnr_db=found.target_psnr_db,
             psnr_db=found.psnr_db,
+            single_call_psnr_db=found.single_call_psnr_db,
             bits_per_weight=found.bits_per_weight,
             layers=cast(dict[str, Nbits | None], found.layers),  # the search picks widths from NBITS only
         )
@@ -191,6 +192,7 @@ def run_candidates(inputs: dict[str, Path], params: dict, out: Path) -> dict:
             "average_bits": c.bits_per_weight,
             "size_bytes": c.size_bytes,
             "psnr_db": c.psnr_db,
+            "single_call_psnr_db": c.single_call_psnr_db,
         }
         for c in candidates
     ]

@@ -98,6 +98,7 @@ def _ship(
         decisions_match=check.get("decisions_match"),
         read_back_psnr_db=verification.get("read_back_psnr_db"),
         mixed_bit=verification.get("mixed_bit"),
+        w8a8=verification.get("w8a8"),
         chunk=chunk,
     )
 

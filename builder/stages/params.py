@@ -95,11 +95,41 @@ class MixedPalettizeParams(StageParams):
 
 
 class QuantizeParams(StageParams):
+    granularity: Literal["per_tensor", "per_channel", "per_block"] = "per_channel"
+    block_size: int = Field(default=32, ge=1)  # input channels sharing a scale with per_block (iOS18)
     weight_threshold: int = Field(default=2048, ge=0)
 
 
 class VerifyParams(StageParams):
     chunk: int | None = Field(default=None, ge=1, le=2)
+    minimum_psnr_db: float | None = None  # the recipe's floor for the read-back PSNR (None: record only)
+
+
+class W8A8CalibrateParams(StageParams):
+    """The calibration prompts' trajectories whose UNet inputs set the activation ranges."""
+
+    family: str
+    prompts: list[str]
+    steps: int = Field(ge=1)
+    seed: int
+
+
+class W8A8LayersParams(StageParams):
+    """One of `chunks` interleaved slices of the UNet's layers, each scored alone."""
+
+    chunk: int = Field(ge=0)
+    chunks: int = Field(ge=1)
+
+
+class W8A8Params(StageParams):
+    """The per-layer decisions' thresholds and overrides, and what the quantized model converts to."""
+
+    conv_psnr: float
+    attention_psnr: float
+    quantize_up_convs: bool
+    to_out_w8a32: bool
+    deployment_target: str
+    palettize_nbits: int | None = None
 
 
 class CompileParams(StageParams):
@@ -153,4 +183,7 @@ __all__ = [
     "SyntheticSource",
     "TraceParams",
     "VerifyParams",
+    "W8A8CalibrateParams",
+    "W8A8LayersParams",
+    "W8A8Params",
 ]

@@ -20,7 +20,7 @@ from builder.build_info import build_date, environment, recipe_record, sdbuild_i
 from builder.engine.spec import GIB, Graph, StageSpec
 from builder.errors import UserError
 from builder.recipe import Component, LoadedRecipe
-from builder.recipe.compression import Compression
+from builder.recipe.compression import Compression, MixedPalettize
 from builder.recipe.model import ComponentSettings
 from builder.sd.contract import controlnet_name
 from builder.sd.manifest import Precision, ShippedCompression, ShippedMixedPalettize
@@ -283,7 +283,10 @@ class _GraphBuilder:
         if compression.mode == "mixed":
             written = os.path.relpath(compression.recipe, self.loaded.path.parent)
             self.components[c] = ShippedMixedPalettize(
-                mode="mixed", recipe=written, weight_threshold=compression.weight_threshold
+                mode="mixed",
+                recipe=written,
+                weight_threshold=compression.weight_threshold,
+                minimum_psnr_db=compression.minimum_psnr_db,
             )
         else:
             self.components[c] = compression
@@ -320,8 +323,14 @@ class _GraphBuilder:
             precision=self.precisions[c],
         )
         origins = {"deployment_target": "deployment_target", "precision": "family"} | chunk_origins
-        converted = self.add("convert", label, convert, origins, {"traced": trace, "rewritten": rewrite}, memory=memory)
-        final, verified = self._compress(label, compression, chunk, rewrite, trace, converted, first, memory)
+        verified: str | None
+        if compression.mode == "w8a8":  # converted from its quantized torch model, not from the trace
+            final, verified = self._w8a8(label, compression, rewrite, memory)
+        else:
+            converted = self.add(
+                "convert", label, convert, origins, {"traced": trace, "rewritten": rewrite}, memory=memory
+            )
+            final, verified = self._compress(label, compression, chunk, rewrite, trace, converted, first, memory)
         compiled = self.add(
             "compile",
             label,
@@ -351,26 +360,28 @@ class _GraphBuilder:
         """The compression stage and its verify, if any: (the model shipped, the verify stage)."""
         field = f"components.{label.split('.')[0]}.compression"
         chunk_origins = {"chunk": "chunk_unet"} if chunk else {}
+        # A floor for the read-back PSNR, set only when the recipe has one (so other builds keep their keys).
+        floor = getattr(compression, "minimum_psnr_db", None)
+        floors = {"minimum_psnr_db": floor} if floor is not None else {}
+        verify_origins = chunk_origins | ({"minimum_psnr_db": f"{field}.minimum_psnr_db"} if floors else {})
         verify_inputs = {"rewritten": rewrite, "float16": converted} | ({"traced": trace} if chunk else {})
         verify_inputs |= {"handover": first.verify} if first and first.verify else {}
         if compression.mode == "float16":
             return converted, None
-        if compression.mode == "quantize":
-            written = compression.model_dump(mode="json", exclude={"mode"})
+        if compression.mode in ("quantize", "palettize"):
+            written = compression.model_dump(mode="json", exclude={"mode", "minimum_psnr_db"})
             origins = {name: f"{field}.{name}" for name in written}
-            params = QuantizeParams.model_validate(written)
-            return self.add("quantize", label, params, origins, {"model": converted}, memory=memory), None
-        if compression.mode == "palettize":
-            written = compression.model_dump(mode="json", exclude={"mode"})
-            origins = {name: f"{field}.{name}" for name in written}
-            options = PalettizeOptions.model_validate(written)
-            final = self.add("palettize", label, options, origins, {"model": converted}, memory=memory)
-            verify = VerifyParams(chunk=chunk)
+            model = QuantizeParams if compression.mode == "quantize" else PalettizeOptions
+            final = self.add(
+                compression.mode, label, model.model_validate(written), origins, {"model": converted}, memory=memory
+            )
+            verify = VerifyParams(chunk=chunk, **floors)
             return final, self.add(
-                "verify", label, verify, chunk_origins, verify_inputs | {"model": final}, memory=memory
+                "verify", label, verify, verify_origins, verify_inputs | {"model": final}, memory=memory
             )
         # mixed: per-layer widths from the recipe file; the analysis workload runs the whole UNet, so it
         # is scored unchunked, or at chunk 2 with both chunks.
+        assert isinstance(compression, MixedPalettize)  # w8a8 never comes here (see _chain)
         mixed = MixedPalettizeParams(weight_threshold=compression.weight_threshold, chunk=chunk)
         origins = {"mbp_recipe": f"{field}.recipe", "weight_threshold": f"{field}.weight_threshold"} | chunk_origins
         recipe_file = {"mbp_recipe": compression.recipe}
@@ -381,9 +392,25 @@ class _GraphBuilder:
         verify_inputs |= {"first": first.final} if first else {}
         verify_inputs |= {"model": final}
         external = recipe_file if scored else {}
-        verified = self.add(
-            "verify", label, VerifyParams(chunk=chunk), chunk_origins, verify_inputs, memory=memory, external=external
+        verify = VerifyParams(chunk=chunk, **floors)
+        verified = self.add("verify", label, verify, verify_origins, verify_inputs, memory=memory, external=external)
+        return final, verified
+
+    def _w8a8(self, label: str, compression: Any, rewrite: str, memory: int) -> tuple[str, str]:
+        """A W8A8 UNet's stages (builder/stages/w8a8.py): (the model shipped, its verify stage)."""
+        from builder.stages.w8a8 import w8a8_stages
+
+        rewritten = next(spec for spec in self.stages if spec.id == rewrite)
+        stages, final, verified = w8a8_stages(
+            component=label,
+            settings=compression,
+            family=self.recipe.family.value,
+            deployment_target=self.recipe.deployment_target.value,
+            rewritten=rewrite,
+            model=rewritten.inputs.get("model") or rewritten.external_inputs["model"],  # the pipeline folder
+            memory_estimate_bytes=memory,
         )
+        self.stages += stages
         return final, verified
 
     def bundle(self, pipeline: _Source) -> None:

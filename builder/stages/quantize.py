@@ -1,4 +1,4 @@
-"""Quantize stage: linear 8-bit weights (int8 plus a float16 scale per output channel)."""
+"""Quantize stage: linear 8-bit weights (int8 plus float16 scales per tensor, output channel or block)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     model = ct.models.MLModel(str(inputs["model"] / "model.mlpackage"), skip_model_load=True)
     config = OptimizationConfig(
         global_config=OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", weight_threshold=p.weight_threshold
+            mode="linear_symmetric",
+            dtype="int8",
+            granularity=p.granularity,
+            **({"block_size": p.block_size} if p.granularity == "per_block" else {}),
+            weight_threshold=p.weight_threshold,
         ),
         op_type_configs={"gather": None},  # embedding tables stay exact
     )

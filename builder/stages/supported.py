@@ -45,6 +45,9 @@ def check_supported(loaded: LoadedRecipe) -> None:
                 "use mode: palettize with one nbits for this component",
             )
         check_mixed_recipe(settings.compression.recipe)
+    for component, settings in recipe.components.enabled().items():
+        if settings.compression.mode == "w8a8":
+            _check_w8a8(loaded, component.value)
     for vae in ("vae_decoder", "vae_encoder"):
         settings = getattr(recipe.components, vae)
         if settings is not None and vae_precision(loaded) == "float32" and settings.compression.mode != "float16":
@@ -64,6 +67,27 @@ def check_supported(loaded: LoadedRecipe) -> None:
                 "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
                 "use mode: palettize with one nbits, or remove model.controlnets",
             )
+
+
+def _check_w8a8(loaded: LoadedRecipe, component: str) -> None:
+    """W8A8 quantizes a whole plain UNet in torch (builder/sd/w8a8)."""
+    field = f"components.{component}.compression.mode"
+    if component not in ANALYSED_COMPONENTS:
+        raise loaded.error(
+            field, "w8a8 is calibrated and analysed for the UNets only (unet, unet_refiner)", "use mode: quantize"
+        )
+    if loaded.recipe.chunk_unet:
+        raise loaded.error(
+            field,
+            "a w8a8 UNet is quantized and converted whole; chunk_unet cuts the float module",
+            "set chunk_unet: false, or use mode: quantize or palettize for a chunked UNet",
+        )
+    if loaded.recipe.model.controlnets:
+        raise loaded.error(
+            field,
+            "w8a8 is analysed on the plain UNet, not the ControlledUnet built with ControlNets",
+            "use mode: quantize or palettize, or remove model.controlnets",
+        )
 
 
 def vae_precision(loaded: LoadedRecipe) -> Precision:

@@ -85,7 +85,8 @@ def _sources(module: nn.Module, inputs: dict[str, Path]) -> Sources:
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
-    chunk = VerifyParams.model_validate(params).chunk
+    p = VerifyParams.model_validate(params)
+    chunk = p.chunk
     _run.calls = 0
     if chunk is None:
         module, architecture = load_conversion_module(inputs["rewritten"], attention=EVALUATED_ATTENTION)
@@ -101,7 +102,27 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         check, sources = _verify_second_chunk(inputs, out)
     save_sources(out / SOURCES_FILE, sources)
     (out / "check.json").write_text(json.dumps(check, indent=2, sort_keys=True))
+    check_floor(check, p.minimum_psnr_db)
     return check | {"compressed_weights": len(sources), "forward_passes": _run.calls}
+
+
+def check_floor(check: dict, floor: float | None) -> None:
+    """Fail when a read-back PSNR (a chunk's own, or its chain's) is below the recipe's floor."""
+    scores = {
+        f"{output} ({'chain' if key.startswith('chain') else 'read-back'})": db
+        for key in ("read_back_psnr_db", "chain_read_back_psnr_db")
+        for output, db in check.get(key, {}).items()
+    }
+    if floor is None or not scores:
+        return
+    worst = min(scores, key=lambda name: scores[name])
+    if scores[worst] < floor:
+        raise UserError(
+            f"compressed model reaches {scores[worst]} dB on {worst} against float16, "
+            f"below the floor minimum_psnr_db {floor:g} dB",
+            hint="compress less (more bits, a finer granularity, or a higher-PSNR mixed-bit recipe), "
+            "or lower minimum_psnr_db to accept it",
+        )
 
 
 def _verify(
@@ -167,14 +188,17 @@ def _probe(module: nn.Module, inputs: dict[str, Path]):
 
 
 def _mixed_bit_check(inputs: dict[str, Path], probe) -> dict:
-    """The recipe file's target and predicted PSNR beside what the module's current (read-back) weights achieve."""
+    """The recipe file's target and predicted PSNR beside what the module's current (read-back) weights
+    achieve, in both of the workload's metrics (final latents, and its first UNet call alone)."""
     from builder.sd.mbp.recipe_file import load_recipe_file
 
     recipe = load_recipe_file(inputs["mbp_recipe"])
-    return {
-        "mixed_bit": {
-            "target_psnr_db": recipe.target_psnr_db,
-            "predicted_psnr_db": recipe.psnr_db,
-            "achieved_psnr_db": round(probe.psnr_now(), 2),
-        }
+    achieved = probe.scores_of(probe.module)
+    figures = {
+        "target_psnr_db": recipe.target_psnr_db,
+        "predicted_psnr_db": recipe.psnr_db,
+        "achieved_psnr_db": round(achieved.latent_psnr_db, 2),
+        "predicted_single_call_psnr_db": recipe.single_call_psnr_db,
+        "achieved_single_call_psnr_db": round(achieved.single_call_psnr_db, 2),
     }
+    return {"mixed_bit": {name: value for name, value in figures.items() if value is not None}}

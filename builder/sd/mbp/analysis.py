@@ -6,7 +6,11 @@ text_embeds and time_ids; its scheduler; classifier-free guidance). The
 reference is that loop with every weight rounded to float16, as the converted model stores them.
 A palettized layer's weight is replaced by its LUT reconstruction from the palettizer's own k-means
 (`builder.coreml.palettize`), so what is measured here is what the compressed package computes.
-Scores are Apple's PSNR of the final latents, per prompt, averaged over prompts.
+Scores are Apple's PSNR of the final latents, per prompt, averaged over prompts. Beside it the
+workload's first UNet call is scored on its own (`single_call_psnr_db`: the noise prediction for
+the seeded latents, both guidance halves of every prompt, against float16's), the figure a
+one-call read-back gives: the trajectory metric averages errors over steps and guidance, and a
+layer choice can meet it while single calls lose far more.
 
 Two passes, as in Apple's pre-analysis: each layer alone at each bit width (`measure_layers`), then
 a greedy cumulative search (`search_candidates`) that picks per-layer widths for a series of PSNR
@@ -19,6 +23,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from builder.coreml.lut import palettize_array
+from builder.recipe.calibration import WORKLOAD_PROMPTS
 from builder.sd.conditioning import UNET_TEXT_INPUTS
 from builder.sd.mbp.layers import Layer
 from builder.sd.psnr import psnr
@@ -47,17 +53,26 @@ class ProbeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompts: tuple[str, ...] = ("a photo of a red bicycle leaning on a wall", "a watercolor of a lighthouse at dusk")
+    prompts: tuple[str, ...] = WORKLOAD_PROMPTS[:2]
     steps: int = Field(default=2, ge=1)
     seed: int = 0
     guidance_scale: float = 7.5
+
+
+class Scores(NamedTuple):
+    """One configuration on the workload, against float16: the final latents (averaged over
+    prompts) and the first UNet call's noise prediction."""
+
+    latent_psnr_db: float
+    single_call_psnr_db: float
 
 
 class Candidate(BaseModel):
     """One per-layer bit-width choice for a PSNR target, with what it measured and what it costs."""
 
     target_psnr_db: float
-    psnr_db: float  # measured with every chosen layer palettized at once
+    psnr_db: float  # measured with every chosen layer palettized at once (final latents)
+    single_call_psnr_db: float  # the same configuration's first UNet call (noise prediction)
     bits_per_weight: float  # index bits plus LUT share, over all palettizable layers
     size_bytes: int  # palettizable weights as stored (indices, LUTs, or float16)
     layers: dict[str, int | None]
@@ -106,19 +121,23 @@ class Probe:
         }
         self.applied: Recipe = {}
         self.evaluations = 0
-        self.reference = self._denoise()
+        self.reference, self.first_call = self._denoise(self.module)
 
     def psnr(self, recipe: Recipe) -> float:
         """Average PSNR over prompts of the final latents with `recipe` applied, against float16."""
-        self._apply(recipe)
-        produced = self._denoise()
-        return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=False)) / len(self.reference)
+        return self.scores(recipe).latent_psnr_db
 
-    def psnr_now(self) -> float:
-        """Average PSNR over prompts with the module's weights as they are now (e.g. a package's
-        compressed weights loaded in place by the caller), against the float16 reference."""
-        produced = self._denoise()
-        return sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=True)) / len(self.reference)
+    def scores(self, recipe: Recipe) -> Scores:
+        """Both metrics with `recipe` applied, against float16."""
+        self._apply(recipe)
+        return self.scores_of(self.module)
+
+    def scores_of(self, module: nn.Module) -> Scores:
+        """Both metrics for `module` as it is now (the probe's own with a package's compressed weights
+        loaded in place, or another model of the same UNet, e.g. a quantized one), against float16."""
+        produced, first_call = self._denoise(module)
+        latent = sum(psnr(p, r) for p, r in zip(produced, self.reference, strict=True)) / len(self.reference)
+        return Scores(latent, psnr(first_call, self.first_call))
 
     def _apply(self, recipe: Recipe) -> None:
         wanted: Recipe = {identity: bits for identity, bits in recipe.items() if bits is not None}
@@ -132,19 +151,24 @@ class Probe:
                 self.module.get_parameter(identity).copy_(torch.from_numpy(weight.astype(np.float32)))
         self.applied = wanted
 
-    def _denoise(self) -> torch.Tensor:
+    def _denoise(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final latents, and the first call's noise prediction."""
         self.scheduler.set_timesteps(self.settings.steps)
         latents = self.latents * self.scheduler.init_noise_sigma
+        first_call = None
         with torch.no_grad():
             for t in self.scheduler.timesteps:
                 doubled = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
                 timestep = torch.full((doubled.shape[0],), float(t))
-                noise = self.module(doubled, timestep, *self.conditioning)
+                noise = module(doubled, timestep, *self.conditioning)
                 self.evaluations += 1
+                first_call = noise if first_call is None else first_call
                 unconditional, conditional = noise.chunk(2)
                 noise = unconditional + self.settings.guidance_scale * (conditional - unconditional)
                 latents = self.scheduler.step(noise, t, latents).prev_sample
-        return latents
+        if first_call is None:
+            raise ValueError("the workload has no denoising steps")
+        return latents, first_call
 
 
 def measure_layers(probe: Probe, layers: Iterable[Layer], nbits: Sequence[int] = NBITS) -> dict[str, dict[int, float]]:
@@ -159,11 +183,12 @@ def stored_bits(layer: Layer, bits: int | None) -> int:
     return layer.elements * bits + (1 << bits) * _LUT_ENTRY_BITS
 
 
-def candidate(target_db: float, psnr_db: float, layers: Sequence[Layer], recipe: Recipe) -> Candidate:
+def candidate(target_db: float, scores: Scores, layers: Sequence[Layer], recipe: Recipe) -> Candidate:
     bits = sum(stored_bits(layer, recipe.get(layer.identity)) for layer in layers)
     return Candidate(
         target_psnr_db=target_db,
-        psnr_db=round(psnr_db, 2),
+        psnr_db=round(scores.latent_psnr_db, 2),
+        single_call_psnr_db=round(scores.single_call_psnr_db, 2),
         bits_per_weight=round(bits / sum(layer.elements for layer in layers), 4),
         size_bytes=math.ceil(bits / 8),
         layers={layer.identity: recipe.get(layer.identity) for layer in layers},
@@ -187,7 +212,7 @@ def search_candidates(
     widths = sorted({bits for scores in sensitivity.values() for bits in scores}, reverse=True)
     order = {layer.identity: index for index, layer in enumerate(layers)}
     recipe: Recipe = {}
-    score = probe.psnr(recipe)
+    score = probe.scores(recipe)
     candidates = []
     for target in sorted(targets_db, reverse=True):
         for bits in widths:
@@ -202,8 +227,8 @@ def search_candidates(
             low, high = 0, len(eligible)
             while low < high:
                 middle = (low + high + 1) // 2
-                trial = probe.psnr(recipe | dict.fromkeys(eligible[:middle], bits))
-                if trial >= target:
+                trial = probe.scores(recipe | dict.fromkeys(eligible[:middle], bits))
+                if trial.latent_psnr_db >= target:
                     low, score = middle, trial
                 else:
                     high = middle - 1

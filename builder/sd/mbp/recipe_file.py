@@ -3,7 +3,8 @@
 ```yaml
 model: tiny-sd UNet, SPLIT_EINSUM     # what the recipe was made for (free text)
 target_psnr_db: 40                    # optional: what it was chosen for
-psnr_db: 40.3                         # optional: what it measured
+psnr_db: 40.3                         # optional: what it measured (final latents of the workload)
+single_call_psnr_db: 33.1             # optional: the same, for the workload's first UNet call alone
 default_nbits: null                   # palettizable layers not listed: bits, or null = float16
 layers:
   unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q.weight: 4
@@ -43,6 +44,7 @@ class MbpRecipe(BaseModel):
     model: str
     target_psnr_db: float | None = None
     psnr_db: float | None = None
+    single_call_psnr_db: float | None = None
     bits_per_weight: float | None = None
     default_nbits: Nbits | None = None
     layers: dict[str, Nbits | None]
