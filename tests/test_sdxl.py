@@ -320,7 +320,7 @@ def test_the_sdxl_rule_recipe_builds_a_graph_with_its_own_refiner_source(tmp_pat
     assert graph["rewrite:unet_refiner"].inputs == {"model": "source-refiner"}
     assert graph["source-refiner"].params["preset"] == "tiny-sdxl-refiner"
     assert graph["convert:vae_decoder"].params["precision"] == "float32"
-    assert "precision" not in graph["convert:unet"].params
+    assert graph["convert:unet"].params["precision"] == "float16"
 
 
 def test_refiner_needs_its_unet_and_the_other_way_round(tmp_path):
@@ -403,4 +403,4 @@ def test_the_hub_recipes_validate(tmp_path):
     graph = build_graph(load_recipe(unchunked, ws.root))
     assert graph["rewrite:vae_decoder"].inputs == {"model": "source-vae"}
     assert graph["source-vae"].params["kind"] == "vae_hub"
-    assert "precision" not in graph["convert:vae_decoder"].params
+    assert graph["convert:vae_decoder"].params["precision"] == "float16"  # the replacement VAE is float16-safe
