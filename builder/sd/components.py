@@ -36,6 +36,7 @@ from builder.sd.modules import (
     VaeEncoderModule,
     token_id,
 )
+from builder.sd.tokenizer_files import MODEL_MAX_LENGTH
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-TEXT_SEQUENCE_LENGTH = 77
+TEXT_SEQUENCE_LENGTH = MODEL_MAX_LENGTH
 VAE_SCALE = 8
 
 

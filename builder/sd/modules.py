@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from builder.sd.tokenizer_files import MODEL_MAX_LENGTH
+
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
@@ -50,7 +52,7 @@ class TextEncoderModule(nn.Module):
     returns the last hidden state and the pooled (first end-of-text token) state.
     """
 
-    def __init__(self, clip: CLIPTextModel, sequence_length: int = 77):
+    def __init__(self, clip: CLIPTextModel, sequence_length: int = MODEL_MAX_LENGTH):
         super().__init__()
         self.clip = clip
         self.eos_token_id = token_id(clip.config, "eos_token_id")
@@ -74,7 +76,7 @@ class TextEncoderXLModule(nn.Module):
     (pooled = the projection of it). Same float16-safe causal mask as TextEncoderModule.
     """
 
-    def __init__(self, clip: CLIPTextModel | CLIPTextModelWithProjection, sequence_length: int = 77):
+    def __init__(self, clip: CLIPTextModel | CLIPTextModelWithProjection, sequence_length: int = MODEL_MAX_LENGTH):
         from transformers import CLIPTextModelWithProjection
 
         super().__init__()
