@@ -6,25 +6,9 @@ import contextlib
 import io
 
 from conftest import Workspace
+from hostile import VALID  # the valid recipe, line by line
 
 from builder.cli import main
-
-VALID = (
-    "name: tiny-sd\n"  # 1
-    "version: 0.1.0\n"  # 2
-    "family: sd\n"  # 3
-    "model:\n"  # 4
-    "  synthetic: {preset: tiny-sd, seed: 0}\n"  # 5
-    "latent_size: [16, 16]\n"  # 6
-    "attention: ORIGINAL\n"  # 7
-    "compute_unit: CPU_AND_GPU\n"  # 8
-    "deployment_target: macOS13\n"  # 9
-    "components:\n"  # 10
-    "  text_encoder: {}\n"  # 11
-    "  unet:\n"  # 12
-    "    compression: {mode: palettize, nbits: 6}\n"  # 13
-    "  vae_decoder: {}\n"  # 14
-)
 
 
 def _fails(ws: Workspace, text: str | None, *needles: str, env: dict | None = None, recipe: str = "recipes/bad.yaml"):
@@ -69,7 +53,7 @@ def test_nbits_five(workspace):
     _fails(
         workspace,
         VALID.replace("nbits: 6", "nbits: 5"),
-        "bad.yaml:13",
+        "bad.yaml:14",
         "components.unet.compression.nbits",
         "1, 2, 3, 4, 6",
     )
@@ -80,8 +64,8 @@ def test_missing_recipe_file(workspace):
 
 
 def test_malformed_yaml(workspace):
-    # The unclosed brace is only noticed at the next key, line 13.
-    _fails(workspace, VALID.replace("  text_encoder: {}", "  text_encoder: {"), "bad.yaml:13", "invalid YAML")
+    # The unclosed brace (line 12) is only noticed two lines on, at line 14.
+    _fails(workspace, VALID.replace("  text_encoder: {}", "  text_encoder: {"), "bad.yaml:14", "invalid YAML")
 
 
 def test_path_escaping_the_workspace(workspace, tmp_path):
