@@ -8,7 +8,7 @@ import pytest
 from test_palettize import EMBEDDING, _convert
 
 from builder.errors import RecipeError, RecipeErrors
-from builder.recipe import load_recipe
+from builder.recipe import LoadedRecipe, load_recipe
 from builder.stages import palettize, quantize
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-sd.yaml"
@@ -56,17 +56,22 @@ def test_quantize_stage_stores_int8_weights(converted, tmp_path):
     assert summary["size_bytes"] < 0.7 * original
 
 
-def test_grouped_palettization_needs_ios18(tmp_path):
-    text = RECIPE.read_text().replace(
-        "compression: {mode: palettize, nbits: 6}",
-        "compression: {mode: palettize, nbits: 4, granularity: per_grouped_channel, group_size: 16}",
-    )
-    recipe = tmp_path / "grouped.yaml"
+def ios18_compression_recipe(tmp_path: Path, compression: str) -> LoadedRecipe:
+    """tiny-sd with the UNet's `compression`: refused at its granularity for macOS13, naming iOS18;
+    returns the recipe loaded once its target is macOS15."""
+    text = RECIPE.read_text().replace("compression: {mode: palettize, nbits: 6}", f"compression: {compression}")
+    recipe = tmp_path / "ios18.yaml"
     recipe.write_text(text)
     with pytest.raises((RecipeError, RecipeErrors)) as raised:
         load_recipe(recipe, workspace=tmp_path)
     message = raised.value.render()
     assert "components.unet.compression.granularity" in message and "iOS18" in message
     recipe.write_text(text.replace("deployment_target: macOS13", "deployment_target: macOS15"))
-    loaded = load_recipe(recipe, workspace=tmp_path)
+    return load_recipe(recipe, workspace=tmp_path)
+
+
+def test_grouped_palettization_needs_ios18(tmp_path):
+    loaded = ios18_compression_recipe(
+        tmp_path, "{mode: palettize, nbits: 4, granularity: per_grouped_channel, group_size: 16}"
+    )
     assert loaded.recipe.components.unet.compression.group_size == 16

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import Workspace
+from test_compression_stages import ios18_compression_recipe
 from test_palettize import _convert
 
 from builder.coreml.weights import compressed_const_names, read_back_weights
-from builder.errors import RecipeError, RecipeErrors
-from builder.recipe import load_recipe
 from builder.stages import quantize
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-sd.yaml"
@@ -54,17 +53,8 @@ def test_quantized_weights_read_back_as_coremltools_decompresses_them(target, gr
 
 
 def test_per_block_quantization_needs_ios18(tmp_path):
-    text = RECIPE.read_text().replace(
-        "compression: {mode: palettize, nbits: 6}", "compression: {mode: quantize, granularity: per_block}"
-    )
-    recipe = tmp_path / "blocks.yaml"
-    recipe.write_text(text)
-    with pytest.raises((RecipeError, RecipeErrors)) as raised:
-        load_recipe(recipe, workspace=tmp_path)
-    message = raised.value.render()
-    assert "components.unet.compression.granularity" in message and "iOS18" in message
-    recipe.write_text(text.replace("deployment_target: macOS13", "deployment_target: macOS15"))
-    assert load_recipe(recipe, workspace=tmp_path).recipe.components.unet.compression.granularity == "per_block"
+    loaded = ios18_compression_recipe(tmp_path, "{mode: quantize, granularity: per_block}")
+    assert loaded.recipe.components.unet.compression.granularity == "per_block"
 
 
 @pytest.mark.slow
