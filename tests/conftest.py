@@ -142,3 +142,10 @@ def rewrite_and_trace(folder: Path, component: str, family: str, attention: str,
     rewrite.run({"model": folder}, params, rewritten)
     summary = trace.run({"rewritten": rewritten}, {"component": component}, traced)
     return summary, json.loads((rewritten / "architecture.json").read_text()) | {"traced": str(traced)}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding `slow` tests run first: the suite runs on two xdist workers, one module per
+    worker at a time (`--dist loadfile`), and a long module left for last would run alone."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_modules)

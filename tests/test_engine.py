@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -261,7 +260,8 @@ def test_gc_keeps_what_targets_reference(cache):
     assert not any((cache / "objects").iterdir())
 
 
-def test_no_op_rebuild_hashes_nothing_and_is_fast(cache, monkeypatch):
+def test_no_op_rebuild_hashes_nothing(cache, monkeypatch):
+    """A no-op rebuild reads no output file: its cost is stat calls (bench/build_bench.py times it)."""
     graph = Graph(
         StageSpec(
             id=f"blob{i}",
@@ -277,7 +277,5 @@ def test_no_op_rebuild_hashes_nothing_and_is_fast(cache, monkeypatch):
     real_sha256_file = hashing.sha256_file
     monkeypatch.setattr(hashing, "sha256_file", lambda path: hashed.append(path) or real_sha256_file(path))
 
-    started = time.perf_counter()
     assert {r.status for r in Engine(cache, "demo").build(graph)} == {"hit"}
-    assert time.perf_counter() - started < 1.0
     assert hashed == []  # verified by stat against the digest memo
