@@ -147,22 +147,36 @@ def test_sdxl_with_refiner_writes_a_png(sdxl_built, tmp_path, one_torch_thread):
     assert not np.array_equal(_pixels(refined), _pixels(base_only))  # the refiner ran the last steps
 
 
-def test_controlnet_bundle_follows_its_control_image(controlnet_builds, tmp_path, one_torch_thread, capsys):
+def test_controlnet_bundle_writes_a_png_with_its_residuals(controlnet_builds, tmp_path, one_torch_thread, capsys):
+    from builder.generate.backend import LazyModels, load_models
+    from builder.generate.families import sd
+
     ws, _, _ = controlnet_builds
-    images = []
-    for index, colour in enumerate(((0, 0, 0), (255, 255, 255))):
-        control = tmp_path / f"control-{index}.png"
-        Image.new("RGB", (64, 64), colour).save(control)  # resized to the bundle's 128 x 128
-        out = tmp_path / f"controlled-{index}.png"
-        assert _generate(ws, "recipes/controlled.yaml", out, "--control-image", str(control)) == 0
-        images.append(_pixels(out))
-    assert images[0].shape == (128, 128, 3)
-    assert not np.array_equal(images[0], images[1])
-    control = tmp_path / "control-0.png"
+    control = tmp_path / "control.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(control)
+    out = tmp_path / "controlled.png"
+    assert _generate(ws, "recipes/controlled.yaml", out, "--control-image", str(control)) == 0  # resized to 128
+    assert _pixels(out).shape == (128, 128, 3)
     two = ("--control-image", str(control), "--control-image", str(control))
     assert _generate(ws, "recipes/controlled.yaml", tmp_path / "no.png", *two) == 2
     assert "2 --control-image for 1 ControlNet(s): controlnet/SyntheticTinySdSeed0" in capsys.readouterr().err
     assert not (tmp_path / "no.png").exists()
+
+    # The ControlNet's residuals reach the ControlledUnet: zeroing them changes the image. (The
+    # synthetic ControlNet's small random weights leave its residuals almost blind to the image itself.)
+    bundle = _located(ws, "recipes/controlled.yaml")
+    models = load_models(bundle, "torch")
+
+    def silenced(name: str):
+        model = models[name]
+        if not name.startswith("controlnet/"):
+            return model
+        return lambda features: {n: torch.zeros_like(r) for n, r in model(features).items()}
+
+    request = Request(prompt=PROMPT, steps=3, seed=1, guidance_scale=GUIDANCE, control_images=(control,))
+    image = sd.generate(bundle, models, request, lambda done, total: None)
+    without = sd.generate(bundle, LazyModels(list(models), silenced), request, lambda done, total: None)
+    assert psnr(without, image) < 60
 
 
 def test_init_image_needs_a_vae_encoder(controlnet_builds, tmp_path, capsys):
@@ -182,7 +196,8 @@ def test_a_stale_or_unpublished_bundle_is_refused(built, tmp_path, capsys):
     ws.cache = shared.cache  # every stage of recipes/tiny-sd.yaml is cached there, but nothing is published here
     assert _generate(ws, "recipes/tiny-sd.yaml", tmp_path / "a.png") == 2
     err = capsys.readouterr().err
-    assert "is not the bundle this recipe builds now" in err and f"sdbuild build {ws.root}/recipes/tiny-sd.yaml" in err
+    assert "is not the bundle this recipe builds now" in err
+    assert f"sdbuild build {ws.root}/recipes/tiny-sd.yaml" in err
 
     recipe = ws.root / "recipes" / "tiny-sd.yaml"
     recipe.write_text(recipe.read_text().replace("nbits: 6", "nbits: 4"))
@@ -221,7 +236,8 @@ def test_core_ml_backend_wiring(built, monkeypatch, one_torch_thread):
         def predict(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             declared = {i.name: (i.shape, i.dtype) for i in self.entry.inputs}
             assert {name: (list(a.shape), str(a.dtype)) for name, a in feed.items()} == declared
-            return {name: value.numpy() for name, value in self.model({n: torch.from_numpy(a) for n, a in feed.items()}).items()}
+            produced = self.model({name: torch.from_numpy(array) for name, array in feed.items()})
+            return {name: value.numpy() for name, value in produced.items()}
 
     monkeypatch.setattr(coreml_backend, "_open", FakeMLModel)
     request = Request(prompt=PROMPT, steps=3, seed=1, guidance_scale=GUIDANCE)
