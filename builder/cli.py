@@ -22,6 +22,7 @@ from rich.table import Table
 from builder.engine import Engine, Event, Graph, Heartbeat, StageFinished, StageResult, StageStarted, WorkersReady
 from builder.errors import EnvironmentFault, StageFailed, UserError
 from builder.faults import as_fault, free_bytes, size_text
+from builder.generate.request import REFINER_START
 from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
 from builder.sd.settings import ANALYSED_COMPONENTS
 
@@ -258,6 +259,42 @@ def cmd_report(args: argparse.Namespace, workspace: Workspace, console: Console)
             f"cannot report on {bundle}: {problem}", hint="report on a float16 or palettized bundle"
         ) from None
     console.print(f"[bold green]report[/] -> {report}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """An image from the recipe's built bundle: Core ML on macOS, the verified torch modules elsewhere."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bar
+
+    from builder.generate.backend import choose_backend
+    from builder.generate.built import locate
+    from builder.generate.images import write_png
+    from builder.generate.request import Request
+    from builder.generate.run import generate
+    from builder.stages.pipeline import build_graph
+
+    loaded = workspace.load(args.recipe)
+    bundle = locate(loaded, build_graph(loaded), workspace.engine(loaded), workspace.artifacts)
+    backend = choose_backend(args.backend)
+    described = {"coreml": f"Core ML ({bundle.manifest.compute_unit})", "torch": "torch (the verified modules)"}
+    console.print(f"[bold]generate[/] {bundle.path}  backend {described[backend]}")
+    request = Request(
+        prompt=args.prompt,
+        steps=args.steps,
+        seed=args.seed,
+        guidance_scale=args.guidance,
+        init_image=args.init_image,
+        strength=args.strength,
+        control_images=tuple(args.control_images or ()),
+        refiner_start=args.refiner_start,
+    )
+    out = args.out or workspace.root / f"{loaded.recipe.name}-seed{args.seed}.png"
+    with Bar("denoising", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("denoising", total=None)
+        pixels = generate(bundle, backend, request, lambda done, total: bar.update(task, completed=done, total=total))
+    write_png(out, pixels)
+    console.print(f"[bold green]image[/] -> {out} ({pixels.shape[1]}x{pixels.shape[0]}, backend {backend})")
     return 0
 
 
@@ -607,6 +644,37 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--jobs", type=int, default=2, help="stages run at once if the bundle must be built")
     _add_safety_overrides(report, overwrite=True)
     report.set_defaults(run=cmd_report)
+
+    generate = commands.add_parser("generate", help="an image from the recipe's built bundle (PNG)")
+    generate.add_argument("recipe")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    generate.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    generate.add_argument(
+        "--out", type=Path, default=None, help="PNG to write (default <workspace>/<name>-seed<S>.png)"
+    )
+    generate.add_argument(
+        "--control-image",
+        dest="control_images",
+        type=Path,
+        action="append",
+        help="conditioning image of a ControlNet bundle (one per ControlNet, in the manifest's order)",
+    )
+    generate.add_argument("--init-image", type=Path, default=None, help="image to image: start from this image")
+    generate.add_argument(
+        "--strength", type=float, default=0.75, help="image to image: how much of the image is redrawn (default 0.75)"
+    )
+    generate.add_argument(
+        "--refiner-start",
+        type=float,
+        default=REFINER_START,
+        help=f"SDXL with a refiner: fraction of the steps the base UNet runs (default {REFINER_START})",
+    )
+    generate.add_argument(
+        "--backend", choices=("auto", "coreml", "torch"), default="auto", help="auto: Core ML on macOS, else torch"
+    )
+    generate.set_defaults(run=cmd_generate)
 
     analyze = commands.add_parser("analyze", help="mixed-bit palettization analysis of the recipe's UNet")
     analyze.add_argument("recipe")

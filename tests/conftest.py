@@ -144,6 +144,50 @@ def rewrite_and_trace(folder: Path, component: str, family: str, attention: str,
     return summary, json.loads((rewritten / "architecture.json").read_text()) | {"traced": str(traced)}
 
 
+@pytest.fixture(scope="session")
+def sdxl_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+    """One build of recipes/tiny-sdxl.yaml (base, refiner, both VAEs), shared by the modules that read it."""
+    ws = make_workspace(tmp_path_factory.mktemp("sdxl-built"))
+    return ws, ws.build_json("recipes/tiny-sdxl.yaml")
+
+
+CONTROLNET_RECIPE = """\
+name: tiny-sd
+version: 0.1.0
+family: sd
+model:
+  synthetic: {preset: tiny-sd, seed: 0}
+  controlnets:
+    - synthetic: {preset: tiny-sd, seed: 0}
+latent_size: [16, 16]
+attention: ORIGINAL
+compute_unit: CPU_AND_GPU
+deployment_target: macOS13
+components:
+  text_encoder: {}
+  unet: {}
+  vae_decoder: {}
+  controlnet:
+    compression: {mode: palettize, nbits: 8}
+"""
+
+
+@pytest.fixture(scope="session")
+def controlnet_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict, dict]:
+    """CONTROLNET_RECIPE (recipes/controlled.yaml) built with ORIGINAL, then with SPLIT_EINSUM in the
+    same cache: (workspace, build reports, manifests) by attention. The SPLIT_EINSUM build is the one
+    published and the recipe file as it stands."""
+    ws = make_workspace(tmp_path_factory.mktemp("controlled"))
+    recipe = ws.root / "recipes" / "controlled.yaml"
+    recipe.write_text(CONTROLNET_RECIPE)
+    results = {"ORIGINAL": ws.build_json("recipes/controlled.yaml")}
+    manifests = {"ORIGINAL": json.loads((ws.bundle / "manifest.json").read_text())}
+    recipe.write_text(CONTROLNET_RECIPE.replace("attention: ORIGINAL", "attention: SPLIT_EINSUM"))
+    results["SPLIT_EINSUM"] = ws.build_json("recipes/controlled.yaml")
+    manifests["SPLIT_EINSUM"] = json.loads((ws.bundle / "manifest.json").read_text())
+    return ws, results, manifests
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules holding `slow` tests run first: the suite runs on two xdist workers, one module per
     worker at a time (`--dist loadfile`), and a long module left for last would run alone."""

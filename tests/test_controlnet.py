@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import Workspace, make_workspace
+from conftest import CONTROLNET_RECIPE as RECIPE
+from conftest import Workspace
 
 from builder.coreml.package import describe_mlpackage
 from builder.recipe.sources import ControlNetSource
@@ -17,25 +17,6 @@ from builder.sd.presets import get_controlnet_preset, get_preset
 from builder.sd.psnr import psnr
 from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
 
-RECIPE = """\
-name: tiny-sd
-version: 0.1.0
-family: sd
-model:
-  synthetic: {preset: tiny-sd, seed: 0}
-  controlnets:
-    - synthetic: {preset: tiny-sd, seed: 0}
-latent_size: [16, 16]
-attention: ORIGINAL
-compute_unit: CPU_AND_GPU
-deployment_target: macOS13
-components:
-  text_encoder: {}
-  unet: {}
-  vae_decoder: {}
-  controlnet:
-    compression: {mode: palettize, nbits: 8}
-"""
 NAME = "SyntheticTinySdSeed0"
 SHAPE = ComponentShape(latent_size=(16, 16), batch_size=2)
 
@@ -89,24 +70,10 @@ def test_controlnet_residuals_feed_the_controlled_unet_as_diffusers_does(folders
     assert psnr(plain, expected_noise[0]) < 40
 
 
-@pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """The recipe built with ORIGINAL, then with SPLIT_EINSUM in the same cache."""
-    ws = make_workspace(tmp_path_factory.mktemp("controlled"))
-    recipe = ws.root / "recipes" / "controlled.yaml"
-    recipe.write_text(RECIPE)
-    results = {"ORIGINAL": ws.build_json("recipes/controlled.yaml")}
-    manifests = {"ORIGINAL": json.loads((ws.bundle / "manifest.json").read_text())}
-    recipe.write_text(RECIPE.replace("attention: ORIGINAL", "attention: SPLIT_EINSUM"))
-    results["SPLIT_EINSUM"] = ws.build_json("recipes/controlled.yaml")
-    manifests["SPLIT_EINSUM"] = json.loads((ws.bundle / "manifest.json").read_text())
-    return ws, results, manifests
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["ORIGINAL", "SPLIT_EINSUM"])
-def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(builds, attention):
-    ws, _, manifests = builds
+def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(controlnet_builds, attention):
+    ws, _, manifests = controlnet_builds
     manifest = manifests[attention]
     assert manifest["attention"] == attention
     assert set(manifest["models"]) == {"TextEncoder", "ControlledUnet", "VAEDecoder", f"controlnet/{NAME}"}
@@ -141,8 +108,8 @@ def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(builds, 
 
 
 @pytest.mark.slow
-def test_attention_switch_rebuilds_unet_and_controlnet_only(builds):
-    _, results, _ = builds
+def test_attention_switch_rebuilds_unet_and_controlnet_only(controlnet_builds):
+    _, results, _ = controlnet_builds
     built = {s["id"] for s in results["SPLIT_EINSUM"]["stages"] if s["status"] == "built"}
     components = {stage.split(":", 1)[1] for stage in built if ":" in stage}
     assert components == {"unet", f"controlnet.{NAME}"}

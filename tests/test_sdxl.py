@@ -151,12 +151,6 @@ def test_full_size_presets_have_the_real_parameter_counts():
 # --- one full build of recipes/tiny-sdxl.yaml --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sdxl_built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
-    ws = make_workspace(tmp_path_factory.mktemp("sdxl-built"))
-    return ws, ws.build_json("recipes/tiny-sdxl.yaml")
-
-
 def _bundle(ws: Workspace, name: str = "tiny-sdxl") -> Path:
     return ws.root / "artifacts" / name / "latest"
 

@@ -20,11 +20,11 @@ modules (`kind(...).wrap`), the ones that are converted:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from builder.errors import UserError
 from builder.sd.components import TEXT_SEQUENCE_LENGTH, VAE_SCALE, kind, pipeline_time_ids
@@ -37,6 +37,9 @@ _ENCODERS = {
     "sd": (("text_encoder", "tokenizer"),),
     "sdxl": (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
 }
+# float32 token ids (1, 77) -> (hidden states, pooled state): a text encoder conversion module, or a
+# bundle's text encoder model as `sdbuild generate` runs it
+TextEncoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # diffusers' StableDiffusionXLImg2ImgPipeline defaults for a refiner's time_ids
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
@@ -44,7 +47,15 @@ AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 class TextConditioning:
     """Prompt -> UNet conditioning inputs for one pipeline folder, family and latent size."""
 
-    def __init__(self, pipeline: Path, family: str, latent_size: tuple[int, int]):
+    def __init__(
+        self,
+        pipeline: Path,
+        family: str,
+        latent_size: tuple[int, int],
+        encoders: Mapping[str, TextEncoder] | None = None,
+    ):
+        """`encoders` (by component) replace the pipeline folder's own, e.g. a bundle's models as
+        `sdbuild generate` runs them; the tokenizers are always the pipeline folder's."""
         from transformers import CLIPTokenizer
 
         if family not in _ENCODERS:
@@ -53,16 +64,19 @@ class TextConditioning:
         self.latent_size = latent_size
         self.time_ids_length = pipeline_time_ids(pipeline)  # 6, or 5 for a refiner
         # A refiner pipeline has no text_encoder (diffusers then uses text_encoder_2 alone).
-        encoders = [pair for pair in _ENCODERS[family] if family == "sd" or (pipeline / pair[0]).is_dir()]
-        if family == "sdxl" and encoders[-1][0] != "text_encoder_2":
+        folders = [pair for pair in _ENCODERS[family] if family == "sd" or (pipeline / pair[0]).is_dir()]
+        if family == "sdxl" and folders[-1][0] != "text_encoder_2":
             raise UserError(
                 f"{pipeline} has no text_encoder_2, which gives SDXL's pooled text_embeds",
                 hint="point the recipe's model at a complete SDXL pipeline folder",
             )
-        self.encoders: list[tuple[CLIPTokenizer, nn.Module]] = []
-        for component, tokenizer in encoders:
-            k = kind(component, family)
-            module = k.wrap(k.load(pipeline, k.subfolder).eval(), "ORIGINAL").eval()
+        self.encoders: list[tuple[CLIPTokenizer, TextEncoder]] = []
+        for component, tokenizer in folders:
+            if encoders is not None:
+                module = encoders[component]
+            else:
+                k = kind(component, family)
+                module = k.wrap(k.load(pipeline, k.subfolder).eval(), "ORIGINAL").eval()
             self.encoders.append((CLIPTokenizer.from_pretrained(pipeline / tokenizer), module))
         index = pipeline / "model_index.json"
         config = json.loads(index.read_text()) if index.is_file() else {}

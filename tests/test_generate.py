@@ -1,0 +1,247 @@
+"""`sdbuild generate`: PNGs from the built tiny-sd, tiny-sdxl and ControlNet bundles; a float16 bundle's
+image against diffusers' pipeline for the same weights, seed and scheduler; image to image; refusals;
+the backend dispatch and the Core ML wiring (through a fake at the coremltools boundary).
+
+The bundles are the session builds of conftest (`built`, `sdxl_built`, `controlnet_builds`); the
+float16 tiny-sd bundle is built in `built`'s cache, where every stage but the bundle's is cached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import Workspace, make_workspace
+from PIL import Image
+
+from builder.cli import Workspace as CliWorkspace
+from builder.cli import main
+from builder.errors import UserError
+from builder.generate.backend import choose_backend
+from builder.generate.built import BuiltBundle, locate
+from builder.generate.request import Request
+from builder.generate.run import generate
+from builder.sd.psnr import psnr
+from builder.stages.pipeline import build_graph
+
+PROMPT = "a lighthouse at dawn"
+STEPS = "6"
+SEED = "3"
+GUIDANCE = 7.5
+
+
+def _generate(ws: Workspace, recipe: str, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "--workspace",
+            str(ws.root),
+            "--cache-dir",
+            str(ws.cache),
+            "generate",
+            str(ws.root / recipe),
+            "--prompt",
+            PROMPT,
+            "--steps",
+            STEPS,
+            "--seed",
+            SEED,
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def _db(image: np.ndarray, reference: np.ndarray) -> float:
+    return psnr(torch.from_numpy(image.astype(np.float64)), torch.from_numpy(reference.astype(np.float64)))
+
+
+def _located(ws: Workspace, recipe: str) -> BuiltBundle:
+    cli = CliWorkspace(ws.root, ws.cache)
+    loaded = cli.load(str(ws.root / recipe))
+    return locate(loaded, build_graph(loaded), cli.engine(loaded), cli.artifacts)
+
+
+@pytest.fixture(scope="module")
+def float16_sd(built, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """tiny-sd with a float16 UNet, published from `built`'s cache (its UNet was converted there already)."""
+    shared, _ = built
+    ws = make_workspace(tmp_path_factory.mktemp("generate-float16"))
+    ws.cache = shared.cache
+    recipe = ws.root / "recipes" / "tiny-sd.yaml"
+    text = recipe.read_text()
+    assert "compression: {mode: palettize, nbits: 6}" in text
+    recipe.write_text(text.replace("compression: {mode: palettize, nbits: 6}", "compression: {mode: float16}"))
+    ws.build_json()
+    return ws
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipeline(float16_sd):
+    """The diffusers pipeline of the folder the bundle was built from (the same weights and scheduler)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = _located(float16_sd, "recipes/tiny-sd.yaml").pipeline("unet")
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+
+
+def _diffusers_pixels(pipeline, **arguments) -> np.ndarray:
+    images = pipeline(
+        PROMPT,
+        num_inference_steps=int(STEPS),
+        guidance_scale=GUIDANCE,
+        generator=torch.Generator().manual_seed(int(SEED)),
+        output_type="np",
+        **arguments,
+    ).images
+    return (images[0] * 255).round().astype(np.uint8)  # diffusers' numpy_to_pil
+
+
+def test_float16_bundle_image_equals_diffusers_pipeline(float16_sd, diffusers_pipeline, built, tmp_path, capsys):
+    """The acceptance check: the float16 bundle gives diffusers' image; the palettized one reads back its own."""
+    out = tmp_path / "float16.png"
+    assert _generate(float16_sd, "recipes/tiny-sd.yaml", out) == 0
+    assert "backend torch" in capsys.readouterr().err
+    image = _pixels(out)
+    assert image.shape == (128, 128, 3)
+    reference = _diffusers_pixels(diffusers_pipeline, height=128, width=128)
+    db = _db(image, reference)
+    print(f"float16 bundle vs diffusers: {db:.2f} dB on pixels")
+    assert db >= 30
+
+    compressed = tmp_path / "palettized.png"
+    assert _generate(built[0], "recipes/tiny-sd.yaml", compressed) == 0
+    assert not np.array_equal(_pixels(compressed), image)  # the 6-bit weights were read back into the UNet
+
+
+def test_image_to_image_equals_diffusers_pipeline(float16_sd, diffusers_pipeline, tmp_path):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    start = tmp_path / "start.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(start)
+    out = tmp_path / "img2img.png"
+    assert _generate(float16_sd, "recipes/tiny-sd.yaml", out, "--init-image", str(start), "--strength", "0.5") == 0
+    pipeline = StableDiffusionImg2ImgPipeline(**diffusers_pipeline.components)
+    with Image.open(start) as image:
+        reference = _diffusers_pixels(pipeline, image=image.convert("RGB"), strength=0.5)
+    db = _db(_pixels(out), reference)
+    print(f"float16 bundle image-to-image vs diffusers: {db:.2f} dB on pixels")
+    assert db >= 30
+
+
+def test_sdxl_with_refiner_writes_a_png(sdxl_built, tmp_path, one_torch_thread):
+    ws, _ = sdxl_built
+    refined, base_only = tmp_path / "refined.png", tmp_path / "base.png"
+    assert _generate(ws, "recipes/tiny-sdxl.yaml", refined) == 0
+    assert _generate(ws, "recipes/tiny-sdxl.yaml", base_only, "--refiner-start", "1") == 0
+    assert _pixels(refined).shape == (128, 128, 3)
+    assert not np.array_equal(_pixels(refined), _pixels(base_only))  # the refiner ran the last steps
+
+
+def test_controlnet_bundle_writes_a_png_with_its_residuals(controlnet_builds, tmp_path, one_torch_thread, capsys):
+    from builder.generate.backend import LazyModels, load_models
+    from builder.generate.families import sd
+
+    ws, _, _ = controlnet_builds
+    control = tmp_path / "control.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(control)
+    out = tmp_path / "controlled.png"
+    assert _generate(ws, "recipes/controlled.yaml", out, "--control-image", str(control)) == 0  # resized to 128
+    assert _pixels(out).shape == (128, 128, 3)
+    two = ("--control-image", str(control), "--control-image", str(control))
+    assert _generate(ws, "recipes/controlled.yaml", tmp_path / "no.png", *two) == 2
+    assert "2 --control-image for 1 ControlNet(s): controlnet/SyntheticTinySdSeed0" in capsys.readouterr().err
+    assert not (tmp_path / "no.png").exists()
+
+    # The ControlNet's residuals reach the ControlledUnet: zeroing them changes the image. (The
+    # synthetic ControlNet's small random weights leave its residuals almost blind to the image itself.)
+    bundle = _located(ws, "recipes/controlled.yaml")
+    models = load_models(bundle, "torch")
+
+    def silenced(name: str):
+        model = models[name]
+        if not name.startswith("controlnet/"):
+            return model
+        return lambda features: {n: torch.zeros_like(r) for n, r in model(features).items()}
+
+    request = Request(prompt=PROMPT, steps=3, seed=1, guidance_scale=GUIDANCE, control_images=(control,))
+    image = sd.generate(bundle, models, request, lambda done, total: None)
+    without = sd.generate(bundle, LazyModels(list(models), silenced), request, lambda done, total: None)
+    assert psnr(without, image) < 60
+
+
+def test_init_image_needs_a_vae_encoder(controlnet_builds, tmp_path, capsys):
+    ws, _, _ = controlnet_builds
+    start = tmp_path / "start.png"
+    Image.new("RGB", (128, 128)).save(start)
+    arguments = ("--init-image", str(start), "--control-image", str(start))
+    assert _generate(ws, "recipes/controlled.yaml", tmp_path / "out.png", *arguments) == 2
+    err = capsys.readouterr().err
+    assert "--init-image needs a VAE encoder" in err and "vae_encoder: {}" in err
+    assert "Traceback" not in err
+
+
+def test_a_stale_or_unpublished_bundle_is_refused(built, tmp_path, capsys):
+    shared, _ = built
+    ws = make_workspace(tmp_path / "ws")
+    ws.cache = shared.cache  # every stage of recipes/tiny-sd.yaml is cached there, but nothing is published here
+    assert _generate(ws, "recipes/tiny-sd.yaml", tmp_path / "a.png") == 2
+    err = capsys.readouterr().err
+    assert "is not the bundle this recipe builds now" in err
+    assert f"sdbuild build {ws.root}/recipes/tiny-sd.yaml" in err
+
+    recipe = ws.root / "recipes" / "tiny-sd.yaml"
+    recipe.write_text(recipe.read_text().replace("nbits: 6", "nbits: 4"))
+    assert _generate(ws, "recipes/tiny-sd.yaml", tmp_path / "b.png") == 2
+    err = capsys.readouterr().err
+    assert "the bundle is not built or is stale" in err and "palettize:unet" in err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_backend_dispatch_picks_core_ml_on_macos_only():
+    assert choose_backend("auto", "darwin") == "coreml"
+    assert choose_backend("auto", "linux") == "torch"
+    assert choose_backend("torch", "darwin") == "torch"
+    with pytest.raises(UserError, match="Core ML runs models on macOS only"):
+        choose_backend("coreml", "linux")
+
+
+def test_core_ml_backend_wiring(built, monkeypatch, one_torch_thread):
+    """The Core ML path feeds every model the features and dtypes its saved interface declares and reads
+    its outputs by name. Core ML cannot run here, so `predict` is answered by the torch backend's model."""
+    from builder.generate import coreml_backend, torch_backend
+
+    ws, _ = built
+    bundle = _located(ws, "recipes/tiny-sd.yaml")
+    opened: list[str] = []
+
+    class FakeMLModel:
+        def __init__(self, path: Path, compute_unit: str):
+            assert compute_unit == bundle.manifest.compute_unit
+            self.name, self.entry = next(
+                (name, entry) for name, entry in bundle.manifest.models.items() if bundle.resource(entry) == path
+            )
+            self.model = torch_backend.load_model(bundle, [(self.name, self.entry)])
+            opened.append(self.name)
+
+        def predict(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            declared = {i.name: (i.shape, i.dtype) for i in self.entry.inputs}
+            assert {name: (list(a.shape), str(a.dtype)) for name, a in feed.items()} == declared
+            produced = self.model({name: torch.from_numpy(array) for name, array in feed.items()})
+            return {name: value.numpy() for name, value in produced.items()}
+
+    monkeypatch.setattr(coreml_backend, "_open", FakeMLModel)
+    request = Request(prompt=PROMPT, steps=3, seed=1, guidance_scale=GUIDANCE)
+    through_core_ml = generate(bundle, "coreml", request, lambda done, total: None)
+    assert sorted(opened) == ["TextEncoder", "Unet", "VAEDecoder"]
+    through_torch = generate(bundle, "torch", request, lambda done, total: None)
+    assert _db(through_core_ml, through_torch) >= 30  # the same models, fed float16 inputs
