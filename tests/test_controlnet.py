@@ -103,13 +103,28 @@ def builds(tmp_path_factory):
     return ws, results, manifests
 
 
+@pytest.fixture(scope="module")
+def controlled_only(builds):
+    """The SPLIT_EINSUM recipe with `plain_unet: false`, in the same cache, published under its own
+    name (the other bundle stays on disk): its build, manifest and Resources."""
+    ws, _, _ = builds
+    recipe = ws.root / "recipes" / "controlled-only.yaml"
+    text = RECIPE.replace("attention: ORIGINAL", "attention: SPLIT_EINSUM").replace("name: tiny-sd", "name: only")
+    recipe.write_text(text.replace("  controlnet:\n", "  controlnet:\n    plain_unet: false\n"))
+    result = ws.build_json("recipes/controlled-only.yaml")
+    bundle = ws.root / "artifacts" / "only" / "latest"
+    return result, json.loads((bundle / "manifest.json").read_text()), bundle / "Resources"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["ORIGINAL", "SPLIT_EINSUM"])
 def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(builds, attention):
     ws, _, manifests = builds
     manifest = manifests[attention]
     assert manifest["attention"] == attention
-    assert set(manifest["models"]) == {"TextEncoder", "ControlledUnet", "VAEDecoder", f"controlnet/{NAME}"}
+    assert set(manifest["models"]) == {"TextEncoder", "ControlledUnet", "Unet", "VAEDecoder", f"controlnet/{NAME}"}
+    assert manifest["pipelines"] == ["text-to-image", "controlnet"]
+    assert manifest["models"]["Unet"]["component"] == "unet.plain"
     control = manifest["models"][f"controlnet/{NAME}"]
     assert control["path"] == f"controlnet/{NAME}.mlpackage"
     for entry in manifest["models"].values():
@@ -137,7 +152,27 @@ def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(builds, 
             "encoder_hidden_states": [2, 32, 1, 77],
             "controlnet_cond": [2, 3, 128, 128],
         }
-        assert not (bundle / "Unet.mlpackage").exists()
+        # The plain UNet: the controlled one's interface without the residuals, for text-to-image.
+        plain = {i.name: i.shape for i in models["Unet"].inputs}
+        controlled = {i.name: i.shape for i in models["ControlledUnet"].inputs}
+        assert plain == {n: s for n, s in controlled.items() if not n.startswith("additional_")}
+        assert plain == {"sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, 32, 1, 77]}
+        assert [o.name for o in models["Unet"].outputs] == [o.name for o in models["ControlledUnet"].outputs]
+        assert models["Unet"].outputs[0].shape == [2, 4, 16, 16]
+        # A plain UNet that took residuals would fail in the Swift package's text-to-image pipeline.
+        residual_unet = models["Unet"].model_copy(update={"inputs": models["ControlledUnet"].inputs})
+        problems = check_models("sd", models | {"Unet": residual_unet}, latent_size=(16, 16), batch_size=2)
+        assert problems == ["Unet: takes additional_residual_<i> inputs; only ControlledUnet may"]
+
+
+@pytest.mark.slow
+def test_plain_unet_false_ships_controlled_unet_alone_without_rebuilding(controlled_only):
+    result, manifest, resources = controlled_only
+    assert set(manifest["models"]) == {"TextEncoder", "ControlledUnet", "VAEDecoder", f"controlnet/{NAME}"}
+    assert manifest["pipelines"] == ["controlnet"]
+    assert not (resources / "Unet.mlpackage").exists() and (resources / "ControlledUnet.mlpackage").is_dir()
+    assert {s["id"] for s in result["stages"] if s["status"] == "built"} == {"bundle"}
+    assert not any(s["id"].endswith(":unet.plain") for s in result["stages"])
 
 
 @pytest.mark.slow
@@ -145,8 +180,8 @@ def test_attention_switch_rebuilds_unet_and_controlnet_only(builds):
     _, results, _ = builds
     built = {s["id"] for s in results["SPLIT_EINSUM"]["stages"] if s["status"] == "built"}
     components = {stage.split(":", 1)[1] for stage in built if ":" in stage}
-    assert components == {"unet", f"controlnet.{NAME}"}
-    assert f"rewrite:controlnet.{NAME}" in built and "rewrite:unet" in built
+    assert components == {"unet", "unet.plain", f"controlnet.{NAME}"}
+    assert f"rewrite:controlnet.{NAME}" in built and "rewrite:unet" in built and "rewrite:unet.plain" in built
     assert f"source:controlnet.{NAME}" not in built
 
 
