@@ -223,7 +223,7 @@ def test_a_recipe_with_a_lora_builds_and_records_it(lora_build, models):
 def test_editing_a_scale_makes_only_the_affected_components_stale(lora_build):
     ws, _, _ = lora_build
     recipe = ws.root / "recipes" / "lora.yaml"
-    assert {e["status"] for e in ws.plan_json("recipes/lora.yaml").values()} == {"cached"}
+    assert "stale" not in {e["status"] for e in ws.plan_json("recipes/lora.yaml").values()}
 
     recipe.write_text(RECIPE.replace("scale: 0.8", "scale: 0.5"))
     stale = {i for i, e in ws.plan_json("recipes/lora.yaml").items() if e["status"] == "stale"}
@@ -232,13 +232,15 @@ def test_editing_a_scale_makes_only_the_affected_components_stale(lora_build):
     reason = ws.plan_json("recipes/lora.yaml")["rewrite:unet"]["reason"]
     assert "model.loras" in reason, reason
 
-    # A LoRA that also has text encoder weights: the text encoder's stages go stale too.
+    # Another file, which also has text encoder weights: the text encoder's stages go stale too (and
+    # the new file's provenance digest).
     recipe.write_text(RECIPE.replace("unet.safetensors", "both.safetensors"))
     stale = {i for i, e in ws.plan_json("recipes/lora.yaml").items() if e["status"] == "stale"}
-    assert {i.split(":", 1)[1] for i in stale if ":" in i} == {"unet", "text_encoder"}
+    assert {i.split(":", 1)[1] for i in stale if ":" in i} == {"unet", "text_encoder", "lora.0"}
+    assert "provenance:lora.0" in stale
 
     recipe.write_text(RECIPE)  # back as built: nothing to do
-    assert {e["status"] for e in ws.plan_json("recipes/lora.yaml").values()} == {"cached"}
+    assert "stale" not in {e["status"] for e in ws.plan_json("recipes/lora.yaml").values()}
 
 
 @pytest.fixture(scope="module")
