@@ -304,3 +304,46 @@ def test_unsupported_controlnet_config_is_refused_by_key(key, value):
     controlnet = ControlNetModel(**get_controlnet_preset("tiny-sd") | {key: value})
     with pytest.raises(ValueError, match=key):
         rewrite_controlnet(controlnet, "SPLIT_EINSUM")
+
+
+def test_manifest_pipelines_follow_the_shipped_unets():
+    from builder.sd.contract import supported_pipelines
+
+    assert supported_pipelines(["TextEncoder", "Unet", "VAEDecoder"]) == ["text-to-image"]
+    assert supported_pipelines(["UnetChunk1", "UnetChunk2", "VAEEncoder"]) == ["text-to-image", "image-to-image"]
+    assert supported_pipelines(["ControlledUnet", "Unet", "controlnet/A"]) == ["text-to-image", "controlnet"]
+    assert supported_pipelines(["ControlledUnetChunk1", "ControlledUnetChunk2", "VAEEncoder"]) == [
+        "image-to-image",
+        "controlnet",
+    ]
+    assert supported_pipelines(["UnetChunk1", "TextEncoder"]) == []  # half a UNet runs nothing
+
+
+def test_chunked_controlnet_recipe_chunks_both_unets(workspace: Workspace):
+    import contextlib
+    import io
+
+    from builder.cli import main
+
+    (workspace.root / "recipes" / "chunked.yaml").write_text(
+        RECIPE.replace("components:", "chunk_unet: true\ncomponents:")
+    )
+    with contextlib.chdir(workspace.root), contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(
+            [
+                "--workspace",
+                str(workspace.root),
+                "--cache-dir",
+                str(workspace.cache),
+                "plan",
+                "recipes/chunked.yaml",
+                "--json",
+            ]
+        )
+    assert code == 0
+    ids = {entry["id"] for entry in json.loads(out.getvalue())}
+    for label in ("unet", "unet.plain"):
+        assert {f"chunk:{label}.chunk1", f"chunk:{label}.chunk2", f"convert:{label}.chunk2"} <= ids
+        assert f"trace:{label}" not in ids
+    # Both UNets read the one pipeline source; the plain one has its own rewrite.
+    assert {"rewrite:unet", "rewrite:unet.plain", "source"} <= ids and "source:unet.plain" not in ids
