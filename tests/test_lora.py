@@ -255,7 +255,7 @@ def models_workspace(models, tmp_path_factory) -> Workspace:
     return ws
 
 
-def test_hub_lora_is_read_from_the_hugging_face_cache_offline(models, workspace: Workspace, tmp_path):
+def test_hub_lora_is_read_from_the_hugging_face_cache_offline(models, workspace: Workspace, tmp_path, monkeypatch):
     from hf_cache import write_hf_cache
 
     revision = "0123456789abcdef0123456789abcdef01234567"
@@ -276,6 +276,24 @@ def test_hub_lora_is_read_from_the_hugging_face_cache_offline(models, workspace:
     assert "source:lora.0" in ids
     fetched = json.loads(workspace.run("fetch", "recipes/hub.yaml", "--json", env=env, check=True).stdout)
     assert [i["field"] for i in fetched["inputs"]] == ["model.loras.0.hub"]
+
+    # The source stage takes the file out of the cache; the rewrite fuses it from that folder.
+    from huggingface_hub import constants
+
+    from builder.stages import source
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    spec = next(e for e in plan if e["id"] == "source:lora.0")
+    assert spec["status"] == "stale"
+    params = {"kind": "lora_hub", "id": "someone/style-lora", "revision": revision}
+    (tmp_path / "taken").mkdir()
+    source.run({}, params | {"weight_name": "weights/style.safetensors"}, tmp_path / "taken")
+    taken = tmp_path / "taken" / "lora.safetensors"
+    assert taken.read_bytes() == (models / "loras" / "both.safetensors").read_bytes()
+    fused = _rewrite(models / "tiny-sd", "text_encoder", tmp_path / "fused", [(tmp_path / "taken", 0.8)])
+    local = _rewrite(models / "tiny-sd", "text_encoder", tmp_path / "local", [(taken, 0.8)])
+    assert all(torch.equal(fused[name], local[name]) for name in local)
 
     # Not in the cache: one located line naming `sdbuild fetch`, no traceback.
     done = workspace.run("plan", "recipes/hub.yaml", env=env | {"HF_HUB_CACHE": str(tmp_path / "empty")})
