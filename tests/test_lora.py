@@ -186,6 +186,44 @@ def test_two_loras_fuse_in_order_at_their_scales(models, tmp_path):
         torch.testing.assert_close(fused[name], want, rtol=1e-5, atol=1e-6)
 
 
+def test_sdxl_lora_fuses_into_the_unet_and_both_text_encoders(tmp_path, one_torch_thread):
+    """SDXL: text_encoder_2 (CLIP-G with projection) takes the file's text_encoder_2 weights, and
+    planning routes the file to all three components."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from builder.sd.components import kind
+    from builder.sd.lora import fuse_loras
+    from builder.sd.lora_targets import lora_components
+
+    pipeline = tmp_path / "tiny-sdxl"
+    write_synthetic_pipeline(get_preset("tiny-sdxl"), 0, pipeline)
+    layers = {
+        "unet_lora_layers": _lora_layers(UNet2DConditionModel.from_pretrained(pipeline / "unet"), UNET_TARGETS, seed=1),
+        "text_encoder_lora_layers": _lora_layers(
+            CLIPTextModel.from_pretrained(pipeline / "text_encoder"), TEXT_TARGETS, seed=2
+        ),
+        "text_encoder_2_lora_layers": _lora_layers(
+            CLIPTextModelWithProjection.from_pretrained(pipeline / "text_encoder_2"), TEXT_TARGETS, seed=3
+        ),
+    }
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, weight_name="xl.safetensors", **layers)
+    lora = tmp_path / "xl.safetensors"
+    assert lora_components(lora) == ["unet", "text_encoder", "text_encoder_2"]
+    saved = load_file(lora)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        k = kind(component, "sdxl")
+        base = k.load(pipeline, k.subfolder).state_dict()
+        model = k.load(pipeline, k.subfolder)
+        fuse_loras(model, component, [(lora, 0.7)])
+        fused = model.state_dict()
+        deltas = _deltas(saved, f"{component}.")
+        assert deltas and set(fused) == set(base)
+        for module, delta in deltas.items():
+            name = next(n for n in fused if n.endswith(f"{module.removeprefix('text_model.')}.weight"))
+            torch.testing.assert_close(fused[name], base[name] + 0.7 * delta, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def lora_build(models, tmp_path_factory) -> tuple[Workspace, dict, dict]:
     ws = make_workspace(tmp_path_factory.mktemp("lora-build"))
