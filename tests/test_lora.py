@@ -374,3 +374,32 @@ def test_bad_loras_are_located_errors(models_workspace: Workspace, lora, needles
     assert f"{name}:7" in message or f"{name}:8" in message, message
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+def test_fetch_downloads_only_the_lora_file_once(models, workspace: Workspace, tmp_path):
+    from hf_cache import FakeHub
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "repo"
+    (repo / "weights").mkdir(parents=True)
+    (repo / "weights" / "style.safetensors").write_bytes((models / "loras" / "unet.safetensors").read_bytes())
+    (repo / "other.safetensors").write_bytes((models / "loras" / "both.safetensors").read_bytes())
+    hub = f"hub: {{id: someone/style-lora, revision: {revision}, weight_name: weights/style.safetensors}}"
+    recipe = RECIPE.replace("local: {path: ../models/loras/unet.safetensors}", hub)
+    (workspace.root / "recipes" / "hub.yaml").write_text(
+        recipe.replace("local: {path: ../models/tiny-sd}", "synthetic: {preset: tiny-sd}")
+    )
+    with FakeHub("someone/style-lora", revision, repo) as fake:
+        env = {"HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": fake.endpoint}
+        env |= {"HF_HUB_OFFLINE": "0"}
+        report = json.loads(workspace.run("fetch", "recipes/hub.yaml", "--json", env=env, check=True).stdout)
+        size = (repo / "weights" / "style.safetensors").stat().st_size
+        assert report["downloaded_bytes"] == size == report["size_bytes"]
+        assert [p.split(f"/resolve/{revision}/")[1] for p in fake.downloads()] == ["weights/style.safetensors"]
+        fake.requests.clear()
+        again = json.loads(workspace.run("fetch", "recipes/hub.yaml", "--json", env=env, check=True).stdout)
+        assert again["downloaded_bytes"] == 0 and fake.downloads() == []
+    # Offline now, the plan reads the LoRA's header from the cache.
+    offline = env | {"HF_HUB_OFFLINE": "1"}
+    plan = json.loads(workspace.run("plan", "recipes/hub.yaml", "--json", env=offline, check=True).stdout)
+    assert {e["id"] for e in plan} >= {"source:lora.0", "rewrite:unet"}
