@@ -67,8 +67,8 @@ def _fuse_text_encoder(
     model: Any, prefix: str, state_dict: dict, alphas: dict | None, metadata: dict | None, scale: float
 ) -> None:
     """diffusers' `_load_lora_into_text_encoder` preparation, the adapter injected with peft, then fused."""
-    from diffusers.loaders.lora_base import fuse_text_encoder_lora
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, recurse_remove_peft_layers
+    from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch, fuse_text_encoder_lora
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     from diffusers.utils.peft_utils import _create_lora_config
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
@@ -92,4 +92,4 @@ def _fuse_text_encoder(
     if unexpected:
         raise ValueError(f"weights the model has no layer for: {', '.join(unexpected[:3])}")
     fuse_text_encoder_lora(model, lora_scale=scale, adapter_names=[ADAPTER])
-    recurse_remove_peft_layers(model)
+    _remove_text_encoder_monkey_patch(model)  # the adapter layers and peft_config: the next LoRA starts clean
