@@ -70,13 +70,28 @@ def test_controlnet_residuals_feed_the_controlled_unet_as_diffusers_does(folders
     assert psnr(plain, expected_noise[0]) < 40
 
 
+@pytest.fixture(scope="module")
+def controlled_only(controlnet_builds):
+    """The SPLIT_EINSUM recipe with `plain_unet: false`, in the same cache, published under its own
+    name (the other bundle stays on disk): its build, manifest and Resources."""
+    ws, _, _ = controlnet_builds
+    recipe = ws.root / "recipes" / "controlled-only.yaml"
+    text = RECIPE.replace("attention: ORIGINAL", "attention: SPLIT_EINSUM").replace("name: tiny-sd", "name: only")
+    recipe.write_text(text.replace("  controlnet:\n", "  controlnet:\n    plain_unet: false\n"))
+    result = ws.build_json("recipes/controlled-only.yaml")
+    bundle = ws.root / "artifacts" / "only" / "latest"
+    return result, json.loads((bundle / "manifest.json").read_text()), bundle / "Resources"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", ["ORIGINAL", "SPLIT_EINSUM"])
 def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(controlnet_builds, attention):
     ws, _, manifests = controlnet_builds
     manifest = manifests[attention]
     assert manifest["attention"] == attention
-    assert set(manifest["models"]) == {"TextEncoder", "ControlledUnet", "VAEDecoder", f"controlnet/{NAME}"}
+    assert set(manifest["models"]) == {"TextEncoder", "ControlledUnet", "Unet", "VAEDecoder", f"controlnet/{NAME}"}
+    assert manifest["pipelines"] == ["text-to-image", "controlnet"]
+    assert manifest["models"]["Unet"]["component"] == "unet.plain"
     control = manifest["models"][f"controlnet/{NAME}"]
     assert control["path"] == f"controlnet/{NAME}.mlpackage"
     for entry in manifest["models"].values():
@@ -104,7 +119,27 @@ def test_bundle_has_controlled_unet_and_controlnet_meeting_the_contract(controln
             "encoder_hidden_states": [2, 32, 1, 77],
             "controlnet_cond": [2, 3, 128, 128],
         }
-        assert not (bundle / "Unet.mlpackage").exists()
+        # The plain UNet: the controlled one's interface without the residuals, for text-to-image.
+        plain = {i.name: i.shape for i in models["Unet"].inputs}
+        controlled = {i.name: i.shape for i in models["ControlledUnet"].inputs}
+        assert plain == {n: s for n, s in controlled.items() if not n.startswith("additional_")}
+        assert plain == {"sample": [2, 4, 16, 16], "timestep": [2], "encoder_hidden_states": [2, 32, 1, 77]}
+        assert [o.name for o in models["Unet"].outputs] == [o.name for o in models["ControlledUnet"].outputs]
+        assert models["Unet"].outputs[0].shape == [2, 4, 16, 16]
+        # A plain UNet that took residuals would fail in the Swift package's text-to-image pipeline.
+        residual_unet = models["Unet"].model_copy(update={"inputs": models["ControlledUnet"].inputs})
+        problems = check_models("sd", models | {"Unet": residual_unet}, latent_size=(16, 16), batch_size=2)
+        assert problems == ["Unet: takes additional_residual_<i> inputs; only ControlledUnet may"]
+
+
+@pytest.mark.slow
+def test_plain_unet_false_ships_controlled_unet_alone_without_rebuilding(controlled_only):
+    result, manifest, resources = controlled_only
+    assert set(manifest["models"]) == {"TextEncoder", "ControlledUnet", "VAEDecoder", f"controlnet/{NAME}"}
+    assert manifest["pipelines"] == ["controlnet"]
+    assert not (resources / "Unet.mlpackage").exists() and (resources / "ControlledUnet.mlpackage").is_dir()
+    assert {s["id"] for s in result["stages"] if s["status"] == "built"} == {"bundle"}
+    assert not any(s["id"].endswith(":unet.plain") for s in result["stages"])
 
 
 @pytest.mark.slow
@@ -112,8 +147,8 @@ def test_attention_switch_rebuilds_unet_and_controlnet_only(controlnet_builds):
     _, results, _ = controlnet_builds
     built = {s["id"] for s in results["SPLIT_EINSUM"]["stages"] if s["status"] == "built"}
     components = {stage.split(":", 1)[1] for stage in built if ":" in stage}
-    assert components == {"unet", f"controlnet.{NAME}"}
-    assert f"rewrite:controlnet.{NAME}" in built and "rewrite:unet" in built
+    assert components == {"unet", "unet.plain", f"controlnet.{NAME}"}
+    assert f"rewrite:controlnet.{NAME}" in built and "rewrite:unet" in built and "rewrite:unet.plain" in built
     assert f"source:controlnet.{NAME}" not in built
 
 
@@ -236,3 +271,46 @@ def test_unsupported_controlnet_config_is_refused_by_key(key, value):
     controlnet = ControlNetModel(**get_controlnet_preset("tiny-sd") | {key: value})
     with pytest.raises(ValueError, match=key):
         rewrite_controlnet(controlnet, "SPLIT_EINSUM")
+
+
+def test_manifest_pipelines_follow_the_shipped_unets():
+    from builder.sd.contract import supported_pipelines
+
+    assert supported_pipelines(["TextEncoder", "Unet", "VAEDecoder"]) == ["text-to-image"]
+    assert supported_pipelines(["UnetChunk1", "UnetChunk2", "VAEEncoder"]) == ["text-to-image", "image-to-image"]
+    assert supported_pipelines(["ControlledUnet", "Unet", "controlnet/A"]) == ["text-to-image", "controlnet"]
+    assert supported_pipelines(["ControlledUnetChunk1", "ControlledUnetChunk2", "VAEEncoder"]) == [
+        "image-to-image",
+        "controlnet",
+    ]
+    assert supported_pipelines(["UnetChunk1", "TextEncoder"]) == []  # half a UNet runs nothing
+
+
+def test_chunked_controlnet_recipe_chunks_both_unets(workspace: Workspace):
+    import contextlib
+    import io
+
+    from builder.cli import main
+
+    (workspace.root / "recipes" / "chunked.yaml").write_text(
+        RECIPE.replace("components:", "chunk_unet: true\ncomponents:")
+    )
+    with contextlib.chdir(workspace.root), contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(
+            [
+                "--workspace",
+                str(workspace.root),
+                "--cache-dir",
+                str(workspace.cache),
+                "plan",
+                "recipes/chunked.yaml",
+                "--json",
+            ]
+        )
+    assert code == 0
+    ids = {entry["id"] for entry in json.loads(out.getvalue())}
+    for label in ("unet", "unet.plain"):
+        assert {f"chunk:{label}.chunk1", f"chunk:{label}.chunk2", f"convert:{label}.chunk2"} <= ids
+        assert f"trace:{label}" not in ids
+    # Both UNets read the one pipeline source; the plain one has its own rewrite.
+    assert {"rewrite:unet", "rewrite:unet.plain", "source"} <= ids and "source:unet.plain" not in ids

@@ -36,6 +36,7 @@ def test_manifest_records_what_made_the_bundle(built):
         "refiner": None,
         "vae": None,
         "controlnets": [],
+        "loras": [],
     }
     packages = manifest["environment"]["packages"]
     for name in ("torch", "coremltools", "diffusers", "transformers", "numpy", "huggingface-hub", "safetensors"):

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from builder.errors import UserError, first_line
 from builder.hub.cache import HubRef, hub_cache_dir, not_cached, snapshot
 from builder.hub.layout import RepoKind, allow_patterns, ignore_patterns, missing_files, wanted
+from builder.hub.lora import cached_lora
 from builder.recipe import LoadedRecipe
 from builder.recipe.sources import ControlNetSource, ModelSource, RefinerSource, VaeSource
 
@@ -23,6 +24,7 @@ class HubInput(BaseModel):
     repo_id: str
     revision: str
     kind: RepoKind
+    weight_name: str | None = None  # a LoRA: its one file
 
     @property
     def ref(self) -> HubRef:
@@ -42,7 +44,7 @@ class Fetched(BaseModel):
 
 
 def hub_inputs(loaded: LoadedRecipe) -> list[HubInput]:
-    """The recipe's hub sources: the model, its refiner, a replacement VAE and its ControlNets."""
+    """The recipe's hub sources: the model, its refiner, a replacement VAE, its ControlNets and LoRAs."""
     model = loaded.recipe.model
     sources: list[tuple[str, ModelSource | RefinerSource | VaeSource | ControlNetSource | None, RepoKind]]
     sources = [("model", model, RepoKind.PIPELINE), ("model.refiner", model.refiner, RepoKind.PIPELINE)]
@@ -52,6 +54,16 @@ def hub_inputs(loaded: LoadedRecipe) -> list[HubInput]:
         HubInput(field=f"{field}.hub", repo_id=source.hub.id, revision=source.hub.revision, kind=kind)
         for field, source, kind in sources
         if source is not None and source.hub is not None
+    ] + [
+        HubInput(
+            field=f"model.loras.{i}.hub",
+            repo_id=lora.hub.id,
+            revision=lora.hub.revision,
+            kind=RepoKind.LORA,
+            weight_name=lora.hub.weight_name,
+        )
+        for i, lora in enumerate(model.loras)
+        if lora.hub is not None
     ]
 
 
@@ -62,6 +74,11 @@ def fetch(item: HubInput, announce: Callable[[HubInput, int, int, int], None]) -
 
     if constants.HF_HUB_OFFLINE:  # nothing may be downloaded: say whether the cache already holds it
         try:
+            if item.weight_name is not None:
+                size = cached_lora(item.ref, item.weight_name, download=False).stat().st_size
+                announce(item, 1, size, 0)
+                folder = hub_cache_dir() / f"models--{item.repo_id.replace('/', '--')}" / "snapshots" / item.revision
+                return Fetched(**_named(item), files=1, size_bytes=size, downloaded_bytes=0, snapshot=str(folder))
             folder = snapshot(item.ref)
         except UserError:
             raise UserError(
@@ -75,7 +92,7 @@ def fetch(item: HubInput, announce: Callable[[HubInput, int, int, int], None]) -
         return Fetched(**_named(item), files=len(files), size_bytes=size, downloaded_bytes=0, snapshot=str(folder))
     arguments: dict[str, Any] = {
         "revision": item.revision,
-        "allow_patterns": allow_patterns(item.kind),
+        "allow_patterns": [item.weight_name] if item.weight_name is not None else allow_patterns(item.kind),
         "ignore_patterns": ignore_patterns(),
     }
     try:
@@ -89,7 +106,10 @@ def fetch(item: HubInput, announce: Callable[[HubInput, int, int, int], None]) -
         folder = Path(snapshot_download(item.repo_id, **arguments))
     except Exception as error:
         raise not_cached(item.ref, first_line(error)) from None
-    missing = missing_files(folder, item.kind)
+    if item.weight_name is not None:
+        missing = [] if (folder / item.weight_name).is_file() else [item.weight_name]
+    else:
+        missing = missing_files(folder, item.kind)
     if missing:
         raise UserError(
             f"{item.ref} has no {', '.join(missing[:3])}; sdbuild reads safetensors weights, configs and tokenizer "

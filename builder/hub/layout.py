@@ -29,6 +29,7 @@ class RepoKind(str, Enum):
     PIPELINE = "pipeline"  # model_index.json and one folder per component
     VAE = "vae"  # one AutoencoderKL (some repositories also hold single-file copies, not fetched)
     CONTROLNET = "controlnet"  # one ControlNetModel
+    LORA = "lora"  # one LoRA file, named by the recipe (builder/hub/lora.py)
 
 
 _PATTERNS = {
@@ -47,6 +48,7 @@ _PATTERNS = {
         "diffusion_pytorch_model.safetensors.index.json",
     ],
     RepoKind.CONTROLNET: ["config.json", "*.safetensors", "*.safetensors.index.json"],
+    RepoKind.LORA: [],  # the recipe's weight_name alone
 }
 
 

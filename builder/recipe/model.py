@@ -29,6 +29,16 @@ class ComponentSettings(RecipeModel):
     )
 
 
+class ControlNetSettings(ComponentSettings):
+    """How every ControlNet is built, and whether the bundle also runs without one."""
+
+    plain_unet: StrictBool = Field(
+        default=True,
+        description="Also ship the plain Unet (chunked like ControlledUnet) so the bundle runs text-to-image "
+        "without a ControlNet; false ships ControlledUnet alone.",
+    )
+
+
 class Components(RecipeModel):
     """The components to build; a component absent or null is not built."""
 
@@ -51,7 +61,7 @@ class Components(RecipeModel):
     safety_checker: ComponentSettings | None = Field(
         default=None, description="Safety checker (SafetyChecker.mlmodelc); sd only."
     )
-    controlnet: ComponentSettings | None = Field(
+    controlnet: ControlNetSettings | None = Field(
         default=None,
         description="How every ControlNet of model.controlnets is built (controlnet/<Name>.mlmodelc); "
         "defaults to float16 when model.controlnets is given.",

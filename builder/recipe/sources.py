@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import RecipeModel
+from .loras import LoraFilePath, not_safetensors
 from .paths import LocalModelPath
-from .strict import Seed
+from .strict import Seed, StrictFloat
 from .violations import Violation, reject
 
 _COMMIT = re.compile(r"[0-9a-fA-F]{40}")
@@ -119,6 +121,66 @@ class ControlNetSource(RecipeModel):
         return self
 
 
+class HubLora(HubSource):
+    """One LoRA file of a hub repository at a pinned commit, read from the Hugging Face cache."""
+
+    weight_name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+        description="The LoRA's .safetensors file in the repository, e.g. pytorch_lora_weights.safetensors.",
+    )
+
+    @field_validator("weight_name")
+    @classmethod
+    def _safetensors(cls, weight_name: str) -> str:
+        if ".." in weight_name.split("/"):
+            reject([Violation("", f"'{weight_name}' leaves the repository", "name a file inside the repository")])
+        refused = not_safetensors(weight_name)
+        if refused is not None:
+            reject([refused])
+        return weight_name
+
+
+class LocalLora(RecipeModel):
+    """A LoRA file already on disk."""
+
+    path: LoraFilePath = Field(
+        description="The LoRA's .safetensors file (diffusers or kohya format), relative to the recipe file; "
+        "must stay inside the workspace."
+    )
+
+
+class LoraSource(RecipeModel):
+    """One LoRA (diffusers or kohya format), fused into the UNet and the text encoders it has weights for."""
+
+    hub: HubLora | None = Field(default=None, description="A LoRA file in a hub repository at a pinned commit.")
+    local: LocalLora | None = Field(default=None, description="A LoRA file inside the workspace.")
+    scale: StrictFloat = Field(
+        default=1.0, description="How strongly the LoRA is fused: 1.0 as trained, 0 not at all, negative inverts it."
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _finite(cls, scale: float) -> float:
+        if not math.isfinite(scale):
+            reject([Violation("", f"scale {scale} is not a finite number", "write a number such as 0.8")])
+        return scale
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LoraSource:
+        given = [name for name in ("hub", "local") if getattr(self, name) is not None]
+        if len(given) != 1:
+            reject(
+                [
+                    Violation(
+                        "" if not given else "local",
+                        "give exactly one of `hub:` and `local:`" + (f"; found {' and '.join(given)}" if given else ""),
+                        "write `hub: {id, revision, weight_name}` or `local: {path}`, and `scale:`",
+                    )
+                ]
+            )
+        return self
+
+
 class ModelSource(RecipeModel):
     """The checkpoint to convert: exactly one of hub, local or synthetic."""
 
@@ -133,6 +195,12 @@ class ModelSource(RecipeModel):
         default_factory=list,
         description="ControlNets for this pipeline (sd only); "
         "each becomes controlnet/<Name> and the UNet ControlledUnet.",
+    )
+
+    loras: list[LoraSource] = Field(
+        default_factory=list,
+        description="LoRAs fused, in order, into the UNet and the text encoders they have weights for, "
+        "before conversion: each {hub: {id, revision, weight_name}} or {local: {path}}, with scale.",
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,8 @@ build error.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Literal
 
 from builder.coreml.package import FeatureInfo, ModelInfo
 from builder.recipe.sources import ControlNetSource
@@ -23,6 +25,7 @@ RESOURCE_NAMES: dict[str, str] = {
     "safety_checker": "SafetyChecker",
 }
 CONTROLLED_UNET = "ControlledUnet"  # the UNet's name when the bundle has ControlNets
+PLAIN_UNET = "unet.plain"  # the component label of the plain UNet shipped beside ControlledUnet
 CONTROLNET_FOLDER = "controlnet"
 RESIDUAL_PREFIX = "additional_residual_"
 CONTROLNET_BATCH = 2  # ControlNet.swift always passes a (2,) timestep
@@ -31,6 +34,7 @@ LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
 REQUIRED_MODELS = {"sd": ("TextEncoder", "Unet", "VAEDecoder"), "sdxl": ("TextEncoder2", "Unet", "VAEDecoder")}
 TEXT_LENGTH = MODEL_MAX_LENGTH
 SAFETY_CHECKER_IMAGE_SIZE = 512  # hard-coded in SafetyChecker.swift
+Pipeline = Literal["text-to-image", "image-to-image", "controlnet"]
 
 
 def controlnet_name(source: ControlNetSource) -> str:
@@ -57,6 +61,8 @@ def resource_name(component: str, controlled: bool) -> str:
         return f"{CONTROLNET_FOLDER}/{component.split('.', 1)[1]}"
     if component == "unet" and controlled:
         return CONTROLLED_UNET
+    if component == PLAIN_UNET:
+        return RESOURCE_NAMES["unet"]
     return RESOURCE_NAMES[component]
 
 
@@ -186,6 +192,11 @@ def check_models(
     else:
         text_width = check.text_encoder("TextEncoder", "last_hidden_state")[0] if "TextEncoder" in models else None
         check.unet(unet, text_width)
+        if unet == CONTROLLED_UNET and _present(models, "Unet"):  # the plain UNet shipped beside it
+            check.unet("Unet", text_width)
+            plain = [m for n in ("Unet", *chunk_names("Unet")) if (m := models.get(n)) is not None]
+            if any(i.name.startswith(RESIDUAL_PREFIX) for m in plain for i in m.inputs):
+                check.problems.append(f"Unet: takes {RESIDUAL_PREFIX}<i> inputs; only {CONTROLLED_UNET} may")
         _check_controlnets(check)
     check.vae()
     if "SafetyChecker" in models:
@@ -301,3 +312,20 @@ def _safety_checker_problems(info: ModelInfo) -> list[str]:
     if "has_nsfw_concepts" not in outputs:
         problems.append("SafetyChecker: no output named has_nsfw_concepts")
     return problems
+
+
+def supported_pipelines(models: Iterable[str]) -> list[Pipeline]:
+    """What the Swift package can run with these Resources names: text-to-image with Unet (or its
+    chunks), ControlNet with ControlledUnet, image-to-image with either and VAEEncoder."""
+    shipped = set(models)
+
+    def present(name: str) -> bool:
+        return name in shipped or all(chunk in shipped for chunk in chunk_names(name))
+
+    plain, controlled = present("Unet"), present(CONTROLLED_UNET)
+    pipelines: list[Pipeline] = ["text-to-image"] if plain else []
+    if (plain or controlled) and "VAEEncoder" in shipped:
+        pipelines.append("image-to-image")
+    if controlled:
+        pipelines.append("controlnet")
+    return pipelines

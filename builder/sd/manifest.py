@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 from builder.coreml.package import ModelInfo
 from builder.recipe.base import RecipeModel
 from builder.recipe.compression import W8A8, Float16, Palettize, Quantize
+from builder.sd.contract import Pipeline
 
 SCHEMA_VERSION: Final = 2
 Precision = Literal["float16", "float32"]  # Core ML compute precision (SDXL's own VAE: float32)
@@ -167,6 +168,22 @@ ControlNetEntry = Annotated[
 ]
 
 
+class _Fused(BaseModel):
+    scale: float = Field(description="The scale the LoRA was fused at.")
+    components: list[str] = Field(description="The components it was fused into (those it has weights for).")
+
+
+class HubLoraEntry(HubSourceEntry, _Fused):
+    weight_name: str = Field(description="The LoRA's file in the repository.")
+
+
+class LocalLoraEntry(LocalSourceEntry, _Fused):
+    pass
+
+
+LoraEntry = Annotated[HubLoraEntry | LocalLoraEntry, Field(discriminator="kind")]
+
+
 class Sources(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -174,6 +191,7 @@ class Sources(BaseModel):
     refiner: SourceEntry | None
     vae: SourceEntry | None
     controlnets: list[ControlNetEntry]
+    loras: list[LoraEntry] = Field(default_factory=list, description="LoRAs fused before conversion, in order.")
 
 
 class Manifest(BaseModel):
@@ -192,6 +210,11 @@ class Manifest(BaseModel):
     text_sequence_length: int
     time_ids_length: int | None = None  # SDXL: entries of the base Unet's time_ids (6; 5 for a refiner-only Unet)
     refiner: bool = False  # SDXL: whether UnetRefiner is in Resources
+    pipelines: list[Pipeline] = Field(
+        default_factory=list,
+        description="What the Swift package can run with this bundle: text-to-image (Unet), image-to-image "
+        "(a UNet and VAEEncoder), controlnet (ControlledUnet). Empty in manifests written before it existed.",
+    )
     attention: str
     compute_unit: str
     deployment_target: str

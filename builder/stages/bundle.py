@@ -23,6 +23,7 @@ from builder.sd.contract import (
     check_models,
     chunk_names,
     resource_name,
+    supported_pipelines,
 )
 from builder.sd.manifest import (
     ChunkEntry,
@@ -151,6 +152,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         text_sequence_length=TEXT_LENGTH,
         time_ids_length=_time_ids_length(models),
         refiner=any(name in models for name in ("UnetRefiner", chunk_names("UnetRefiner")[0])),
+        pipelines=supported_pipelines(models),
         attention=p.attention,
         compute_unit=p.compute_unit,
         deployment_target=p.deployment_target,

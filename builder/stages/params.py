@@ -54,9 +54,28 @@ class HubControlNet(StageParams):
     revision: str
 
 
+class HubLora(StageParams):
+    kind: Literal["lora_hub"]
+    id: str
+    revision: str
+    weight_name: str
+
+
+LORA_FILE = "lora.safetensors"  # a hub LoRA's source stage output: the file, under this name
+
+
 SourceParams = Annotated[
-    SyntheticSource | SingleFileSource | HubSource | SyntheticControlNet | HubControlNet, Field(discriminator="kind")
+    SyntheticSource | SingleFileSource | HubSource | SyntheticControlNet | HubControlNet | HubLora,
+    Field(discriminator="kind"),
 ]
+
+
+class FusedLora(StageParams):
+    """One LoRA a rewrite fuses: its rewrite input (a .safetensors file, or a source stage's folder
+    holding LORA_FILE) and scale. The file's digest keys the stage as an input."""
+
+    input: str
+    scale: float
 
 
 class RewriteParams(StageParams):
@@ -67,6 +86,7 @@ class RewriteParams(StageParams):
     attention: str = "ORIGINAL"
     latent_size: tuple[int, int] = (0, 0)
     batch_size: int = 1
+    loras: list[FusedLora] = []  # fused in order before the rewrite (set only when there are any)
 
 
 class TraceParams(StageParams):
@@ -169,7 +189,10 @@ __all__ = [
     "ChunkParams",
     "CompileParams",
     "ConvertParams",
+    "LORA_FILE",
+    "FusedLora",
     "HubControlNet",
+    "HubLora",
     "HubSource",
     "MixedPalettizeParams",
     "PalettizeOptions",

@@ -21,16 +21,19 @@ from builder.engine.spec import GIB, Graph, StageSpec
 from builder.errors import UserError
 from builder.recipe import Component, LoadedRecipe
 from builder.recipe.compression import Compression, MixedPalettize
-from builder.recipe.model import ComponentSettings
-from builder.sd.contract import controlnet_name
+from builder.recipe.model import ComponentSettings, ControlNetSettings
+from builder.sd.contract import PLAIN_UNET, controlnet_name
 from builder.sd.manifest import Precision, ShippedCompression, ShippedMixedPalettize
 from builder.sd.settings import CHUNKED_BY_CHUNK_UNET, COMPONENT_SETTINGS
+from builder.stages.lora_inputs import lora_inputs
 from builder.stages.params import (
     BundleParams,
     ChunkParams,
     CompileParams,
     ConvertParams,
+    FusedLora,
     HubControlNet,
+    HubLora,
     HubSource,
     MixedPalettizeParams,
     PalettizeOptions,
@@ -85,6 +88,7 @@ def build_graph(loaded: LoadedRecipe) -> Graph:
     check_sources(loaded)
     graph = _GraphBuilder(loaded)
     pipeline = graph.source("source", "model", loaded.recipe.model, pipeline=loaded.recipe.family.value)
+    graph.lora_sources()
     for job in graph.jobs(pipeline):
         graph.component(job)
     graph.bundle(pipeline)
@@ -127,6 +131,7 @@ class _GraphBuilder:
         self.components: dict[str, ShippedCompression] = {}
         self.chunked: list[str] = []
         self.precisions: dict[str, Precision] = {}
+        self.loras = lora_inputs(loaded)
         self.unavailable = compile_unavailable()
         self.compile_tools = {} if self.unavailable else {"xcode": xcode_version()}
 
@@ -195,6 +200,23 @@ class _GraphBuilder:
         )
         return _Source({"model": stage_id}, {})
 
+    def lora_sources(self) -> None:
+        """A source stage per hub LoRA (its file taken from the Hugging Face cache); a LoRA that changes
+        no component the recipe builds is refused."""
+        built = {c.value for c in self.recipe.components.enabled()}
+        for lora in self.loras:
+            if not built & set(lora.components):
+                raise self.loaded.error(
+                    lora.field,
+                    f"this LoRA has weights for {', '.join(lora.components)} only, which the recipe does not build",
+                    f"add components.{lora.components[0]}, or remove the LoRA",
+                )
+            if lora.hub is not None:
+                hub = lora.hub
+                params = HubLora(kind="lora_hub", id=hub.id, revision=hub.revision, weight_name=hub.weight_name)
+                origins = {name: f"{lora.field}.hub.{name}" for name in ("id", "revision", "weight_name")}
+                self.add("source", lora.label, params, origins, {}, memory=GIB)
+
     def jobs(self, pipeline: _Source) -> list[_Job]:
         """Every model to convert, with its source: the refiner's UNet and a replacement VAE have their own."""
         model = self.recipe.model
@@ -218,11 +240,20 @@ class _GraphBuilder:
             for c, s in self.recipe.components.enabled().items()
             if c is not Component.CONTROLNET
         ]
-        return jobs + (self._controlnet_jobs() if controlled else [])
+        return jobs + (self._controlnet_jobs() + self._plain_unet_job(sources) if controlled else [])
+
+    def _plain_unet_job(self, sources: dict[str, _Source]) -> list[_Job]:
+        """Beside ControlNets, the plain UNet as well (`unet.plain`, shipped as Unet) unless the recipe
+        says `plain_unet: false`: same source and settings as ControlledUnet, its own interface."""
+        settings = self.recipe.components.controlnet or ControlNetSettings()
+        if not settings.plain_unet:
+            return []
+        unet = self.recipe.components.unet
+        return [_Job(PLAIN_UNET, Component.UNET.value, Component.UNET.value, unet, sources[Component.UNET.value])]
 
     def _controlnet_jobs(self) -> list[_Job]:
         """A source stage per ControlNet that is not a local folder, and its conversion job."""
-        settings = self.recipe.components.controlnet or ComponentSettings()
+        settings = self.recipe.components.controlnet or ControlNetSettings()
         jobs = []
         for index, source in enumerate(self.recipe.model.controlnets):
             label = f"controlnet.{controlnet_name(source)}"
@@ -256,9 +287,17 @@ class _GraphBuilder:
         depends_on = COMPONENT_SETTINGS[job.recipe_component]
         rewrite_params = RewriteParams(component=job.kind, **{name: settings[name][0] for name in depends_on})
         origins = {name: settings[name][1] for name in depends_on}
-        rewrite = self.add(
-            "rewrite", c, rewrite_params, origins, job.source.inputs, memory=memory, external=job.source.external
-        )
+        inputs, external = dict(job.source.inputs), dict(job.source.external)
+        loras = [lora for lora in self.loras if job.recipe_component in lora.components]
+        if loras:  # set only then, so recipes without LoRAs keep their keys
+            rewrite_params.loras = [FusedLora(input=lora.label, scale=lora.scale) for lora in loras]
+            origins["loras"] = "model.loras"
+            for lora in loras:
+                if lora.hub is not None:
+                    inputs[lora.label] = f"source:{lora.label}"
+                else:
+                    external[lora.label] = lora.file
+        rewrite = self.add("rewrite", c, rewrite_params, origins, inputs, memory=memory, external=external)
         self.precisions[c] = vae_precision(self.loaded) if c in ("vae_decoder", "vae_encoder") else "float16"
         compression = job.settings.compression
         if compression.mode == "mixed":
@@ -274,7 +313,7 @@ class _GraphBuilder:
                     component=c,
                 )
             )
-        chunked = self.recipe.chunk_unet and c in CHUNKED_BY_CHUNK_UNET
+        chunked = self.recipe.chunk_unet and job.recipe_component in CHUNKED_BY_CHUNK_UNET
         first: _Chain | None = None
         for chunk in (1, 2) if chunked else (None,):
             first = self._chain(c, rewrite, compression, chunk, first, memory)
@@ -418,6 +457,8 @@ class _GraphBuilder:
         recipe = self.recipe
         provenance = sources_provenance(self.loaded)
         self.stages += provenance.stages
+        for described, lora in zip(provenance.params["loras"], self.loras, strict=True):
+            described["components"] = [c for c in lora.components if c in self.components]
         params = BundleParams(
             name=recipe.name,
             version=recipe.version,

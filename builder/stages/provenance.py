@@ -15,6 +15,7 @@ from builder.engine.hashing import digest_folder, sha256_file, tree_digest
 from builder.engine.spec import GIB, StageSpec
 from builder.recipe import LoadedRecipe
 from builder.sd.contract import controlnet_name
+from builder.stages.params import LORA_FILE
 
 # The stage ids that materialise hub sources (builder/stages/pipeline.py); local sources are read in place.
 _HUB_SOURCE_STAGES = {"model": "source", "refiner": "source-refiner", "vae": "source-vae"}
@@ -84,6 +85,11 @@ def sources_provenance(loaded: LoadedRecipe) -> SourcesProvenance:
         name = controlnet_name(source)
         described = entry(f"controlnet.{name}", f"model.controlnets.{index}", source, f"source:controlnet.{name}")
         sources["controlnets"].append(described | {"name": name})
+    sources["loras"] = []
+    for index, lora in enumerate(model.loras):
+        described = entry(f"lora.{index}", f"model.loras.{index}", lora, f"source:lora.{index}")
+        hub = {"weight_name": lora.hub.weight_name} if lora.hub is not None else {}
+        sources["loras"].append(described | hub | {"scale": lora.scale})
     return SourcesProvenance(stages, inputs, sources)
 
 
@@ -110,4 +116,12 @@ def with_digests(sources: dict[str, Any], inputs: dict[str, Path]) -> dict[str, 
         "refiner": complete("refiner", sources["refiner"]),
         "vae": complete("vae", sources["vae"]),
         "controlnets": [complete(f"controlnet.{c['name']}", c) for c in sources["controlnets"]],
+        "loras": [_lora_files(complete(f"lora.{i}", lora)) for i, lora in enumerate(sources.get("loras", []))],
     }
+
+
+def _lora_files(described: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A hub LoRA's source stage holds its file as LORA_FILE: the manifest names it as the repository does."""
+    if described is None or described["kind"] != "hub":
+        return described
+    return described | {"files": {described["weight_name"]: described["files"][LORA_FILE]}}

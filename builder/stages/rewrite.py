@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from builder.errors import UserError
 from builder.sd.components import ComponentShape, examples_for, kind, pipeline_time_ids
 from builder.sd.model_checks import ModelFolderProblem, check_config
-from builder.stages.params import RewriteParams
+from builder.stages.params import LORA_FILE, RewriteParams
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
@@ -27,6 +27,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         raise UserError(problem.message, hint=problem.hint) from None
     k = kind(p.component, p.family)
     reference = k.load(inputs["model"], k.subfolder).eval()
+    if p.loras:  # fused first: the reference outputs, and everything after, are the fused model's
+        from builder.sd.lora import fuse_loras, lora_target
+
+        files = [(_lora_file(inputs[lora.input]), lora.scale) for lora in p.loras]
+        fuse_loras(reference, lora_target(p.component), files)
     shape = ComponentShape(
         latent_size=p.latent_size, batch_size=p.batch_size, time_ids=pipeline_time_ids(inputs["model"])
     )
@@ -63,3 +68,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         architecture["decision_outputs"] = list(k.decision_outputs)
     (out / "architecture.json").write_text(json.dumps(architecture, indent=2, sort_keys=True, default=str))
     return {"parameters": sum(t.numel() for t in module.state_dict().values()), "forward_passes": 1}
+
+
+def _lora_file(path: Path) -> Path:
+    """A LoRA input: the file itself (local), or the hub source stage's folder holding it."""
+    return path / LORA_FILE if path.is_dir() else path

@@ -1,16 +1,25 @@
 """Materialise a pipeline folder: seeded synthetic weights, a single-file checkpoint unpacked, or a
-pinned Hugging Face snapshot taken from the Hugging Face cache by hard links."""
+pinned Hugging Face snapshot taken from the Hugging Face cache by hard links (a hub LoRA: its one file)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from builder.errors import UserError, first_line
-from builder.hub.cache import HubRef, link_snapshot, snapshot
+from builder.hub.cache import HubRef, link_or_copy, link_snapshot, snapshot
 from builder.hub.layout import RepoKind
+from builder.hub.lora import cached_lora, lora_ref
 from builder.sd.presets import get_controlnet_preset, get_preset
 from builder.sd.synthetic import write_synthetic_controlnet, write_synthetic_pipeline
-from builder.stages.params import HubControlNet, HubSource, SingleFileSource, SyntheticControlNet, SyntheticSource
+from builder.stages.params import (
+    LORA_FILE,
+    HubControlNet,
+    HubLora,
+    HubSource,
+    SingleFileSource,
+    SyntheticControlNet,
+    SyntheticSource,
+)
 
 
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
@@ -22,6 +31,11 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         hub_net = HubControlNet.model_validate(params)
         take_snapshot(HubRef(hub_net.id, hub_net.revision, RepoKind.CONTROLNET), out)
         return {"source": f"hub:{hub_net.id}@{hub_net.revision}"}
+    if params["kind"] == "lora_hub":
+        lora = HubLora.model_validate(params)
+        found = cached_lora(lora_ref(lora.id, lora.revision), lora.weight_name)
+        link_or_copy(found, out / LORA_FILE)
+        return {"source": f"hub:{lora.id}@{lora.revision}:{lora.weight_name}"}
     if params["kind"] == "synthetic":
         synthetic = SyntheticSource.model_validate(params)
         write_synthetic_pipeline(get_preset(synthetic.preset), synthetic.seed, out)
