@@ -176,6 +176,15 @@ class Sources(BaseModel):
     controlnets: list[ControlNetEntry]
 
 
+class VariantRecord(BaseModel):
+    """Which variant of a recipe matrix a bundle is (absent for a recipe without `matrix:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The variant's folder: artifacts/<name>/<version>/<variant>/.")
+    settings: dict[str, Any] = Field(description="The settings the matrix gave it, by dotted recipe path.")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -204,6 +213,7 @@ class Manifest(BaseModel):
     sources: Sources
     environment: Environment
     date: str | None = Field(description="SOURCE_DATE_EPOCH as YYYY-MM-DDTHH:MM:SSZ when it was set, else null.")
+    variant: VariantRecord | None = Field(default=None, description="The matrix variant; absent outside a matrix.")
 
 
 def manifest_json_schema() -> dict:
