@@ -52,6 +52,21 @@ def test_the_matrix_expands_into_validated_variants(tmp_path):
     assert einsum4.origin("components.unet.compression.nbits").endswith(f":{_line(MATRIX, 'nbits: [6, 4]')}")
 
 
+def test_a_whole_mapping_can_vary_and_names_its_variant_by_its_values(tmp_path):
+    text = MATRIX.replace(
+        "  components.unet.compression.nbits: [6, 4]",
+        "  chunk_unet: [false]\n"
+        "  components.unet.compression:\n    - {mode: float16}\n    - {mode: palettize, nbits: 4}",
+    ).replace("{attention}-{nbits}bit", "{attention}-{compression}-{chunk_unet}")
+    variants = load_recipes(_write(tmp_path, text), tmp_path)
+    assert [v.variant.name for v in variants if v.variant][:2] == [
+        "ORIGINAL-float16-false",
+        "ORIGINAL-palettize-4-false",
+    ]
+    assert variants[1].recipe.components.unet.compression.nbits == 4
+    assert variants[1].origin("components.unet.compression.nbits").endswith(f":{_line(text, 'nbits: 4}')}")
+
+
 def _refused(tmp_path: Path, text: str) -> list[RecipeError]:
     with pytest.raises((RecipeError, RecipeErrors)) as raised:
         load_recipes(_write(tmp_path, text), tmp_path)

@@ -181,21 +181,13 @@ def _placeholder_names(axes: list[_Axis]) -> dict[str, _Axis | None]:
 
 
 def _render(template: str, origin: Origin, axes: list[_Axis], settings: dict[str, Any]) -> str:
+    """The variant's name: the template with each placeholder replaced by its setting's value."""
     known = _placeholder_names(axes)
 
     def value(match: re.Match[str]) -> str:
         axis = known[match.group(1)]
         assert axis is not None  # _template refused ambiguous names
-        chosen = settings[dotted(axis.path)]
-        if isinstance(chosen, (dict, list)):
-            raise RecipeError(
-                origin.file,
-                f"the placeholder {{{match.group(1)}}} stands for a mapping or list, which cannot name a folder",
-                line=origin.line,
-                field=VARIANT_NAME,
-                hint="use placeholders of settings whose values are single words or numbers",
-            )
-        return str(chosen).lower() if isinstance(chosen, bool) else str(chosen)
+        return _word(settings[dotted(axis.path)])
 
     name = _PLACEHOLDER.sub(value, template)
     if not VARIANT_PATTERN.match(name):
@@ -207,6 +199,16 @@ def _render(template: str, origin: Origin, axes: list[_Axis], settings: dict[str
             hint="variant names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
     return name
+
+
+def _word(value: Any) -> str:
+    """A setting's value as part of a folder name: a mapping or list by its values joined with '-'
+    (`{mode: palettize, nbits: 4}` is `palettize-4`)."""
+    if isinstance(value, dict):
+        return "-".join(_word(item) for item in value.values())
+    if isinstance(value, list):
+        return "-".join(_word(item) for item in value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _set(document: Document, axis: _Axis, index: int) -> Document:
