@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -94,12 +95,18 @@ def build(
     after = ["--remote", remote[1]] if remote and remote[0] == "build" else []
     command = [sys.executable, "-m", "builder.cli", "--workspace", str(workspace), "--cache-dir", str(cache)]
     command += [*before, "build", target, "--json", "--jobs", str(jobs), *after]
+    before_cpu = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run(command, cwd=workspace, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"build of {target} failed:\n{done.stderr}")
-    return seconds, json.loads(done.stdout)
+    return seconds, _children_cpu() - before_cpu, json.loads(done.stdout)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def counts(report: dict) -> str:
@@ -128,23 +135,25 @@ def main() -> None:
     print(f"preset {args.preset}, 2 x 2 matrix (ORIGINAL/SPLIT_EINSUM x 6/4 bits), jobs {args.jobs}")
     with tempfile.TemporaryDirectory(prefix="sdbuild-matrix-bench-") as folder:
         root = Path(folder)
-        matrix_seconds = None
+        matrix_seconds = matrix_cpu = None
         if "matrix" in parts:
             ws = root / "matrix"
             (ws / "recipes").mkdir(parents=True)
             (ws / "recipes" / "bench-matrix.yaml").write_text(matrix_recipe(args.preset))
-            matrix_seconds, report = build(ws, ws / "cache", "recipes/bench-matrix.yaml", args.jobs)
-            print(f"matrix      {matrix_seconds:8.1f} s wall  {counts(report)}")
+            matrix_seconds, matrix_cpu, report = build(ws, ws / "cache", "recipes/bench-matrix.yaml", args.jobs)
+            print(f"matrix      {matrix_seconds:8.1f} s wall {matrix_cpu:8.1f} s CPU  {counts(report)}")
         if "separate" in parts:
             ws = root / "separate"
             (ws / "recipes").mkdir(parents=True)
-            total, built, in_graph = 0.0, 0, 0
+            total = total_cpu = 0.0
+            built = in_graph = 0
             for index, (attention, nbits) in enumerate(VARIANTS):
                 file = ws / "recipes" / f"v{index}.yaml"
                 file.write_text(variant_recipe(args.preset, attention, nbits))
                 cache = ws / ("cache" if args.separate == "shared" else f"cache-{index}")
-                seconds, report = build(ws, cache, str(file.relative_to(ws)), args.jobs)
+                seconds, cpu, report = build(ws, cache, str(file.relative_to(ws)), args.jobs)
                 total += seconds
+                total_cpu += cpu
                 built += sum(s["status"] == "built" for s in report["stages"])
                 in_graph += len(report["stages"])
                 print(f"  {attention:<12} {nbits} bit {seconds:8.1f} s wall  {counts(report)}")
@@ -162,11 +171,16 @@ def main() -> None:
             for name in ("a", "b"):
                 (root / name / "recipes").mkdir(parents=True)
                 (root / name / "recipes" / "bench-matrix.yaml").write_text(matrix_recipe(args.preset))
-            seconds, report = build(root / "a", root / "a" / "cache", "recipes/bench-matrix.yaml", args.jobs, remote)
-            print(f"remote, A   {seconds:8.1f} s wall  {counts(report)}")
-            seconds, report = build(root / "b", root / "b" / "cache", "recipes/bench-matrix.yaml", args.jobs, remote)
+            seconds, cpu, report = build(
+                root / "a", root / "a" / "cache", "recipes/bench-matrix.yaml", args.jobs, remote
+            )
+            print(f"remote, A   {seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}")
+            seconds, cpu, report = build(
+                root / "b", root / "b" / "cache", "recipes/bench-matrix.yaml", args.jobs, remote
+            )
             size = sum(p.stat().st_size for p in (root / "remote").rglob("*") if p.is_file())
-            print(f"remote, B   {seconds:8.1f} s wall  {counts(report)}; remote holds {size / 2**30:.2f} GiB")
+            held = f"remote holds {size / 2**30:.2f} GiB"
+            print(f"remote, B   {seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}; {held}")
             shutil.rmtree(root / "remote")
 
 

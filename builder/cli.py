@@ -42,7 +42,11 @@ class Workspace:
         return load_recipe(Path(recipe), workspace=self.root)
 
     def engine(self, loaded: LoadedRecipe) -> Engine:
-        return Engine(self.cache, target=loaded.target, inputs_root=self.root)
+        return self.engine_for(loaded.target)
+
+    def engine_for(self, target: str) -> Engine:
+        """The engine over this workspace's cache, keeping its index under `target`."""
+        return Engine(self.cache, target=target, inputs_root=self.root)
 
 
 def _gib(value: int | None) -> str:

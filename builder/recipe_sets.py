@@ -47,7 +47,7 @@ def build_set(
     for loaded in members:
         _preflight(workspace, loaded, own[loaded.target], args)
     console.print(f"[bold]sdbuild[/] {len(members)} bundle(s), {len(combined)} stages  cache {workspace.cache}")
-    engine = Engine(workspace.cache, target=SET_TARGET, inputs_root=workspace.root)
+    engine = workspace.engine_for(SET_TARGET)
     _join_indexes(engine.store, members)
     progress = Progress(console)
     try:
@@ -166,7 +166,7 @@ def status(args: argparse.Namespace, workspace: Workspace, console: Console) -> 
     path = Path(args.recipes) if args.recipes is not None else workspace.root / "recipes"
     members = load_recipes(path, workspace.root)
     _, own = set_graph(members)
-    rows = [status_of(workspace.cache, workspace.root, m, own[m.target]) for m in members]
+    rows = [status_of(workspace.engine_for(m.target), workspace.artifacts, m, own[m.target]) for m in members]
     if args.json:
         print(
             json.dumps(
@@ -198,11 +198,11 @@ def status(args: argparse.Namespace, workspace: Workspace, console: Console) -> 
     return 0
 
 
-def status_of(cache: Path, root: Path, loaded: LoadedRecipe, graph: Graph) -> Status:
+def status_of(engine: Engine, artifacts: Path, loaded: LoadedRecipe, graph: Graph) -> Status:
     """Built: the published bundle is the one the recipe builds now. Never built: nothing published
-    and no stage of it ever built. Stale otherwise, with the first cause in a few words."""
-    engine = Engine(cache, target=loaded.target, inputs_root=root)
-    dest = bundle_folder(root / "artifacts", loaded)
+    and no stage of it ever built. Stale otherwise, with the first cause in a few words. `engine`
+    keeps its index under the recipe's target."""
+    dest = bundle_folder(artifacts, loaded)
     published = dest / "manifest.json"
     entries = engine.plan(graph)
     bundle = next(e for e in entries if e.id == "bundle")
