@@ -105,6 +105,7 @@ def test_a_bad_enum_item_names_the_choices(tmp_path):
         ),
         ("[ORIGINAL, SPLIT_EINSUM]", "[]", "attention: [", "matrix.attention", "at least one value"),
         ("[ORIGINAL, SPLIT_EINSUM]", "ORIGINAL", "attention: ORIGINAL", "matrix.attention", "list"),
+        ("matrix:", "attention: ORIGINAL\nunused:", "variant_name", "variant_name", "no `matrix:`"),
     ],
 )
 def test_matrix_mistakes_are_located(tmp_path, edit, replacement, at, field, words):

@@ -95,6 +95,15 @@ def _axes(document: Document) -> list[_Axis]:
         where = document.origin(at)
         return RecipeError(where.file, message, line=where.line, field=field, hint=hint)
 
+    if matrix is None:
+        where = document.origin((VARIANT_NAME,))
+        raise RecipeError(
+            where.file,
+            "variant_name names the variants of a matrix, and the recipe has no `matrix:`",
+            line=where.line,
+            field=VARIANT_NAME,
+            hint="add `matrix:` with the settings to vary, or remove variant_name",
+        )
     if not isinstance(matrix, dict) or not matrix:
         raise RecipeError(
             origin.file,
