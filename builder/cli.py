@@ -106,7 +106,8 @@ def _preflight(workspace: Workspace, loaded: LoadedRecipe, graph, args: argparse
 
 
 def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
-    """Copy the bundle to artifacts/<name>/<version>/ (unless it is already there) and point `latest` at it."""
+    """Copy the bundle to artifacts/<name>/<version>/ (a variant: to its folder below that), unless
+    it is already there, and point `latest` at the version."""
     from builder.artifacts import OWNER_FILE, bundle_folder, owner_record
     from builder.engine.publish import point_link, publish_tree
 
