@@ -154,6 +154,7 @@ def _built(report: dict, stage_id: str) -> list[dict]:
     return [s for s in report["stages"] if s["stage_id"] == stage_id and s["status"] == "built"]
 
 
+@pytest.mark.slow  # the module's one cold 4-variant build (about two CPU minutes)
 def test_shared_stages_run_once(matrix_build):
     _, report = matrix_build
     assert report["stages_in_graph"] == len(report["stages"])
@@ -177,6 +178,7 @@ def test_shared_stages_run_once(matrix_build):
     assert report["stages_built"] == sum(s["status"] == "built" for s in report["stages"]) < report["stages_in_graph"]
 
 
+@pytest.mark.slow  # the module's one cold 4-variant build (about two CPU minutes)
 def test_each_variant_is_published_with_its_settings(matrix_build):
     root, report = matrix_build
     for entry in report["bundles"]:
@@ -202,6 +204,7 @@ def _status(root: Path, *args: str) -> dict[str, dict]:
     return {f"{row['recipe']}/{row['variant']}": row for row in json.loads(out)}
 
 
+@pytest.mark.slow  # the module's one cold 4-variant build (about two CPU minutes)
 def test_status_then_a_folder_build_sharing_every_stage_but_the_bundle(matrix_build):
     root, _ = matrix_build
     recipes = root / "recipes"
