@@ -156,11 +156,11 @@ def main() -> None:
                 total_cpu += cpu
                 built += sum(s["status"] == "built" for s in report["stages"])
                 in_graph += len(report["stages"])
-                print(f"  {attention:<12} {nbits} bit {seconds:8.1f} s wall  {counts(report)}")
-            ratio = f"; matrix/separate {matrix_seconds / total:.3f}" if matrix_seconds else ""
-            print(
-                f"separate    {total:8.1f} s wall  {built} of {in_graph} stages built ({args.separate} caches){ratio}"
-            )
+                print(f"  {attention:<12} {nbits} bit {seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}")
+            caches = f"{built} of {in_graph} stages built ({args.separate} caches)"
+            print(f"separate    {total:8.1f} s wall {total_cpu:8.1f} s CPU  {caches}")
+            if matrix_seconds is not None and matrix_cpu is not None:
+                print(f"matrix/separate: wall {matrix_seconds / total:.3f}, CPU {matrix_cpu / total_cpu:.3f}")
         if "remote" in parts:
             where = remote_option()
             if where is None:
