@@ -45,3 +45,10 @@ def check_claim(dest: Path, loaded: LoadedRecipe, workspace: Path, *, overwrite:
         f"a different recipe with the same name and version",
         hint="give this recipe its own name or version, or pass --overwrite to replace that bundle",
     )
+
+
+def bundle_folder(artifacts: Path, loaded: LoadedRecipe) -> Path:
+    """Where `loaded` is published: artifacts/<name>/<version>/, and a matrix variant in its own
+    folder below that."""
+    folder = artifacts / loaded.recipe.name / loaded.recipe.version
+    return folder if loaded.variant is None else folder / loaded.variant.name

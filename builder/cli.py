@@ -23,7 +23,7 @@ from builder.engine import Engine, Event, Graph, Heartbeat, StageFinished, Stage
 from builder.errors import EnvironmentFault, StageFailed, UserError
 from builder.faults import as_fault, free_bytes, size_text
 from builder.generate.request import REFINER_START
-from builder.recipe import LoadedRecipe, load_recipe, recipe_json_schema
+from builder.recipe import LoadedRecipe, load_recipe, load_recipes, recipe_json_schema
 from builder.sd.settings import ANALYSED_COMPONENTS
 
 EXIT_USER_ERROR = 2
@@ -43,7 +43,11 @@ class Workspace:
         return load_recipe(Path(recipe), workspace=self.root)
 
     def engine(self, loaded: LoadedRecipe) -> Engine:
-        return Engine(self.cache, target=loaded.recipe.name, inputs_root=self.root)
+        return self.engine_for(loaded.target)
+
+    def engine_for(self, target: str) -> Engine:
+        """The engine over this workspace's cache, keeping its index under `target`."""
+        return Engine(self.cache, target=target, inputs_root=self.root)
 
 
 def _gib(value: int | None) -> str:
@@ -94,21 +98,22 @@ def _result_line(result: StageResult) -> str:
 def _preflight(workspace: Workspace, loaded: LoadedRecipe, graph, args: argparse.Namespace) -> None:
     """Before the first stage: the machine has the memory the largest stage needs (unless --force),
     and the artifacts folder the build publishes to is not another recipe's (unless --overwrite)."""
-    from builder.artifacts import check_claim
+    from builder.artifacts import bundle_folder, check_claim
     from builder.stages.preflight import check_memory
 
     check_memory(loaded, graph, force=args.force)
-    dest = workspace.artifacts / loaded.recipe.name / loaded.recipe.version
+    dest = bundle_folder(workspace.artifacts, loaded)
     check_claim(dest, loaded, workspace.root, overwrite=getattr(args, "overwrite", False))
 
 
 def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
-    """Copy the bundle to artifacts/<name>/<version>/ (unless it is already there) and point `latest` at it."""
-    from builder.artifacts import OWNER_FILE, owner_record
+    """Copy the bundle to artifacts/<name>/<version>/ (a variant: to its folder below that), unless
+    it is already there, and point `latest` at the version."""
+    from builder.artifacts import OWNER_FILE, bundle_folder, owner_record
     from builder.engine.publish import point_link, publish_tree
 
     recipe = loaded.recipe
-    dest = workspace.artifacts / recipe.name / recipe.version
+    dest = bundle_folder(workspace.artifacts, loaded)
     manifest = bundle / "manifest.json"
     current = dest / "manifest.json"
     same = (
@@ -132,7 +137,7 @@ def _publish(workspace: Workspace, loaded: LoadedRecipe, bundle: Path) -> Path:
             publish_tree(bundle, dest, extra={OWNER_FILE: owner_record(loaded, workspace.root)})
         except OSError as error:
             raise as_fault(error, doing, where=dest, needed_bytes=needed) or error from None
-    point_link(dest.parent / "latest", recipe.version)
+    point_link(workspace.artifacts / recipe.name / "latest", recipe.version)
     return dest
 
 
@@ -179,7 +184,12 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
     from builder.stages.pipeline import build_graph
 
     started = time.monotonic()
-    loaded = workspace.load(args.recipe)
+    members = load_recipes(Path(args.recipe), workspace.root)
+    if Path(args.recipe).is_dir() or members[0].variant is not None:
+        from builder.recipe_sets import build_set
+
+        return build_set(args, workspace, console, members, started)
+    loaded = members[0]
     graph = build_graph(loaded)
     _preflight(workspace, loaded, graph, args)
     console.print(f"[bold]sdbuild[/] {loaded.recipe.name} {loaded.recipe.version}  cache {workspace.cache}")
@@ -473,6 +483,12 @@ def cmd_gc(args: argparse.Namespace, workspace: Workspace, console: Console) -> 
     return 0
 
 
+def cmd_status(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    from builder.recipe_sets import status
+
+    return status(args, workspace, console)
+
+
 def _add_safety_overrides(command: argparse.ArgumentParser, *, overwrite: bool) -> None:
     command.add_argument(
         "--force", action="store_true", help="build even if the memory estimate exceeds this machine's memory"
@@ -613,8 +629,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    build = commands.add_parser("build", help="build a recipe into artifacts/<name>/<version>/")
-    build.add_argument("recipe")
+    build = commands.add_parser(
+        "build", help="build a recipe (each variant of a matrix; every recipe of a folder) into artifacts/"
+    )
+    build.add_argument("recipe", help="a recipe file, or a folder: every recipe in it, in one graph")
     build.add_argument("--json", action="store_true", help="print a JSON report of every stage on stdout")
     build.add_argument("--jobs", type=int, default=2, help="stages run at once when memory allows (default 2)")
     _add_safety_overrides(build, overwrite=True)
@@ -730,6 +748,13 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=cmd_verify)
 
     commands.add_parser("gc", help="remove cache entries no recipe's last build uses").set_defaults(run=cmd_gc)
+
+    status = commands.add_parser(
+        "status", help="one line per recipe and variant: built, stale (and why) or never built"
+    )
+    status.add_argument("recipes", nargs="?", default=None, help="a recipe file or folder (default: recipes/)")
+    status.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    status.set_defaults(run=cmd_status)
     return parser
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.recipe import load_recipe
+from builder.recipe import load_recipes
 from builder.stages.pipeline import build_graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +19,10 @@ def test_the_recipes_exist() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_plans(path: Path) -> None:
-    loaded = load_recipe(path, workspace=ROOT)
-    assert loaded.recipe.name == path.stem, "the Makefile target and the bundle folder share the recipe's name"
-    stages = build_graph(loaded).order()
-    assert {s.stage for s in stages} >= {"rewrite", "trace", "convert", "bundle"}
-    hub = loaded.recipe.model.hub
-    if hub is not None:
-        assert len(hub.revision) == 40, "shipped hub recipes are pinned to a commit"
+    for loaded in load_recipes(path, workspace=ROOT):  # a matrix recipe: each of its variants
+        assert loaded.recipe.name == path.stem, "the Makefile target and the bundle folder share the recipe's name"
+        stages = build_graph(loaded).order()
+        assert {s.stage for s in stages} >= {"rewrite", "trace", "convert", "bundle"}
+        hub = loaded.recipe.model.hub
+        if hub is not None:
+            assert len(hub.revision) == 40, "shipped hub recipes are pinned to a commit"

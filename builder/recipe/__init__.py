@@ -2,7 +2,8 @@
 
 from .compression import W8A8, Compression, Float16, MixedPalettize, Palettize, Quantize
 from .enums import Attention, Component, ComputeUnit, DeploymentTarget, Family
-from .load import LoadedRecipe, load_recipe
+from .load import LoadedRecipe, load_recipe, load_recipes
+from .matrix import Variant
 from .model import Components, ComponentSettings, Recipe
 from .schema import recipe_json_schema
 from .sources import HubSource, LocalSource, ModelSource, SyntheticSource, VaeSource
@@ -27,7 +28,9 @@ __all__ = [
     "Recipe",
     "SyntheticSource",
     "VaeSource",
+    "Variant",
     "W8A8",
     "load_recipe",
+    "load_recipes",
     "recipe_json_schema",
 ]

@@ -194,6 +194,15 @@ class Sources(BaseModel):
     loras: list[LoraEntry] = Field(default_factory=list, description="LoRAs fused before conversion, in order.")
 
 
+class VariantRecord(BaseModel):
+    """Which variant of a recipe matrix a bundle is (absent for a recipe without `matrix:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The variant's folder: artifacts/<name>/<version>/<variant>/.")
+    settings: dict[str, Any] = Field(description="The settings the matrix gave it, by dotted recipe path.")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -227,6 +236,7 @@ class Manifest(BaseModel):
     sources: Sources
     environment: Environment
     date: str | None = Field(description="SOURCE_DATE_EPOCH as YYYY-MM-DDTHH:MM:SSZ when it was set, else null.")
+    variant: VariantRecord | None = Field(default=None, description="The matrix variant; absent outside a matrix.")
 
 
 def manifest_json_schema() -> dict:

@@ -36,6 +36,7 @@ from builder.sd.manifest import (
     SdbuildInfo,
     ShippedCompression,
     Sources,
+    VariantRecord,
 )
 from builder.stages.params import BundleParams
 from builder.stages.provenance import with_digests
@@ -165,6 +166,9 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         sources=Sources.model_validate(with_digests(p.sources, inputs)),
         environment=Environment.model_validate(p.environment),
         date=p.date,
+        variant=VariantRecord.model_validate(p.variant) if p.variant is not None else None,
     )
-    (out / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+    # A bundle outside a matrix has no `variant` key at all, as before matrices existed.
+    shown = manifest.model_dump_json(indent=2, exclude={"variant"} if manifest.variant is None else None)
+    (out / "manifest.json").write_text(shown + "\n")
     return {"files": len(files), "size_bytes": sum(f.size for f in files.values())}

@@ -181,6 +181,7 @@ class BundleParams(StageParams):
     sources: dict
     environment: dict
     date: str | None
+    variant: dict | None = None  # {name, settings} of a matrix variant; left out of the params otherwise
 
 
 __all__ = [

@@ -479,13 +479,15 @@ class _GraphBuilder:
             sources=provenance.params,
             environment=environment(),
             date=build_date(),
+            variant=vars(self.loaded.variant) if self.loaded.variant is not None else None,
         )
         self.stages.append(
             StageSpec(
                 id="bundle",
                 stage="bundle",
                 function="builder.stages.bundle:run",
-                params=params.model_dump(mode="json"),
+                # A bundle outside a matrix keeps the key it had before variants existed.
+                params=params.model_dump(mode="json", exclude={"variant"} if params.variant is None else None),
                 param_origins={"name": "name", "version": "version", "compute_unit": "compute_unit"},
                 inputs=self.bundle_inputs | provenance.inputs | ({"tokenizer": "source"} if pipeline.inputs else {}),
                 external_inputs={"tokenizer": pipeline.external["model"]} if pipeline.external else {},
