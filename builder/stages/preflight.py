@@ -67,7 +67,7 @@ def check_sources(loaded: LoadedRecipe) -> None:
 # there, as many as SDXL (10), so the estimate errs high.
 _HEADS = 10
 _FLOAT32 = 4
-_REFERENCE_LATENT = {"sd": (64, 64), "sdxl": (128, 128)}
+_REFERENCE_LATENT = {"sd": (64, 64), "sdxl": (128, 128), "sd3": (128, 128)}
 """The size the per-component figures in memory_estimate were measured at."""
 
 
@@ -135,6 +135,9 @@ _FULL_SIZE_PEAK_GIB = {
     "text_encoder_2": 3,
     "vae_decoder": 2,
     "vae_encoder": 2,
+    # SD3 medium (bench/convert_bench.py --preset sd3-medium): the 2B MMDiT; T5-XXL's 4.7B parameters in float32
+    "mmdit": 12,
+    "text_encoder_3": 20,
 }
 _SDXL_UNET_SCALE = 3
 
