@@ -265,3 +265,13 @@ def test_an_sd3_preset_under_another_family_is_named(tmp_path):
     with pytest.raises(RecipeError) as raised:
         build_graph(load_recipe(path, tmp_path))
     assert "tiny-sd3" in str(raised.value) and "sd3" in raised.value.hint
+
+
+def test_t5_needs_a_preset_that_has_it(tmp_path):
+    from builder.stages.pipeline import build_graph
+
+    path = tmp_path / "r.yaml"
+    path.write_text(SD3.replace("tiny-sd3", "sd3-medium") + "  text_encoder_3: {}\n")
+    with pytest.raises(RecipeError) as raised:
+        build_graph(load_recipe(path, tmp_path))
+    assert raised.value.field == "components.text_encoder_3" and "tiny-sd3" in raised.value.hint

@@ -432,18 +432,6 @@ _SD3_VAE = _SD_VAE | {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
 }
-_T5_XXL = {
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "feed_forward_proj": "gated-gelu",
-    "layer_norm_epsilon": 1e-6,
-}
 # The MMDiT's text width (joint_attention_dim) is T5's; the CLIP hidden states are zero-padded to it.
 _TINY_SD3_TEXT_WIDTH = 128
 SD3_PRESETS: dict[str, Preset] = {
@@ -493,10 +481,10 @@ SD3_PRESETS: dict[str, Preset] = {
     ),
     "sd3-medium": Preset(
         family="sd3",
-        description="Full-size SD3 medium architecture (CLIP-L + CLIP-G, T5-XXL, 2B-parameter MMDiT, 16-channel VAE)",
+        description="Full-size SD3 medium architecture (CLIP-L + CLIP-G, 2B-parameter MMDiT, 16-channel VAE) "
+        "without T5, as the Swift pipeline allows: seeded T5-XXL weights alone would take 19 GB",
         text_encoder=_SDXL_TEXT_ENCODER,
         text_encoder_2=_SDXL_TEXT_ENCODER_2,
-        text_encoder_3=_T5_XXL,
         unet=None,
         transformer={
             "sample_size": 128,

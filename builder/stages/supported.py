@@ -64,6 +64,15 @@ def check_supported(loaded: LoadedRecipe) -> None:
             "give an SD3 diffusers folder (e.g. a snapshot of stabilityai/stable-diffusion-3-medium-diffusers)",
         )
     t5 = recipe.components.text_encoder_3
+    synthetic = recipe.model.synthetic
+    if t5 is not None and synthetic is not None and PRESETS[synthetic.preset].text_encoder_3 is None:
+        with_t5 = sorted(name for name, preset in PRESETS.items() if preset.text_encoder_3 is not None)
+        raise loaded.error(
+            "components.text_encoder_3",
+            f"synthetic preset '{synthetic.preset}' has no T5 text encoder",
+            f"remove text_encoder_3 from components (the Swift pipeline runs without T5); presets with T5: "
+            f"{', '.join(with_t5)}",
+        )
     if t5 is not None and t5.compression.mode != "float16":
         raise loaded.error(
             "components.text_encoder_3.compression.mode",
