@@ -275,3 +275,17 @@ def test_t5_needs_a_preset_that_has_it(tmp_path):
     with pytest.raises(RecipeError) as raised:
         build_graph(load_recipe(path, tmp_path))
     assert raised.value.field == "components.text_encoder_3" and "tiny-sd3" in raised.value.hint
+
+
+def test_a_hub_snapshot_of_an_sd3_pipeline_needs_the_t5_tokenizer_files(pipeline, tmp_path):
+    """The cached-snapshot check knows SD3's T5 tokenizer (no config.json, no weights): complete with
+    tokenizer.json and tokenizer_config.json, incomplete without them."""
+    import shutil
+
+    from builder.hub.layout import RepoKind, missing_files
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(pipeline, snapshot)
+    assert missing_files(snapshot, RepoKind.PIPELINE) == []
+    (snapshot / "tokenizer_3" / "tokenizer.json").unlink()
+    assert missing_files(snapshot, RepoKind.PIPELINE) == ["tokenizer_3/tokenizer.json"]
