@@ -153,8 +153,9 @@ def measure(
     return rows, import_seconds
 
 
-def component_totals(rows: list[dict]) -> dict[str, dict]:
-    """Per component: conversion seconds (rewrite + trace + convert), largest stage peak, ratios."""
+def component_totals(rows: list[dict], reference: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    """Per component: conversion seconds (rewrite + trace + convert), largest stage peak, ratios
+    against `reference` where it has the component."""
     totals: dict[str, dict] = {}
     for row in rows:
         if row["stage"] not in CONVERSION_STAGES:
@@ -165,9 +166,9 @@ def component_totals(rows: list[dict]) -> dict[str, dict]:
         t["peak_bytes"] = max(t["peak_bytes"], row["peak_bytes"] or 0)
         t["fresh"] = t["fresh"] and row["status"] == "built"
     for component, t in totals.items():
-        if component not in REFERENCE:
+        if component not in reference:
             continue
-        ref_seconds, ref_peak = REFERENCE[component]
+        ref_seconds, ref_peak = reference[component]
         t["time_ratio"] = round(t["seconds"] / ref_seconds, 3)
         t["peak_ratio"] = round(t["peak_bytes"] / ref_peak, 3)
         t["meets_target"] = t["time_ratio"] <= TARGET_TIME_RATIO and t["peak_bytes"] <= TARGET_PEAK_BYTES
@@ -175,7 +176,11 @@ def component_totals(rows: list[dict]) -> dict[str, dict]:
 
 
 def print_table(
-    rows: list[dict], totals: dict[str, dict], startup: float | None, load: tuple[float, float, float]
+    rows: list[dict],
+    totals: dict[str, dict],
+    startup: float | None,
+    load: tuple[float, float, float],
+    reference: dict[str, tuple[float, float]],
 ) -> None:
     print(f"{'stage':<9} {'component':<13} {'status':<7} {'seconds':>8} {'cpu s':>8} {'peak GiB':>9}  summary")
     for row in rows:
@@ -198,22 +203,22 @@ def print_table(
     )
     for component, t in totals.items():
         note = "" if t["fresh"] else "  (includes cached stages: figures from the run that built them)"
-        if component not in REFERENCE:
+        if component not in reference:
             print(
                 f"{component:<13} {t['seconds']:8.2f} {t['cpu_seconds']:8.2f} {'-':>7} {'-':>6} "
                 f"{t['peak_bytes'] / GIB:9.2f} {'-':>8}  no reference figures{note}"
             )
             continue
-        ref_seconds, ref_peak = REFERENCE[component]
+        ref_seconds, ref_peak = reference[component]
         verdict = "met" if t["meets_target"] else "NOT met"
         print(
             f"{component:<13} {t['seconds']:8.2f} {t['cpu_seconds']:8.2f} {ref_seconds:7.1f} {t['time_ratio']:6.3f} "
             f"{t['peak_bytes'] / GIB:9.2f} {ref_peak / GIB:8.2f}  {verdict}{note}"
         )
-    if len(totals) > 1 and set(totals) <= set(REFERENCE):
+    if len(totals) > 1 and set(totals) <= set(reference):
         ours = sum(t["seconds"] for t in totals.values()) + (startup or 0.0)
-        reference = sum(REFERENCE[c][0] for c in totals)
-        print(f"{'all, with start-up':<19} {ours:8.2f} s against {reference:.1f} s: ratio {ours / reference:.3f}")
+        baseline = sum(reference[c][0] for c in totals)
+        print(f"{'all, with start-up':<19} {ours:8.2f} s against {baseline:.1f} s: ratio {ours / baseline:.3f}")
     print(
         f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {os.cpu_count()} cores"
     )
@@ -245,8 +250,9 @@ def main() -> None:
         rows, startup = measure(args.cache or workspace / "cache", workspace, components, rerun, args.preset)
         wall = time.perf_counter() - started
     load = os.getloadavg()
-    totals = component_totals(rows)
-    print_table(rows, totals, startup, load)
+    reference = REFERENCE if args.preset == "sd-2-1-base" else {}  # measured for SD 2.1 base only
+    totals = component_totals(rows, reference)
+    print_table(rows, totals, startup, load, reference)
     print(
         f"wall {wall:.1f} s; load average at the start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
     )
