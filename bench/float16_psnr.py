@@ -59,9 +59,11 @@ def main() -> None:
     parser.add_argument("rewritten", type=Path, nargs="+", help="rewrite stage output folders")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    results = [float16_psnr(folder) for folder in args.rewritten]
-    for result in results:
-        print(f"{result['component']:<16} float16 {json.dumps(result['psnr_db'])}  ({result['seconds']} s)")
+    results = []
+    for folder in args.rewritten:
+        result = float16_psnr(folder)
+        results.append(result)
+        print(f"{result['component']:<16} float16 {json.dumps(result['psnr_db'])}  ({result['seconds']} s)", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
