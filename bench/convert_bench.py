@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/convert_bench.py [--cache /tmp/convert-bench] [--rerun rewrite,trace,convert]
                                             [--components unet,text_encoder,vae_decoder]
-                                            [--json artifacts/convert_bench.json]
+                                            [--json artifacts/convert_bench.json] [--preset sd3-medium]
 
 Builds a recipe (synthetic preset `sd-2-1-base`, attention SPLIT_EINSUM, latent 64x64, UNet batch 2,
 float16, no compression) through the real engine in one build, one stage at a time (`--jobs 1`), so
@@ -20,6 +20,10 @@ is reused, and the stages named by `--rerun` run again anyway, because the bench
 run-unique version so their action keys change. Without `--cache`, everything runs cold in a
 temporary folder. Prints a table with totals and ratios against the reference converter measured
 on the same 2-core machine, the load average, and writes the figures as JSON.
+
+`--preset sd3-medium` measures SD3 medium instead (latent 64x64, batch 2, float16 MMDiT, default
+components text_encoder, text_encoder_2, mmdit, vae_decoder; add text_encoder_3 for T5-XXL in
+float32). The reference converter delegates SD3 to another package, so there are no ratios.
 """
 
 from __future__ import annotations
@@ -67,12 +71,37 @@ components:
 """
 
 
-def bench_graph(workspace: Path, components: list[str], rerun: set[str]) -> Graph:
+SD3_RECIPE = """\
+name: convert-bench-sd3
+version: 0.1.0
+family: sd3
+model:
+  synthetic: {{preset: sd3-medium, seed: 0}}
+latent_size: [64, 64]
+attention: ORIGINAL
+compute_unit: CPU_AND_GPU
+deployment_target: macOS14
+components:
+{components}
+"""
+# Per preset: the recipe, the components it must name, and the ones measured by default.
+PRESETS = {
+    "sd-2-1-base": (RECIPE, ("unet", "text_encoder", "vae_decoder"), "unet,text_encoder,vae_decoder"),
+    "sd3-medium": (
+        SD3_RECIPE,
+        ("text_encoder", "text_encoder_2", "mmdit", "vae_decoder"),
+        "text_encoder,text_encoder_2,mmdit,vae_decoder",
+    ),
+}
+
+
+def bench_graph(workspace: Path, components: list[str], rerun: set[str], preset: str = "sd-2-1-base") -> Graph:
     """The recipe's source and conversion stages; those in `rerun` get a version no cache holds."""
     recipe = workspace / "convert-bench.yaml"
+    template, required, _ = PRESETS[preset]
     # The recipe always names the required components; only the asked-for ones are built.
-    listed = [*components, *(c for c in ("unet", "text_encoder", "vae_decoder") if c not in components)]
-    recipe.write_text(RECIPE.format(components="\n".join(f"  {c}: {{}}" for c in listed)))
+    listed = [*components, *(c for c in required if c not in components)]
+    recipe.write_text(template.format(components="\n".join(f"  {c}: {{}}" for c in listed)))
     graph = build_graph(load_recipe(recipe, workspace))
     run_id = f"bench-{time.time_ns()}"
     return Graph(
@@ -82,7 +111,9 @@ def bench_graph(workspace: Path, components: list[str], rerun: set[str]) -> Grap
     )
 
 
-def measure(cache: Path, workspace: Path, components: list[str], rerun: set[str]) -> tuple[list[dict], float | None]:
+def measure(
+    cache: Path, workspace: Path, components: list[str], rerun: set[str], preset: str = "sd-2-1-base"
+) -> tuple[list[dict], float | None]:
     """Build once, one stage at a time (`--jobs 1`), as `sdbuild build --jobs 1` would.
 
     Returns a row per stage and the seconds the worker zygote spent importing the stage modules
@@ -101,7 +132,7 @@ def measure(cache: Path, workspace: Path, components: list[str], rerun: set[str]
             r = event.result
             print(f"  {r.id}: {r.status} {r.seconds:.1f} s", file=sys.stderr, flush=True)
 
-    results = engine.build(bench_graph(workspace, components, rerun), jobs=1, on_event=on_event)
+    results = engine.build(bench_graph(workspace, components, rerun, preset), jobs=1, on_event=on_event)
     import_seconds = startup[0] if startup else None
     rows, waited = [], False
     for result in results:
@@ -122,8 +153,9 @@ def measure(cache: Path, workspace: Path, components: list[str], rerun: set[str]
     return rows, import_seconds
 
 
-def component_totals(rows: list[dict]) -> dict[str, dict]:
-    """Per component: conversion seconds (rewrite + trace + convert), largest stage peak, ratios."""
+def component_totals(rows: list[dict], reference: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    """Per component: conversion seconds (rewrite + trace + convert), largest stage peak, ratios
+    against `reference` where it has the component."""
     totals: dict[str, dict] = {}
     for row in rows:
         if row["stage"] not in CONVERSION_STAGES:
@@ -134,7 +166,9 @@ def component_totals(rows: list[dict]) -> dict[str, dict]:
         t["peak_bytes"] = max(t["peak_bytes"], row["peak_bytes"] or 0)
         t["fresh"] = t["fresh"] and row["status"] == "built"
     for component, t in totals.items():
-        ref_seconds, ref_peak = REFERENCE[component]
+        if component not in reference:
+            continue
+        ref_seconds, ref_peak = reference[component]
         t["time_ratio"] = round(t["seconds"] / ref_seconds, 3)
         t["peak_ratio"] = round(t["peak_bytes"] / ref_peak, 3)
         t["meets_target"] = t["time_ratio"] <= TARGET_TIME_RATIO and t["peak_bytes"] <= TARGET_PEAK_BYTES
@@ -142,7 +176,11 @@ def component_totals(rows: list[dict]) -> dict[str, dict]:
 
 
 def print_table(
-    rows: list[dict], totals: dict[str, dict], startup: float | None, load: tuple[float, float, float]
+    rows: list[dict],
+    totals: dict[str, dict],
+    startup: float | None,
+    load: tuple[float, float, float],
+    reference: dict[str, tuple[float, float]],
 ) -> None:
     print(f"{'stage':<9} {'component':<13} {'status':<7} {'seconds':>8} {'cpu s':>8} {'peak GiB':>9}  summary")
     for row in rows:
@@ -164,17 +202,23 @@ def print_table(
         "target (<= 0.5x time, <= 5 GiB)"
     )
     for component, t in totals.items():
-        ref_seconds, ref_peak = REFERENCE[component]
-        verdict = "met" if t["meets_target"] else "NOT met"
         note = "" if t["fresh"] else "  (includes cached stages: figures from the run that built them)"
+        if component not in reference:
+            print(
+                f"{component:<13} {t['seconds']:8.2f} {t['cpu_seconds']:8.2f} {'-':>7} {'-':>6} "
+                f"{t['peak_bytes'] / GIB:9.2f} {'-':>8}  no reference figures{note}"
+            )
+            continue
+        ref_seconds, ref_peak = reference[component]
+        verdict = "met" if t["meets_target"] else "NOT met"
         print(
             f"{component:<13} {t['seconds']:8.2f} {t['cpu_seconds']:8.2f} {ref_seconds:7.1f} {t['time_ratio']:6.3f} "
             f"{t['peak_bytes'] / GIB:9.2f} {ref_peak / GIB:8.2f}  {verdict}{note}"
         )
-    if len(totals) > 1:
+    if len(totals) > 1 and set(totals) <= set(reference):
         ours = sum(t["seconds"] for t in totals.values()) + (startup or 0.0)
-        reference = sum(REFERENCE[c][0] for c in totals)
-        print(f"{'all, with start-up':<19} {ours:8.2f} s against {reference:.1f} s: ratio {ours / reference:.3f}")
+        baseline = sum(reference[c][0] for c in totals)
+        print(f"{'all, with start-up':<19} {ours:8.2f} s against {baseline:.1f} s: ratio {ours / baseline:.3f}")
     print(
         f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {os.cpu_count()} cores"
     )
@@ -188,29 +232,32 @@ def main() -> None:
         default=",".join(CONVERSION_STAGES),
         help="stages run again even when cached (comma-separated; '' to reuse all)",
     )
-    parser.add_argument("--components", default="unet,text_encoder,vae_decoder")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="sd-2-1-base")
+    parser.add_argument("--components", help="comma-separated (default: the preset's)")
     parser.add_argument(
         "--json", type=Path, default=PROJECT / "artifacts" / "convert_bench.json", help="where to write the results"
     )
     args = parser.parse_args()
-    components = [c for c in args.components.split(",") if c]
+    components = [c for c in (args.components or PRESETS[args.preset][2]).split(",") if c]
     unknown = sorted(set(components) - set(REFERENCE))
-    if unknown:
+    if unknown and args.preset == "sd-2-1-base":
         sys.exit(f"no reference figures for {', '.join(unknown)}; use some of {', '.join(REFERENCE)}")
     rerun = {s for s in args.rerun.split(",") if s}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="sdbuild-convert-bench-") as folder:
         workspace = Path(folder)
         started = time.perf_counter()
-        rows, startup = measure(args.cache or workspace / "cache", workspace, components, rerun)
+        rows, startup = measure(args.cache or workspace / "cache", workspace, components, rerun, args.preset)
         wall = time.perf_counter() - started
     load = os.getloadavg()
-    totals = component_totals(rows)
-    print_table(rows, totals, startup, load)
+    reference = REFERENCE if args.preset == "sd-2-1-base" else {}  # measured for SD 2.1 base only
+    totals = component_totals(rows, reference)
+    print_table(rows, totals, startup, load, reference)
     print(
         f"wall {wall:.1f} s; load average at the start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
     )
     results = {
+        "preset": args.preset,
         "stages": rows,
         "components": totals,
         "startup_seconds": startup,

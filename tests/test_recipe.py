@@ -535,7 +535,7 @@ def test_unquoted_number_for_text_field(tmp_path: Path) -> None:
 
 def test_several_problems_are_reported_together_in_line_order(tmp_path: Path) -> None:
     text = (
-        SD.replace("family: sd", "family: sd3").replace("nbits: 6", "nbits: 5").replace("name: tiny-sd", "name: Tiny")
+        SD.replace("family: sd", "family: sd4").replace("nbits: 6", "nbits: 5").replace("name: tiny-sd", "name: Tiny")
     )
     found = errors(tmp_path, text)
     assert [(e.line, e.field) for e in found] == [
@@ -592,7 +592,7 @@ def test_yaml_merge_keys_point_to_extends(tmp_path: Path) -> None:
 
 
 def test_file_outside_workspace_is_named_by_its_full_path(tmp_path: Path) -> None:
-    path = write(tmp_path, "r.yaml", SD.replace("family: sd", "family: sd3"))
+    path = write(tmp_path, "r.yaml", SD.replace("family: sd", "family: sd4"))
     with pytest.raises(RecipeError) as raised:
         load_recipe(path, tmp_path / "elsewhere")
     assert raised.value.file == str(path)
@@ -607,7 +607,7 @@ def test_schema_is_json_and_lists_enums_and_modes() -> None:
     assert defs["Attention"]["enum"] == ["ORIGINAL", "SPLIT_EINSUM", "SPLIT_EINSUM_V2"]
     assert defs["ComputeUnit"]["enum"] == ["ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE"]
     assert defs["DeploymentTarget"]["enum"] == ["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"]
-    assert defs["Family"]["enum"] == ["sd", "sdxl"]
+    assert defs["Family"]["enum"] == ["sd", "sdxl", "sd3"]
     assert defs["Palettize"]["properties"]["nbits"]["enum"] == [1, 2, 3, 4, 6, 8]
     compression = defs["ComponentSettings"]["properties"]["compression"]
     assert set(compression["discriminator"]["mapping"]) == {"float16", "palettize", "quantize", "mixed", "w8a8"}

@@ -50,8 +50,10 @@ def test_pipeline_loads_with_diffusers(pipeline):
     assert len(ids) == 77 and ids[0] == pipe.tokenizer.bos_token_id
 
 
-# SDXL's are tested in test_sdxl.py; a ControlNet is a model of its own: test_controlnet.py
-@pytest.mark.parametrize("component", sorted(set(KINDS) - {"text_encoder_2", "unet_refiner", "controlnet"}))
+# SDXL's are tested in test_sdxl.py, SD3's in test_sd3.py; a ControlNet is a model of its own: test_controlnet.py
+@pytest.mark.parametrize(
+    "component", sorted(set(KINDS) - {"text_encoder_2", "unet_refiner", "controlnet", "mmdit", "text_encoder_3"})
+)
 def test_wrapper_matches_reference(pipeline, component):
     kind = KINDS[component]
     reference = kind.load(pipeline, kind.subfolder).eval()

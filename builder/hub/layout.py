@@ -74,6 +74,7 @@ _NON_MODEL_FILES = {
     "CLIPTokenizerFast": _TOKENIZER_FILES,
     "CLIPImageProcessor": ("preprocessor_config.json",),
     "CLIPFeatureExtractor": ("preprocessor_config.json",),
+    "T5TokenizerFast": ("tokenizer.json", "tokenizer_config.json"),  # SD3's tokenizer_3, as the bundle ships it
 }
 
 

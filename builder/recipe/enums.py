@@ -10,6 +10,7 @@ class Family(str, Enum):
 
     SD = "sd"
     SDXL = "sdxl"
+    SD3 = "sd3"
 
 
 class Attention(str, Enum):
@@ -54,8 +55,10 @@ class Component(str, Enum):
 
     TEXT_ENCODER = "text_encoder"
     TEXT_ENCODER_2 = "text_encoder_2"
+    TEXT_ENCODER_3 = "text_encoder_3"
     UNET = "unet"
     UNET_REFINER = "unet_refiner"
+    MMDIT = "mmdit"
     VAE_DECODER = "vae_decoder"
     VAE_ENCODER = "vae_encoder"
     SAFETY_CHECKER = "safety_checker"

@@ -47,9 +47,20 @@ class Components(RecipeModel):
     )
     text_encoder_2: ComponentSettings | None = Field(
         default=None,
-        description="SDXL's second text encoder, CLIP-G (TextEncoder2.mlmodelc); sdxl only, required there.",
+        description="The second text encoder, CLIP-G (TextEncoder2.mlmodelc); sdxl and sd3 only, required there.",
     )
-    unet: ComponentSettings = Field(description="The denoising UNet (Unet.mlmodelc or UnetChunk1/2.mlmodelc).")
+    text_encoder_3: ComponentSettings | None = Field(
+        default=None,
+        description="SD3's T5 text encoder (TextEncoderT5.mlmodelc and its tokenizer); sd3 only, optional.",
+    )
+    unet: ComponentSettings | None = Field(
+        default=None,
+        description="The denoising UNet (Unet.mlmodelc or UnetChunk1/2.mlmodelc); required for sd and sdxl.",
+    )
+    mmdit: ComponentSettings | None = Field(
+        default=None,
+        description="SD3's denoising transformer (MultiModalDiffusionTransformer.mlmodelc); sd3 only, required there.",
+    )
     unet_refiner: ComponentSettings | None = Field(
         default=None,
         description="SDXL's refiner UNet (UnetRefiner.mlmodelc), converted from model.refiner; sdxl only.",
@@ -85,7 +96,7 @@ class Recipe(RecipeModel):
         max_length=NAME_LENGTH,
         description="Semantic version of the bundle, MAJOR.MINOR.PATCH with an optional -prerelease (at most 64).",
     )
-    family: Family = Field(description="Pipeline family: sd (SD 1.x/2.x) or sdxl.")
+    family: Family = Field(description="Pipeline family: sd (SD 1.x/2.x), sdxl or sd3.")
     model: ModelSource = Field(description="The checkpoint to convert: exactly one of hub, local or synthetic.")
     written_latent_size: Size | None = Field(
         default=None,

@@ -13,9 +13,9 @@ if TYPE_CHECKING:
 
 SPLIT_EINSUM_V2_CHUNK = 512
 """SPLIT_EINSUM_V2 splits the attention queries in chunks of this length."""
-MAX_IMAGE_SIDE = {Family.SD: 1536, Family.SDXL: 2048}
+MAX_IMAGE_SIDE = {Family.SD: 1536, Family.SDXL: 2048, Family.SD3: 2048}
 """Largest image side in pixels: twice the family's largest native resolution (SD 2.x 768, SDXL
-1024). Beyond it the models produce repeated content and converting needs tens of GiB."""
+1024, SD3 1024). Beyond it the models produce repeated content and converting needs tens of GiB."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,14 @@ SD_UNET = UnetLayout(levels=4, attention_levels=(0, 1, 2, 3))
 SDXL_UNET = UnetLayout(levels=3, attention_levels=(1, 2))
 # SDXL refiner: 4 levels, attention on levels 1 and 2 and in the mid block.
 SDXL_REFINER_UNET = UnetLayout(levels=4, attention_levels=(1, 2, 3))
+# SD3's MMDiT: one resolution, cut into 2 x 2 patches (so latents must be even), attention over all of them.
+SD3_MMDIT = UnetLayout(levels=2, attention_levels=(1,))
 
 
 def unet_layouts(recipe: Recipe) -> list[UnetLayout]:
-    """The UNets the recipe builds, by family."""
+    """The UNets (or SD3's MMDiT) the recipe builds, by family."""
+    if recipe.family is Family.SD3:
+        return [SD3_MMDIT]
     if recipe.family is not Family.SDXL:
         return [SD_UNET]
     return [SDXL_UNET] + ([SDXL_REFINER_UNET] if recipe.components.unet_refiner is not None else [])
@@ -51,7 +55,11 @@ def recipe_violations(recipe: Recipe) -> list[Violation]:
     size = _size_violations(recipe)
     if not size and recipe.attention is Attention.SPLIT_EINSUM_V2:
         size = _split_einsum_v2_violations(recipe)
-    family = _sdxl_violations(recipe) if recipe.family is Family.SDXL else _sd_violations(recipe)
+    if recipe.family is Family.SD3:
+        family = _sd3_violations(recipe)
+    else:
+        family = _sdxl_violations(recipe) if recipe.family is Family.SDXL else _sd_violations(recipe)
+        family += _unet_family_violations(recipe)
     return size + family + _compression_violations(recipe)
 
 
@@ -156,7 +164,7 @@ def _size_violations(recipe: Recipe) -> list[Violation]:
 
 
 def family_name(family: Family) -> str:
-    return {Family.SD: "family sd", Family.SDXL: "family sdxl"}[family]
+    return {Family.SD: "family sd", Family.SDXL: "family sdxl", Family.SD3: "family sd3"}[family]
 
 
 def _long_unaligned_levels(height: int, width: int, layouts: list[UnetLayout]) -> list[tuple[int, int]]:
@@ -323,6 +331,88 @@ def _sd_violations(recipe: Recipe) -> list[Violation]:
                 "components.text_encoder",
                 "sd needs its text encoder",
                 "add `text_encoder: {}` under components",
+            )
+        )
+    return violations
+
+
+def _unet_family_violations(recipe: Recipe) -> list[Violation]:
+    """sd and sdxl denoise with a UNet; SD3's components are for family sd3 only."""
+    violations = []
+    if recipe.components.unet is None:
+        violations.append(
+            Violation(
+                "components.unet", f"{family_name(recipe.family)} needs its UNet", "add `unet: {}` under components"
+            )
+        )
+    for component in ("mmdit", "text_encoder_3"):
+        if getattr(recipe.components, component) is not None:
+            violations.append(
+                Violation(
+                    f"components.{component}",
+                    f"only sd3 has {component}",
+                    f"remove `{component}:` or set `family: sd3`",
+                )
+            )
+    return violations
+
+
+def _sd3_violations(recipe: Recipe) -> list[Violation]:
+    """SD3 (StableDiffusion3Pipeline): two CLIP encoders, optional T5, the MMDiT and a 16-channel VAE;
+    always batch 2 (classifier-free guidance), iOS17 / macOS14 or newer."""
+    violations = []
+    components = recipe.components
+    for component, what in (
+        ("text_encoder", "its first text encoder (CLIP-L)"),
+        ("text_encoder_2", "its second text encoder (CLIP-G)"),
+        ("mmdit", "its MMDiT denoiser"),
+    ):
+        if getattr(components, component) is None:
+            violations.append(
+                Violation(f"components.{component}", f"sd3 needs {what}", f"add `{component}: {{}}` under components")
+            )
+    for component, why in (
+        ("unet", "sd3 denoises with the MMDiT, not a UNet"),
+        ("unet_refiner", "sd3 has no refiner"),
+        ("safety_checker", "the sd3 pipeline has no safety checker"),
+        ("controlnet", "the sd3 pipeline of the Swift package runs no ControlNet"),
+    ):
+        if getattr(components, component) is not None:
+            hint = "use `mmdit:` instead" if component == "unet" else f"remove `{component}:` from components"
+            violations.append(Violation(f"components.{component}", why, hint))
+    if recipe.model.refiner is not None:
+        violations.append(Violation("model.refiner", "sd3 has no refiner", "remove `refiner:` from model"))
+    if recipe.model.controlnets:
+        violations.append(
+            Violation(
+                "model.controlnets",
+                "the sd3 pipeline of the Swift package runs no ControlNet",
+                "remove `controlnets:` from model",
+            )
+        )
+    if recipe.unet_batch_size != 2:
+        violations.append(
+            Violation(
+                "unet_batch_size",
+                "sd3 needs a batch-2 MMDiT: its Swift pipeline always passes a (2,) timestep",
+                "set `unet_batch_size: 2`",
+            )
+        )
+    if recipe.attention is not Attention.ORIGINAL:
+        violations.append(
+            Violation(
+                "attention",
+                f"the sd3 MMDiT has one attention form; {recipe.attention.value} is a UNet rewrite",
+                "set `attention: ORIGINAL`",
+            )
+        )
+    target = recipe.deployment_target
+    if target.major < (17 if target.platform == "iOS" else 14):
+        violations.append(
+            Violation(
+                "deployment_target",
+                f"sd3 needs iOS17 or macOS14 or newer, not {target.value}",
+                "use one of: iOS17, iOS18, macOS14, macOS15",
             )
         )
     return violations

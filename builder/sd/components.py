@@ -36,14 +36,20 @@ from builder.sd.modules import (
     VaeEncoderModule,
     token_id,
 )
+from builder.sd.sd3.modules import (
+    T5_SEQUENCE_LENGTH,
+    MultiModalDiffusionTransformerModule,
+    TextEncoderT5Module,
+)
 from builder.sd.tokenizer_files import MODEL_MAX_LENGTH
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.controlnets.controlnet import ControlNetModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 TEXT_SEQUENCE_LENGTH = MODEL_MAX_LENGTH
 VAE_SCALE = 8
@@ -203,6 +209,79 @@ def _vae_from_config(config: dict) -> AutoencoderKL:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     return AutoencoderKL.from_config(config)
+
+
+def _load_t5(folder: Path, subfolder: str) -> T5EncoderModel:
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+
+
+def _t5_from_config(config: dict) -> T5EncoderModel:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config.from_dict(config))
+
+
+def _load_mmdit(folder: Path, subfolder: str) -> SD3Transformer2DModel:
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_pretrained(folder, subfolder=subfolder, use_safetensors=True)
+
+
+def _mmdit_from_config(config: dict) -> SD3Transformer2DModel:
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_config(config)
+
+
+def _t5_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
+    return [TensorSpec(name="input_ids", shape=[1, T5_SEQUENCE_LENGTH], dtype="float32")]
+
+
+def _t5_examples(folder: Path, model: T5EncoderModel, specs: list[TensorSpec]) -> dict[str, torch.Tensor]:
+    """A prompt's ids as the Swift package sends them: tokens, end-of-sequence, then padding."""
+    config = model.config
+    (spec,) = specs
+    ids = torch.randint(3, config.vocab_size, spec.shape, generator=torch.Generator().manual_seed(0))
+    length = spec.shape[1] // 2
+    ids[:, length] = int(cast(int, config.eos_token_id))
+    ids[:, length + 1 :] = int(cast(int, config.pad_token_id))
+    return {spec.name: ids.to(torch.float32)}
+
+
+def _t5_reference(model: T5EncoderModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    hidden = model(input_ids=inputs["input_ids"].long()).last_hidden_state
+    return [hidden.transpose(1, 2).unsqueeze(2)]
+
+
+def _mmdit_inputs(model: SD3Transformer2DModel, shape: ComponentShape) -> list[TensorSpec]:
+    """The Swift pipeline's MMDiT inputs: CLIP-L and CLIP-G's 77 tokens, then T5's 77, on the last axis."""
+    h, w = shape.latent_size
+    b = shape.batch_size
+    config = model.config
+    return [
+        TensorSpec(name="latent_image_embeddings", shape=[b, config["in_channels"], h, w], dtype="float16"),
+        # the flow-matching timestep (sigma x 1000) is not a whole number: float16 would round it by up to 0.25
+        TensorSpec(name="timestep", shape=[b], dtype="float32"),
+        TensorSpec(
+            name="token_level_text_embeddings",
+            shape=[b, config["joint_attention_dim"], 1, TEXT_SEQUENCE_LENGTH + T5_SEQUENCE_LENGTH],
+            dtype="float16",
+        ),
+        TensorSpec(name="pooled_text_embeddings", shape=[b, config["pooled_projection_dim"], 1, 1], dtype="float16"),
+    ]
+
+
+def _mmdit_reference(model: SD3Transformer2DModel, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [
+        model(
+            hidden_states=inputs["latent_image_embeddings"],
+            encoder_hidden_states=inputs["token_level_text_embeddings"].squeeze(2).transpose(1, 2),
+            pooled_projections=inputs["pooled_text_embeddings"].flatten(1),
+            timestep=inputs["timestep"],
+        ).sample
+    ]
 
 
 def _text_inputs(model: nn.Module, shape: ComponentShape) -> list[TensorSpec]:
@@ -410,6 +489,25 @@ KINDS: dict[str, ComponentKind[Any]] = {
         # into the zero-convolutions' weights under new names
         skipped_passes=("common::fuse_conv_scale",),
     ),
+    "text_encoder_3": ComponentKind(
+        subfolder="text_encoder_3",
+        output_names=("encoder_hidden_states",),
+        load=_load_t5,
+        from_config=_t5_from_config,
+        wrap=_attention_free(TextEncoderT5Module),
+        inputs=_t5_inputs,
+        reference=_t5_reference,
+        examples=_t5_examples,
+    ),
+    "mmdit": ComponentKind(
+        subfolder="transformer",
+        output_names=("denoiser_output",),
+        load=_load_mmdit,
+        from_config=_mmdit_from_config,
+        wrap=_attention_free(MultiModalDiffusionTransformerModule),
+        inputs=_mmdit_inputs,
+        reference=_mmdit_reference,
+    ),
     "vae_decoder": ComponentKind(
         subfolder="vae",
         output_names=("image",),
@@ -449,6 +547,16 @@ FAMILY_KINDS: dict[tuple[str, str], ComponentKind[Any]] = {
         output_names=("hidden_embeds", "pooled_outputs"),
         load=_load_clip,
         from_config=_clip_from_config,
+        wrap=_attention_free(TextEncoderXLModule),
+        inputs=_text_inputs,
+        reference=_xl_text_reference,
+    ),
+    # SD3's first encoder is CLIP-L with its projection: penultimate states and the projected pooled state
+    ("sd3", "text_encoder"): ComponentKind(
+        subfolder="text_encoder",
+        output_names=("hidden_embeds", "pooled_outputs"),
+        load=_load_clip_with_projection,
+        from_config=_clip_with_projection_from_config,
         wrap=_attention_free(TextEncoderXLModule),
         inputs=_text_inputs,
         reference=_xl_text_reference,

@@ -18,6 +18,8 @@ from builder.sd.tokenizer_files import MODEL_MAX_LENGTH
 RESOURCE_NAMES: dict[str, str] = {
     "text_encoder": "TextEncoder",
     "text_encoder_2": "TextEncoder2",
+    "text_encoder_3": "TextEncoderT5",
+    "mmdit": "MultiModalDiffusionTransformer",
     "unet": "Unet",
     "unet_refiner": "UnetRefiner",
     "vae_decoder": "VAEDecoder",
@@ -30,8 +32,17 @@ CONTROLNET_FOLDER = "controlnet"
 RESIDUAL_PREFIX = "additional_residual_"
 CONTROLNET_BATCH = 2  # ControlNet.swift always passes a (2,) timestep
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025}
-REQUIRED_MODELS = {"sd": ("TextEncoder", "Unet", "VAEDecoder"), "sdxl": ("TextEncoder2", "Unet", "VAEDecoder")}
+# SD3's T5 tokenizer: the Swift package loads TextEncoderT5 only when both files are present too
+T5_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+LATENT_SCALE_FACTOR = {"sd": 0.18215, "sdxl": 0.13025, "sd3": 1.5305}
+LATENT_SHIFT_FACTOR = {"sd3": 0.0609}  # SD3's decoder takes latents / scale + shift
+MMDIT = "MultiModalDiffusionTransformer"
+MMDIT_BATCH = 2  # MultiModalDiffusionTransformer.swift always passes a (2,) timestep
+REQUIRED_MODELS = {
+    "sd": ("TextEncoder", "Unet", "VAEDecoder"),
+    "sdxl": ("TextEncoder2", "Unet", "VAEDecoder"),
+    "sd3": ("TextEncoder", "TextEncoder2", MMDIT, "VAEDecoder"),
+}
 TEXT_LENGTH = MODEL_MAX_LENGTH
 SAFETY_CHECKER_IMAGE_SIZE = 512  # hard-coded in SafetyChecker.swift
 Pipeline = Literal["text-to-image", "image-to-image", "controlnet"]
@@ -189,6 +200,8 @@ def check_models(
     check.problems += [f"missing required model {name}" for name in required if not _present(models, name)]
     if family == "sdxl":
         _check_sdxl(check)
+    elif family == "sd3":
+        _check_sd3(check)
     else:
         text_width = check.text_encoder("TextEncoder", "last_hidden_state")[0] if "TextEncoder" in models else None
         check.unet(unet, text_width)
@@ -219,6 +232,61 @@ def _check_sdxl(check: _Checker) -> None:
     else:
         check.unet("Unet", second_width, time_ids=5, pooled=pooled)
     check.unet("UnetRefiner", second_width, time_ids=5, pooled=pooled)
+
+
+def _check_sd3(check: _Checker) -> None:
+    """SD3: both CLIP encoders give penultimate states and pooled outputs; the MMDiT reads their states
+    side by side (zero-padded to T5's width) then T5's 77 on the token axis, and both pooled outputs
+    concatenated. TextEncoderT5, when shipped, returns (1, C, 1, L) states of which the Swift side keeps 77."""
+    models = check.models
+    first = check.text_encoder("TextEncoder", "hidden_embeds") if "TextEncoder" in models else (None, None)
+    second = check.text_encoder("TextEncoder2", "hidden_embeds") if "TextEncoder2" in models else (None, None)
+    t5_width = _check_t5(check) if "TextEncoderT5" in models else None
+    if MMDIT not in models:
+        return
+    info = models[MMDIT]
+    inputs = {i.name: i.shape for i in info.inputs}
+    required = ("latent_image_embeddings", "timestep", "token_level_text_embeddings", "pooled_text_embeddings")
+    missing = [name for name in required if name not in inputs]
+    check.problems += [f"{MMDIT}: no input named {name}" for name in missing]
+    if missing:
+        return
+    b, (h, w) = MMDIT_BATCH, check.latent_size
+    latents = inputs["latent_image_embeddings"]
+    channels = latents[1] if len(latents) == 4 else "C"
+    check.expect(MMDIT, "latent_image_embeddings shape", latents, [b, channels, h, w])
+    check.expect(MMDIT, "timestep shape", inputs["timestep"], [b])
+    tokens = inputs["token_level_text_embeddings"]
+    width = t5_width or (tokens[1] if len(tokens) == 4 else "C")
+    check.expect(MMDIT, "token_level_text_embeddings shape", tokens, [b, width, 1, 2 * TEXT_LENGTH])
+    clip_widths = [first[0], second[0]]
+    if isinstance(width, int) and all(clip_widths) and sum(w for w in clip_widths if w) > width:
+        check.problems.append(f"{MMDIT}: text width {width} cannot hold both CLIP encoders' states {clip_widths}")
+    pooled = [first[1], second[1]]
+    wanted = sum(p for p in pooled if p) if all(pooled) else inputs["pooled_text_embeddings"][1]
+    check.expect(MMDIT, "pooled_text_embeddings shape", inputs["pooled_text_embeddings"], [b, wanted, 1, 1])
+    check.expect(MMDIT, "first output shape", info.outputs[0].shape if info.outputs else None, latents)
+    if "VAEDecoder" in models:
+        z = models["VAEDecoder"].inputs[0].shape
+        check.expect("VAEDecoder", "latent channels", z[1] if len(z) == 4 else None, channels)
+
+
+def _check_t5(check: _Checker) -> int | None:
+    """TextEncoderT5: float32 ids (1, L) with L >= 77, output encoder_hidden_states (1, C, 1, L); its width C."""
+    info = check.models["TextEncoderT5"]
+    ids = info.inputs[0].shape
+    length = ids[1] if len(ids) == 2 else None
+    if length is None or length < TEXT_LENGTH:
+        check.problems.append(f"TextEncoderT5: first input shape is {ids}, the Swift package needs [1, L], L >= 77")
+    check.expect("TextEncoderT5", "first input dtype", info.inputs[0].dtype, "float32")
+    outputs = {o.name: o.shape for o in info.outputs}
+    if "encoder_hidden_states" not in outputs:
+        check.problems.append("TextEncoderT5: no output named encoder_hidden_states")
+        return None
+    shape = outputs["encoder_hidden_states"]
+    width = shape[1] if len(shape) == 4 else None
+    check.expect("TextEncoderT5", "encoder_hidden_states shape", shape, [1, width or "C", 1, length or "L"])
+    return width
 
 
 def _check_controlnets(check: _Checker) -> None:

@@ -216,6 +216,7 @@ class Manifest(BaseModel):
     image_size: tuple[int, int]
     unet_batch_size: int
     latent_scale_factor: float
+    latent_shift_factor: float | None = None  # SD3: the decoder takes latents / scale + shift
     text_sequence_length: int
     time_ids_length: int | None = None  # SDXL: entries of the base Unet's time_ids (6; 5 for a refiner-only Unet)
     refiner: bool = False  # SDXL: whether UnetRefiner is in Resources

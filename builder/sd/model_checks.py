@@ -21,6 +21,8 @@ _CONFIG_BYTES = 1 << 20
 SUBFOLDERS: dict[str, str] = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_3": "text_encoder_3",
+    "mmdit": "transformer",
     "unet": "unet",
     "unet_refiner": "unet",
     "controlled_unet": "unet",
@@ -65,8 +67,37 @@ _VAE_LIMITS = {
     "norm_num_groups": 64,
     "sample_size": 4096,
 }
+# SD3's T5-XXL (24 layers, width 4096, 64 heads) and MMDiT (SD3.5 large: 38 layers, 38 heads of 64).
+_T5_LIMITS = {
+    "num_layers": 64,
+    "d_model": 8192,
+    "d_kv": 256,
+    "d_ff": 32768,
+    "num_heads": 128,
+    "vocab_size": 1_000_000,
+    "relative_attention_num_buckets": 1024,
+}
+_MMDIT_LIMITS = {
+    "num_layers": 64,
+    "attention_head_dim": 256,
+    "num_attention_heads": 64,
+    "joint_attention_dim": 8192,
+    "caption_projection_dim": 8192,
+    "pooled_projection_dim": 8192,
+    "in_channels": 16,
+    "out_channels": 16,
+    "patch_size": 8,
+    "sample_size": 1024,
+    "pos_embed_max_size": 1024,
+}
 _LEVELS = 6  # entries of block_out_channels / block types
-_LIMITS = {"text_encoder": _TEXT_LIMITS, "text_encoder_2": _TEXT_LIMITS, "vae": _VAE_LIMITS}
+_LIMITS = {
+    "text_encoder": _TEXT_LIMITS,
+    "text_encoder_2": _TEXT_LIMITS,
+    "text_encoder_3": _T5_LIMITS,
+    "mmdit": _MMDIT_LIMITS,
+    "vae": _VAE_LIMITS,
+}
 
 
 class ModelFolderProblem(ValueError):
@@ -190,7 +221,13 @@ def check_family(folder: Path, family: str) -> None:
     pipeline = _read_config(index, folder).get("_class_name")
     if not isinstance(pipeline, str) or not pipeline.startswith("StableDiffusion"):
         return
-    found = "sdxl" if pipeline.startswith("StableDiffusionXL") else "sd"
+    found = (
+        "sdxl"
+        if pipeline.startswith("StableDiffusionXL")
+        else "sd3"
+        if pipeline.startswith("StableDiffusion3")
+        else "sd"
+    )
     if found != family:
         raise ModelFolderProblem(
             f"{folder.name}/model_index.json names a {pipeline} ({found}), but the recipe says family: {family}",

@@ -21,10 +21,12 @@ class Preset(BaseModel):
 
     family: str
     description: str
-    text_encoder: dict[str, Any] | None  # CLIPTextModel; None in SDXL refiners
-    unet: dict[str, Any]
+    text_encoder: dict[str, Any] | None  # CLIPTextModel (CLIPTextModelWithProjection in sd3); None in SDXL refiners
+    unet: dict[str, Any] | None  # None in sd3, which denoises with `transformer`
     vae: dict[str, Any]
     scheduler: dict[str, Any]
+    transformer: dict[str, Any] | None = None  # sd3: SD3Transformer2DModel (the MMDiT)
+    text_encoder_3: dict[str, Any] | None = None  # sd3: T5EncoderModel
     text_encoder_2: dict[str, Any] | None = None  # SDXL's CLIPTextModelWithProjection
     requires_aesthetics_score: bool = False  # SDXL refiner: time_ids end with an aesthetic score (5, not 6)
     # StableDiffusionSafetyChecker's CLIPConfig (text_config, vision_config, projection_dim); None: the
@@ -419,6 +421,92 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# SD3 (stabilityai/stable-diffusion-3-medium-diffusers): CLIP-L and CLIP-G with projections, T5-XXL,
+# the MMDiT (SD3Transformer2DModel) and a 16-channel VAE without quant convolutions, flow-matching scheduler.
+_SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+_SD3_VAE = _SD_VAE | {
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+# The MMDiT's text width (joint_attention_dim) is T5's; the CLIP hidden states are zero-padded to it.
+_TINY_SD3_TEXT_WIDTH = 128
+SD3_PRESETS: dict[str, Preset] = {
+    "tiny-sd3": Preset(
+        family="sd3",
+        description="SD3 architecture scaled down (two CLIP encoders with projections, 2-layer T5, 2-block "
+        "MMDiT, 16-channel VAE); converts in seconds",
+        text_encoder={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 32,
+        },
+        text_encoder_2=_TINY_TEXT_ENCODER_2,
+        text_encoder_3={
+            "d_model": _TINY_SD3_TEXT_WIDTH,
+            "d_kv": 16,
+            "d_ff": 256,
+            "num_layers": 2,
+            "num_heads": 4,
+            "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128,
+            "feed_forward_proj": "gated-gelu",
+            "layer_norm_epsilon": 1e-6,
+        },
+        unet=None,
+        transformer={
+            "sample_size": 16,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 4,
+            "joint_attention_dim": _TINY_SD3_TEXT_WIDTH,
+            "caption_projection_dim": 32,  # = heads x head size: text and image tokens attend jointly
+            "pooled_projection_dim": 32 + 48,  # both encoders' projections
+            "pos_embed_max_size": 32,
+        },
+        vae=_TINY_VAE
+        | {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+        | {"use_quant_conv": False, "use_post_quant_conv": False},
+        scheduler=_SD3_SCHEDULER,
+    ),
+    "sd3-medium": Preset(
+        family="sd3",
+        description="Full-size SD3 medium architecture (CLIP-L + CLIP-G, 2B-parameter MMDiT, 16-channel VAE) "
+        "without T5, as the Swift pipeline allows: seeded T5-XXL weights alone would take 19 GB",
+        text_encoder=_SDXL_TEXT_ENCODER,
+        text_encoder_2=_SDXL_TEXT_ENCODER_2,
+        unet=None,
+        transformer={
+            "sample_size": 128,
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": 24,
+            "attention_head_dim": 64,
+            "num_attention_heads": 24,
+            "joint_attention_dim": 4096,
+            "caption_projection_dim": 1536,
+            "pooled_projection_dim": 2048,
+            "pos_embed_max_size": 192,
+        },
+        vae=_SD3_VAE,
+        scheduler=_SD3_SCHEDULER,
+    ),
+}
+
+PRESETS |= SD3_PRESETS
+
+
 def get_preset(name: str) -> Preset:
     """Look a preset up by name, failing with the list of known ones."""
     try:
@@ -442,9 +530,9 @@ _CONTROLNET_KEYS = (
     "use_linear_projection",
 )
 CONTROLNET_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-sd": {k: v for k, v in PRESETS["tiny-sd"].unet.items() if k in _CONTROLNET_KEYS}
+    "tiny-sd": {k: v for k, v in (PRESETS["tiny-sd"].unet or {}).items() if k in _CONTROLNET_KEYS}
     | {"conditioning_embedding_out_channels": [8, 8, 16, 16]},
-    "sd-1-5": {k: v for k, v in PRESETS["sd-1-5"].unet.items() if k in _CONTROLNET_KEYS}
+    "sd-1-5": {k: v for k, v in (PRESETS["sd-1-5"].unet or {}).items() if k in _CONTROLNET_KEYS}
     | {"conditioning_embedding_out_channels": [16, 32, 96, 256]},
 }
 """Synthetic ControlNets, named after the synthetic pipeline whose UNet each one fits."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 COMPONENT_SETTINGS: dict[str, tuple[str, ...]] = {
     "text_encoder": ("family",),  # SDXL's returns the penultimate hidden states (hidden_embeds)
     "text_encoder_2": ("family",),
+    "text_encoder_3": (),  # SD3's T5: 77 tokens whatever the recipe
     "unet": ("attention", "latent_size", "batch_size"),
     "unet_refiner": ("attention", "latent_size", "batch_size"),
+    "mmdit": ("latent_size", "batch_size"),  # SD3's denoiser: one attention form (see builder/sd/sd3)
     "vae_decoder": ("latent_size",),
     "vae_encoder": ("latent_size",),
     "controlnet": ("attention", "latent_size", "batch_size"),  # each ControlNet, rewritten like the UNet

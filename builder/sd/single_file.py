@@ -89,10 +89,10 @@ def preset_for(shapes: dict[str, tuple[int, ...]], pipeline: str) -> str:
     widths = tuple(shapes[key][-1] for key in _TEXT_KEYS[kind])
     for name in _CANDIDATES[kind]:
         preset = PRESETS[name]
-        if conv_in == (preset.unet["block_out_channels"][0], 4, 3, 3) and widths == _text_widths(preset):
+        if conv_in == (_unet_width(preset), 4, 3, 3) and widths == _text_widths(preset):
             return name
     sizes = ", ".join(
-        f"{name} (UNet width {PRESETS[name].unet['block_out_channels'][0]}, text {_text_widths(PRESETS[name])})"
+        f"{name} (UNet width {_unet_width(PRESETS[name])}, text {_text_widths(PRESETS[name])})"
         for name in _CANDIDATES[kind]
     )
     raise UserError(
@@ -100,6 +100,10 @@ def preset_for(shapes: dict[str, tuple[int, ...]], pipeline: str) -> str:
         f"the configs sdbuild ships: {sizes}",
         hint="convert it to a diffusers folder with its own configs and give that folder as model.local.path",
     )
+
+
+def _unet_width(preset: Preset) -> int:
+    return (preset.unet or {}).get("block_out_channels", [0])[0]
 
 
 def _text_widths(preset: Preset) -> tuple[int, ...]:
@@ -121,7 +125,7 @@ def write_config_folder(name: str, folder: Path) -> None:
         tokenizer = _tokenizer(folder / "tokenizer_2", real, "!")
         clip_text_config(preset.text_encoder_2, tokenizer).save_pretrained(folder / "text_encoder_2")
     for component, class_name, config in (
-        ("unet", "UNet2DConditionModel", preset.unet),
+        ("unet", "UNet2DConditionModel", preset.unet or {}),
         ("vae", "AutoencoderKL", preset.vae),
     ):
         (folder / component).mkdir(exist_ok=True)

@@ -116,15 +116,23 @@ def write_synthetic_pipeline(preset: Preset, seed: int, folder: Path) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = write_tokenizer_folder(folder / "tokenizer")
     generator = torch.Generator().manual_seed(seed)
+    if preset.family == "sd3":
+        from builder.sd.sd3.synthetic import write_sd3_pipeline
+
+        write_sd3_pipeline(preset, generator, folder, _seeded)
+        return
+    if preset.unet is None:
+        raise ValueError(f"a {preset.family} preset needs a UNet: {preset.description}")
+    unet = preset.unet
+    tokenizer = write_tokenizer_folder(folder / "tokenizer")
 
     builders: dict[str, Callable[[], ModelMixin | PreTrainedModel]] = {}
     if (text_config := preset.text_encoder) is not None:
         builders["text_encoder"] = lambda: CLIPTextModel(clip_text_config(text_config, tokenizer))
     if (text_config_2 := preset.text_encoder_2) is not None:
         builders["text_encoder_2"] = lambda: CLIPTextModelWithProjection(clip_text_config(text_config_2, tokenizer))
-    builders["unet"] = lambda: UNet2DConditionModel(**preset.unet)
+    builders["unet"] = lambda: UNet2DConditionModel(**unet)
     builders["vae"] = lambda: AutoencoderKL(**preset.vae)
     # One model in memory at a time: a full-size pipeline never holds more than its UNet.
     for name, build in builders.items():

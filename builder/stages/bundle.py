@@ -18,6 +18,8 @@ from builder.errors import UserError
 from builder.sd.contract import (
     CONTROLNET_FOLDER,
     LATENT_SCALE_FACTOR,
+    LATENT_SHIFT_FACTOR,
+    T5_TOKENIZER_FILES,
     TEXT_LENGTH,
     TOKENIZER_FILES,
     check_models,
@@ -105,6 +107,19 @@ def _ship(
     )
 
 
+def _copy_t5_tokenizer(folder: Path, resources: Path) -> None:
+    """tokenizer.json and tokenizer_config.json of SD3's tokenizer_3/ folder."""
+    missing = [name for name in T5_TOKENIZER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise UserError(
+            f"the model's tokenizer_3/ folder lacks {', '.join(missing)}, which the Swift package needs to run T5",
+            hint="use a complete SD3 diffusers folder (its T5 tokenizer saves both), "
+            "or remove components.text_encoder_3",
+        )
+    for name in T5_TOKENIZER_FILES:
+        shutil.copyfile(folder / name, resources / name)
+
+
 def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = BundleParams.model_validate(params)
     resources = out / "Resources"
@@ -118,6 +133,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         )
     for name in TOKENIZER_FILES:
         shutil.copyfile(folders[0] / name, resources / name)
+    if "text_encoder_3" in p.components:  # SD3's T5 runs only when its tokenizer files ship beside it
+        _copy_t5_tokenizer(inputs["tokenizer"] / "tokenizer_3", resources)
 
     models: dict[str, ModelEntry] = {}
     controlled = any(c.startswith(f"{CONTROLNET_FOLDER}.") for c in p.components)  # then the UNet is ControlledUnet
@@ -150,6 +167,7 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         image_size=(8 * h, 8 * w),
         unet_batch_size=p.unet_batch_size,
         latent_scale_factor=LATENT_SCALE_FACTOR[p.family],
+        latent_shift_factor=LATENT_SHIFT_FACTOR.get(p.family),
         text_sequence_length=TEXT_LENGTH,
         time_ids_length=_time_ids_length(models),
         refiner=any(name in models for name in ("UnetRefiner", chunk_names("UnetRefiner")[0])),

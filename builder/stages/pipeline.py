@@ -48,7 +48,7 @@ from builder.stages.params import (
 )
 from builder.stages.preflight import check_sources, memory_estimate
 from builder.stages.provenance import sources_provenance
-from builder.stages.supported import check_supported, vae_precision
+from builder.stages.supported import check_supported, component_precision
 from builder.stages.tools import compile_unavailable, recorded_tools, xcode_version
 
 # Stages whose work one core does (writing seeded weights or downloading, coremltools' conversion,
@@ -298,7 +298,7 @@ class _GraphBuilder:
                 else:
                     external[lora.label] = lora.file
         rewrite = self.add("rewrite", c, rewrite_params, origins, inputs, memory=memory, external=external)
-        self.precisions[c] = vae_precision(self.loaded) if c in ("vae_decoder", "vae_encoder") else "float16"
+        self.precisions[c] = component_precision(self.loaded, c)
         compression = job.settings.compression
         if compression.mode == "mixed":
             from builder.stages.analyze import probe_stage  # imports torch: only for mixed-bit recipes

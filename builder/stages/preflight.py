@@ -67,7 +67,7 @@ def check_sources(loaded: LoadedRecipe) -> None:
 # there, as many as SDXL (10), so the estimate errs high.
 _HEADS = 10
 _FLOAT32 = 4
-_REFERENCE_LATENT = {"sd": (64, 64), "sdxl": (128, 128)}
+_REFERENCE_LATENT = {"sd": (64, 64), "sdxl": (128, 128), "sd3": (64, 64)}
 """The size the per-component figures in memory_estimate were measured at."""
 
 
@@ -85,6 +85,9 @@ def _attention_bytes(loaded: LoadedRecipe, component: str | None, latent: tuple[
             return batch * _HEADS * length * length * _FLOAT32
         queries = min(length, 512) if attention == "SPLIT_EINSUM_V2" else length
         return 2 * batch * queries * length * _FLOAT32  # one head's scores and their softmax
+    if component == "mmdit":  # joint attention over the 2 x 2 patches and the 154 text tokens
+        length = (height // 2) * (width // 2) + 154
+        return recipe.unet_batch_size * _HEADS * length * length * _FLOAT32
     if component in ("vae_decoder", "vae_encoder"):
         length = height * width  # the VAE's mid-block attention, one head, at latent resolution
         return length * length * _FLOAT32
@@ -135,7 +138,13 @@ _FULL_SIZE_PEAK_GIB = {
     "text_encoder_2": 3,
     "vae_decoder": 2,
     "vae_encoder": 2,
+    # SD3 medium (bench/convert_bench.py --preset sd3-medium): the 2B MMDiT's stages peak at 8.4 GiB.
+    # T5-XXL is not measured (no synthetic preset has it at full size): 4.7B parameters in float32 are
+    # 19 GB, which the rewrite stage holds with its reference output.
+    "mmdit": 9,
+    "text_encoder_3": 20,
 }
+_SD3_SOURCE_PEAK_GIB = 9  # writing the seeded sd3-medium pipeline peaked at 8.2 GiB (the MMDiT in float32)
 _SDXL_UNET_SCALE = 3
 
 
@@ -146,6 +155,8 @@ def memory_estimate(loaded: LoadedRecipe, component: str | None) -> int:
     if loaded.recipe.model.synthetic is not None and loaded.recipe.model.synthetic.preset.startswith("tiny"):
         return 1 * GIB + extra
     estimate = _FULL_SIZE_PEAK_GIB.get(component, 4)
+    if component is None and loaded.recipe.family.value == "sd3":
+        estimate = _SD3_SOURCE_PEAK_GIB
     if component in ("unet", "unet_refiner") and loaded.recipe.family.value == "sdxl":
         estimate *= _SDXL_UNET_SCALE
     return estimate * GIB + extra

@@ -57,11 +57,34 @@ def check_supported(loaded: LoadedRecipe) -> None:
                 "use mode: float16 (the VAE then stays float32), or set model.vae to a float16-safe VAE "
                 "such as madebyollin/sdxl-vae-fp16-fix",
             )
+    if recipe.family.value == "sd3" and recipe.model.local is not None and recipe.model.local.path.is_file():
+        raise loaded.error(
+            "model.local.path",
+            "single-file checkpoints are unpacked for sd and sdxl only",
+            "give an SD3 diffusers folder (e.g. a snapshot of stabilityai/stable-diffusion-3-medium-diffusers)",
+        )
+    t5 = recipe.components.text_encoder_3
+    synthetic = recipe.model.synthetic
+    if t5 is not None and synthetic is not None and PRESETS[synthetic.preset].text_encoder_3 is None:
+        with_t5 = sorted(name for name, preset in PRESETS.items() if preset.text_encoder_3 is not None)
+        raise loaded.error(
+            "components.text_encoder_3",
+            f"synthetic preset '{synthetic.preset}' has no T5 text encoder",
+            f"remove text_encoder_3 from components (the Swift pipeline runs without T5); presets with T5: "
+            f"{', '.join(with_t5)}",
+        )
+    if t5 is not None and t5.compression.mode != "float16":
+        raise loaded.error(
+            "components.text_encoder_3.compression.mode",
+            "T5 overflows in float16, so it is converted in float32 and cannot be compressed",
+            "use mode: float16 (T5 then stays float32), or remove text_encoder_3 (the Swift pipeline runs without T5)",
+        )
     if recipe.components.safety_checker is not None:
         _check_has_safety_checker(loaded)
     if recipe.model.controlnets:
         _check_controlnets(loaded)
-        if recipe.components.unet.compression.mode == "mixed":
+        unet = recipe.components.unet
+        if unet is not None and unet.compression.mode == "mixed":
             raise loaded.error(
                 "components.unet.compression.mode",
                 "mixed-bit recipes are analysed on the plain UNet, not the ControlledUnet built with ControlNets",
@@ -88,6 +111,15 @@ def _check_w8a8(loaded: LoadedRecipe, component: str) -> None:
             "w8a8 is analysed on the plain UNet, not the ControlledUnet built with ControlNets",
             "use mode: quantize or palettize, or remove model.controlnets",
         )
+
+
+def component_precision(loaded: LoadedRecipe, component: str) -> Precision:
+    """The Core ML compute precision of a component: the VAE's by family (vae_precision), float32 for
+    SD3's T5 (T5 v1.1's feed-forward outputs overflow float16, which is why transformers keeps its
+    `wo` layers in float32), float16 for every other."""
+    if component in ("vae_decoder", "vae_encoder"):
+        return vae_precision(loaded)
+    return "float32" if component == "text_encoder_3" else "float16"
 
 
 def vae_precision(loaded: LoadedRecipe) -> Precision:
