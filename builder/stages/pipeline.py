@@ -246,9 +246,9 @@ class _GraphBuilder:
         """Beside ControlNets, the plain UNet as well (`unet.plain`, shipped as Unet) unless the recipe
         says `plain_unet: false`: same source and settings as ControlledUnet, its own interface."""
         settings = self.recipe.components.controlnet or ControlNetSettings()
-        if not settings.plain_unet:
-            return []
         unet = self.recipe.components.unet
+        if not settings.plain_unet or unet is None:  # the recipe rules require a UNet beside ControlNets
+            return []
         return [_Job(PLAIN_UNET, Component.UNET.value, Component.UNET.value, unet, sources[Component.UNET.value])]
 
     def _controlnet_jobs(self) -> list[_Job]:
