@@ -107,6 +107,35 @@ def test_the_shared_schedule_scores_layers_as_apples_per_layer_schedule_does(pip
         assert ours < 200  # really quantized: float16 against itself scores far higher
 
 
+def test_calibration_observes_weights_once_and_records_the_ranges_of_observing_them_every_sample(
+    pipeline, tmp_path, one_torch_thread
+):
+    """Weights are the same in every sample, so observing them on the first one only leaves every
+    range (weights' and activations') exactly as observing everything on every sample does."""
+    from builder.sd.w8a8.calibration import load_samples, record_samples, save_samples
+    from builder.sd.w8a8.quantizer import Prepared, cumulative_config
+
+    rewritten = _rewritten(pipeline, "ORIGINAL", 16, tmp_path)
+    module, unet, example = _module(rewritten)
+    save_samples(record_samples(module, pipeline, "sd", (16, 16), ["a cat on a sofa"], 3, 0), tmp_path)
+    samples = load_samples(tmp_path)
+    calibrated = Prepared(unet, cumulative_config([]), example)
+    assert calibrated.calibrate(samples) == len(samples) > 1
+    weights = calibrated.weight_quantizers()
+    assert weights and not any(bool(q.observer_enabled[0]) for q in weights.values())
+    everything = Prepared(_module(rewritten)[1], cumulative_config([]), example)
+    with torch.no_grad():
+        for sample in samples:
+            everything.model(*sample)
+    assert all(bool(q.observer_enabled[0]) for q in everything.weight_quantizers().values())
+    calibrated.freeze()  # as every caller does before reading the ranges
+    everything.freeze()
+    ours, theirs = calibrated.state(), everything.state()
+    assert ours.keys() == theirs.keys()
+    differ = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+    assert not differ, [(k, ours[k], theirs[k]) for k in differ[:3]]
+
+
 def test_decisions_follow_the_thresholds_and_both_overrides():
     from builder.sd.w8a8.decisions import Thresholds, decide, w8a32_layers
     from builder.sd.w8a8.unet import Layer

@@ -27,6 +27,7 @@ from builder.sd.w8a8.unet import QuantizableUnet, opaque_modules
 if TYPE_CHECKING:
     from torch.ao.quantization import FakeQuantizeBase
 
+WEIGHT_QUANTIZER = "weight_fake_quant"  # the attribute a quantized module keeps its weight's fake quantizer in
 # (observers on from step, fake quantization from step, observers frozen at step, BN frozen at step)
 _MILESTONES = [0, 1000, 1000, 0]
 
@@ -101,12 +102,23 @@ class Prepared:
 
         return {name: m for name, m in self.model.named_modules() if isinstance(m, FakeQuantizeBase)}
 
+    def weight_quantizers(self) -> dict[str, FakeQuantizeBase]:
+        """The fake-quantize modules of weights (the others observe activations)."""
+        return {name: m for name, m in self.fake_quantizers().items() if name.endswith(WEIGHT_QUANTIZER)}
+
     @torch.no_grad()
     def calibrate(self, samples: Iterable[Sequence[torch.Tensor]]) -> int:
-        """Run every sample through the model (observers record ranges); returns how many."""
+        """Run every sample through the model (observers record ranges); returns how many.
+
+        Weights are observed on the first sample only: they do not change between samples, and a
+        moving average of a constant is that constant, so the ranges are those of observing every
+        sample, without a per-channel min/max over every weight of the UNet on each one."""
         count = 0
         for sample in samples:
             self.model(*sample)
+            if count == 0:
+                for quantizer in self.weight_quantizers().values():
+                    quantizer.disable_observer()
             count += 1
         return count
 
