@@ -21,6 +21,7 @@ UNet forward passes with the shared schedule's; meant for the tiny presets.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def bench(args: argparse.Namespace, root: Path) -> dict:
     shared, shared_seconds, evaluations = _shared_sensitivity(phases, unet, example, samples, probe_inputs, chosen)
     per_layer = phases.figures["sensitivity (shared)"]["seconds"] / len(chosen)
     del unet, module  # the quantizer prepared them in place
+    gc.collect()  # the prepared model is a reference cycle (graph <-> module): else a second UNet stays
 
     result: dict = {
         "preset": args.preset,
