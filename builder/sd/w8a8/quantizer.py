@@ -15,9 +15,13 @@ around every quantized op) that is traced and converted. Three configurations:
 
 from __future__ import annotations
 
+import copy
+import importlib
+import itertools
 import operator
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -150,4 +154,35 @@ class Prepared:
     def finalize(self) -> nn.Module:
         """The quantized model: observers replaced by quantize/dequantize with the recorded ranges
         (made from the prepared model in place: `model` is spent)."""
-        return self._quantizer.finalize(self.model, inplace=True).eval()
+        with tensors_shared_by_module_copies(self.model):
+            return self._quantizer.finalize(self.model, inplace=True).eval()
+
+
+@contextmanager
+def tensors_shared_by_module_copies(model: nn.Module) -> Iterator[None]:
+    """While it runs, torch's fx convert deep-copies the model's modules with `model`'s parameters and
+    buffers shared rather than copied.
+
+    The convert behind `finalize` deep-copies every module only to look their qconfigs up (types,
+    names, devices), which for a full-size UNet is a second copy of every weight, made and dropped
+    in finalizing. Shared tensors (deepcopy's memo maps each to itself) give the same lookups; the
+    converted model is the same (tested). Without torch's `copy` import there, convert runs as is.
+    """
+    # the module itself: the package's `convert` is the function
+    fx_convert: Any = importlib.import_module("torch.ao.quantization.fx.convert")
+    library = getattr(fx_convert, "copy", None)
+    if library is not copy:
+        yield
+        return
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+
+    class _SharingTensors:
+        @staticmethod
+        def deepcopy(value: Any, memo: dict[int, Any] | None = None) -> Any:
+            return copy.deepcopy(value, tensors | (memo or {}))
+
+    fx_convert.copy = _SharingTensors
+    try:
+        yield
+    finally:
+        fx_convert.copy = library
