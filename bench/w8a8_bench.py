@@ -1,7 +1,7 @@
 """W8A8 cost on one synthetic UNet: calibration, per-layer sensitivity, conversion, and what it keeps.
 
     .venv/bin/python bench/w8a8_bench.py [--preset sd-2-1-base] [--latent-size 64] [--sample N]
-                                         [--reference] [--json FILE]
+                                         [--reference] [--threads N] [--json FILE]
 
 The preset's pipeline is written with seeded weights, its UNet rewritten for the Neural Engine
 (SPLIT_EINSUM, batch 2) and taken through the W8A8 stages' own functions, in this process, phase by
@@ -16,12 +16,20 @@ of them; the decisions then cover only those (unmeasured layers count as W8A8), 
 timing, never for decisions. `--reference` also runs Apple's schedule (per layer: prepare,
 calibrate over every sample, finalize, score) on every layer and compares its decisions and its
 UNet forward passes with the shared schedule's; meant for the tiny presets.
+
+`--threads N` sets torch's thread count (default: torch's). The quantized and observed UNets run
+thousands of small ops (an observer or a quantize per activation, an einsum per attention head);
+when the machine is busier than its cores, each op spread over several threads waits for a
+descheduled one, so there one thread can be several times faster than all cores. The figures
+record the count and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -136,9 +144,11 @@ def bench(args: argparse.Namespace, root: Path) -> dict:
     shared, shared_seconds, evaluations = _shared_sensitivity(phases, unet, example, samples, probe_inputs, chosen)
     per_layer = phases.figures["sensitivity (shared)"]["seconds"] / len(chosen)
     del unet, module  # the quantizer prepared them in place
+    gc.collect()  # the prepared model is a reference cycle (graph <-> module): else a second UNet stays
 
     result: dict = {
         "preset": args.preset,
+        "torch_threads": torch.get_num_threads(),
         "latent_size": args.latent_size,
         "attention": args.attention,
         "parameters_millions": round(parameters / 1e6, 1),
@@ -210,6 +220,7 @@ def bench(args: argparse.Namespace, root: Path) -> dict:
         seconds = result["reference"]["seconds"]
         result["reference"]["time_factor"] = round(seconds["reference"] / seconds["shared"], 2)
     result["phases"] = phases.figures
+    result["load_average_at_end"] = [round(load, 1) for load in os.getloadavg()]  # 1, 5, 15 min
     return result
 
 
@@ -224,8 +235,11 @@ def main() -> None:
     parser.add_argument("--workload-steps", type=int, default=2)
     parser.add_argument("--sample", type=int, default=None, help="score only this many layers and extrapolate")
     parser.add_argument("--reference", action="store_true", help="also run Apple's per-layer schedule")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"w8a8 bench: {args.preset}, latents {args.latent_size}, {torch.get_num_threads()} torch threads", flush=True)
     with tempfile.TemporaryDirectory(prefix="w8a8-bench-") as root:
         result = bench(args, Path(root))

@@ -5,6 +5,9 @@ recipes/tiny-sdxl-w8a8.yaml."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import importlib
 import json
 import os
 import shutil
@@ -105,6 +108,54 @@ def test_the_shared_schedule_scores_layers_as_apples_per_layer_schedule_does(pip
         apple = single_layer_scores(alone, name, example, samples, oracle).latent_psnr_db
         assert abs(ours - apple) < 0.5, (name, ours, apple)
         assert ours < 200  # really quantized: float16 against itself scores far higher
+
+
+def test_calibration_observes_weights_once_and_finalizing_copies_no_weight_with_the_same_results(
+    pipeline, tmp_path, one_torch_thread, monkeypatch
+):
+    """Weights are the same in every sample, so observing them on the first one only leaves every
+    range (weights' and activations') exactly as observing everything on every sample does; and
+    finalizing without copying the weights gives the model finalizing with torch's copy gives."""
+    from builder.sd.w8a8 import quantizer
+    from builder.sd.w8a8.calibration import load_samples, record_samples, save_samples
+    from builder.sd.w8a8.quantizer import Prepared, cumulative_config
+
+    rewritten = _rewritten(pipeline, "ORIGINAL", 16, tmp_path)
+    module, unet, example = _module(rewritten)
+    save_samples(record_samples(module, pipeline, "sd", (16, 16), ["a cat on a sofa"], 3, 0), tmp_path)
+    samples = load_samples(tmp_path)
+    calibrated = Prepared(unet, cumulative_config([]), example)
+    assert calibrated.calibrate(samples) == len(samples) > 1
+    weights = calibrated.weight_quantizers()
+    assert weights and not any(bool(q.observer_enabled[0]) for q in weights.values())
+    everything = Prepared(_module(rewritten)[1], cumulative_config([]), example)
+    with torch.no_grad():
+        for sample in samples:
+            everything.model(*sample)
+    assert all(bool(q.observer_enabled[0]) for q in everything.weight_quantizers().values())
+    calibrated.freeze()  # as every caller does before reading the ranges
+    everything.freeze()
+    ours, theirs = calibrated.state(), everything.state()
+    assert ours.keys() == theirs.keys()
+    differ = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+    assert not differ, [(k, ours[k], theirs[k]) for k in differ[:3]]
+
+    # finalizing: torch's convert copies the modules with the weights shared, and converts the same
+    fx_convert = importlib.import_module("torch.ao.quantization.fx.convert")
+    with quantizer.tensors_shared_by_module_copies(calibrated.model):
+        copied = fx_convert.copy.deepcopy(dict(calibrated.model.named_modules()))
+    assert fx_convert.copy is copy
+    conv_in = calibrated.model.get_submodule("unet.conv_in")
+    assert copied["unet.conv_in"] is not conv_in and copied["unet.conv_in"].weight is conv_in.weight
+    shared = calibrated.finalize()
+    monkeypatch.setattr(quantizer, "tensors_shared_by_module_copies", lambda model: contextlib.nullcontext())
+    plain = everything.finalize()
+    assert shared.code == plain.code
+    ours, theirs = shared.state_dict(), plain.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(a, theirs[k]) if isinstance(a, torch.Tensor) else a == theirs[k] for k, a in ours.items())
+    with torch.no_grad():
+        assert torch.equal(shared(*example), plain(*example))
 
 
 def test_decisions_follow_the_thresholds_and_both_overrides():

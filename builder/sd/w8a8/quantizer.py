@@ -15,9 +15,13 @@ around every quantized op) that is traced and converted. Three configurations:
 
 from __future__ import annotations
 
+import copy
+import importlib
+import itertools
 import operator
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from builder.sd.w8a8.unet import QuantizableUnet, opaque_modules
 if TYPE_CHECKING:
     from torch.ao.quantization import FakeQuantizeBase
 
+WEIGHT_QUANTIZER = "weight_fake_quant"  # the attribute a quantized module keeps its weight's fake quantizer in
 # (observers on from step, fake quantization from step, observers frozen at step, BN frozen at step)
 _MILESTONES = [0, 1000, 1000, 0]
 
@@ -101,12 +106,23 @@ class Prepared:
 
         return {name: m for name, m in self.model.named_modules() if isinstance(m, FakeQuantizeBase)}
 
+    def weight_quantizers(self) -> dict[str, FakeQuantizeBase]:
+        """The fake-quantize modules of weights (the others observe activations)."""
+        return {name: m for name, m in self.fake_quantizers().items() if name.endswith(WEIGHT_QUANTIZER)}
+
     @torch.no_grad()
     def calibrate(self, samples: Iterable[Sequence[torch.Tensor]]) -> int:
-        """Run every sample through the model (observers record ranges); returns how many."""
+        """Run every sample through the model (observers record ranges); returns how many.
+
+        Weights are observed on the first sample only: they do not change between samples, and a
+        moving average of a constant is that constant, so the ranges are those of observing every
+        sample, without a per-channel min/max over every weight of the UNet on each one."""
         count = 0
         for sample in samples:
             self.model(*sample)
+            if count == 0:
+                for quantizer in self.weight_quantizers().values():
+                    quantizer.disable_observer()
             count += 1
         return count
 
@@ -138,4 +154,35 @@ class Prepared:
     def finalize(self) -> nn.Module:
         """The quantized model: observers replaced by quantize/dequantize with the recorded ranges
         (made from the prepared model in place: `model` is spent)."""
-        return self._quantizer.finalize(self.model, inplace=True).eval()
+        with tensors_shared_by_module_copies(self.model):
+            return self._quantizer.finalize(self.model, inplace=True).eval()
+
+
+@contextmanager
+def tensors_shared_by_module_copies(model: nn.Module) -> Iterator[None]:
+    """While it runs, torch's fx convert deep-copies the model's modules with `model`'s parameters and
+    buffers shared rather than copied.
+
+    The convert behind `finalize` deep-copies every module only to look their qconfigs up (types,
+    names, devices), which for a full-size UNet is a second copy of every weight, made and dropped
+    in finalizing. Shared tensors (deepcopy's memo maps each to itself) give the same lookups; the
+    converted model is the same (tested). Without torch's `copy` import there, convert runs as is.
+    """
+    # the module itself: the package's `convert` is the function
+    fx_convert: Any = importlib.import_module("torch.ao.quantization.fx.convert")
+    library = getattr(fx_convert, "copy", None)
+    if library is not copy:
+        yield
+        return
+    tensors = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+
+    class _SharingTensors:
+        @staticmethod
+        def deepcopy(value: Any, memo: dict[int, Any] | None = None) -> Any:
+            return copy.deepcopy(value, tensors | (memo or {}))
+
+    fx_convert.copy = _SharingTensors
+    try:
+        yield
+    finally:
+        fx_convert.copy = library
