@@ -110,6 +110,11 @@ def test_no_credential_is_written_anywhere(first, s3_endpoint):
         assert not [blob for blob in stored + files if secret.encode() in blob]
 
 
+def test_an_unusable_remote_is_one_error_block(first, s3_endpoint):
+    code, out, err = cli(first["a"], "push", "--remote", f"s3://no-{BUCKET}/team")
+    assert code == 2 and "cannot be used" in err and "fix:" in err and "Traceback" not in err
+
+
 def test_a_url_with_credentials_is_refused_without_echoing_them(workspace, monkeypatch):
     url = f"s3://{ACCESS_KEY}:{SECRET_KEY}@{BUCKET}/team"
     code, out, err = cli(workspace, "build", "recipes/tiny-sd.yaml", "--remote", url)

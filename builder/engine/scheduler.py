@@ -69,9 +69,8 @@ class Scheduler:
         self.budget = memory_budget_bytes
         self.emit = emit
         self.index = store.load_index(target)
-        if executor is not None:  # memory and cores are the cluster's, which Dask's resources account for
+        if executor is not None:  # memory is the cluster's, which Dask's resources account for
             self.budget = 1 << 62
-            self.stage_threads = None
         self.pending = deque(order)
         self.ready: deque[Assessment] = deque()
         self.running: dict[str, runner.Job] = {}
@@ -185,7 +184,8 @@ class Scheduler:
                 return
             threads = self.stage_threads[spec.id] if self.stage_threads is not None else None
             busy = sum(job.threads or 0 for job in self.running.values())
-            if threads is not None and spec.id not in self.critical and busy + threads > self.cores + 1:
+            off_path = spec.id not in self.critical and self.executor is None  # a cluster's cores are not ours
+            if threads is not None and off_path and busy + threads > self.cores + 1:
                 continue
             self.ready.remove(found)
             self._start(found, threads)
@@ -207,7 +207,7 @@ class Scheduler:
         if self.executor is not None and not spec.external_inputs:  # external paths exist only here
             upstream = {name: self.index[up] for name, up in spec.inputs.items() if self.results[up].digest is not None}
             job = self.executor.submit(
-                spec, found.key, found.key_inputs, found.reason, upstream, self.store, self.outcomes
+                spec, found.key, found.key_inputs, found.reason, upstream, threads, self.store, self.outcomes
             )
             self.running[spec.id] = job
             self.emit(StageStarted(id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason))

@@ -54,7 +54,8 @@ class RemoteCache:
 
         self.url = url
         try:
-            self.fs, root = fsspec.core.url_to_fs(url)
+            # A fresh instance: fsspec's shared one caches listings, stale in a long-lived Dask worker.
+            self.fs, root = fsspec.core.url_to_fs(url, skip_instance_cache=True)
         except (ImportError, ValueError) as problem:
             raise UserError(
                 f"cannot open the remote cache {url}: {problem}",
@@ -153,11 +154,11 @@ class RemoteCache:
         data = record.model_dump_json(indent=1).encode()
         if self.renames:
             staging = self._staging_name(self.record_path(record.key))
-            self._call(self.fs.makedirs, f"{self.root}/actions", exist_ok=True)
-            self._call(self.fs.pipe_file, staging, data)
-            self._call(self.fs.mv, staging, self.record_path(record.key))
+            self._write(self.fs.makedirs, f"{self.root}/actions", exist_ok=True)
+            self._write(self.fs.pipe_file, staging, data)
+            self._write(self.fs.mv, staging, self.record_path(record.key))
         else:
-            self._call(self.fs.pipe_file, self.record_path(record.key), data)
+            self._write(self.fs.pipe_file, self.record_path(record.key), data)
 
     def record_keys(self) -> list[str]:
         try:
@@ -176,13 +177,13 @@ class RemoteCache:
 
     def _put(self, local: Path, blob: str, callback: Any) -> None:
         if not self.renames:
-            self._call(self.fs.put_file, str(local), blob, callback=callback)
+            self._write(self.fs.put_file, str(local), blob, callback=callback)
             return
         staging = self._staging_name(blob)
-        self._call(self.fs.makedirs, blob.rsplit("/", 1)[0], exist_ok=True)
+        self._write(self.fs.makedirs, blob.rsplit("/", 1)[0], exist_ok=True)
         try:
-            self._call(self.fs.put_file, str(local), staging, callback=callback)
-            self._call(self.fs.mv, staging, blob)
+            self._write(self.fs.put_file, str(local), staging, callback=callback)
+            self._write(self.fs.mv, staging, blob)
         finally:
             if self._call(self.fs.exists, staging):
                 self._call(self.fs.rm_file, staging)
@@ -204,6 +205,13 @@ class RemoteCache:
             if type(problem).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs"):
                 raise self._unavailable(problem) from None
             raise
+
+    def _write(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A write, where a missing file means a missing bucket or folder: the remote is unusable."""
+        try:
+            return self._call(function, *args, **kwargs)
+        except FileNotFoundError as problem:
+            raise self._unavailable(problem) from None
 
     def _unavailable(self, problem: BaseException) -> RemoteUnavailable:
         return RemoteUnavailable(

@@ -114,10 +114,15 @@ class DaskExecutor:
         key_inputs: dict[str, Any],
         reason: str,
         upstream_keys: dict[str, str],
+        threads: int | None,
         store: Store,
         outcomes: queue.Queue[runner.Outcome],
     ) -> runner.Job:
-        """Start `spec` on the cluster; its Outcome (with the entry downloaded into `store`) is queued."""
+        """Start `spec` on the cluster; its Outcome (with the entry downloaded into `store`) is queued.
+
+        `threads` is the count a local build here would give the stage (None: the user fixed them):
+        float results depend on it, so it travels with the task instead of following the worker's
+        cores (Dask's nanny sets OMP_NUM_THREADS=1 on its workers)."""
         self.check_placeable(spec)
         payload = {
             "spec": spec.model_dump(mode="json"),
@@ -125,6 +130,7 @@ class DaskExecutor:
             "key_inputs": key_inputs,
             "reason": reason,
             "upstream_keys": upstream_keys,
+            "threads": threads,
             "remote": self.remote.url,
         }
         future = self.client.submit(
@@ -208,8 +214,8 @@ def run_on_worker(payload: dict[str, Any]) -> dict[str, Any]:
         inputs[name] = store.object_path(fetched.record.output_digest)
     folder = runner.work_folder(store.tmp / uuid.uuid4().hex[:8], spec.id)
     folder.parent.mkdir(parents=True)
-    threads = max(1, (os.cpu_count() or 1) // _worker_threads())
-    launcher = Spawner(runner.worker_env(threads))
+    threads: int | None = payload["threads"]
+    launcher = Spawner(runner.worker_env(threads or max(1, (os.cpu_count() or 1) // _worker_threads())))
     try:
         job = runner.start(spec, key, payload["key_inputs"], payload["reason"], inputs, folder, launcher, threads)
         outcome = runner.wait(job)
