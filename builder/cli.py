@@ -527,7 +527,8 @@ def cmd_pull(args: argparse.Namespace, workspace: Workspace, console: Console) -
     remote = _required_remote(workspace, "pull")
     progress = Progress(console)
     with progress.live:
-        moved = pull(workspace.engine(loaded), build_graph(loaded), remote, _transfer_progress(progress))
+        engine = Engine(workspace.cache, target=loaded.recipe.name, inputs_root=workspace.root)
+        moved = pull(engine, build_graph(loaded), remote, _transfer_progress(progress))
     for entry in moved:
         console.print(f"{entry.status:>9}  {entry.id:<22} [dim]{entry.detail}", soft_wrap=True, highlight=False)
     pulled = sum(entry.status == "pulled" for entry in moved)

@@ -30,6 +30,7 @@ from builder.engine.hashing import tree_digest
 from builder.engine.launch import Spawner
 from builder.engine.spec import StageSpec
 from builder.engine.store import ActionRecord, Store
+from builder.engine.threads import USER_VARIABLES
 from builder.errors import StageFailed, UserError
 from builder.remote.cache import RemoteCache
 
@@ -100,11 +101,10 @@ class DaskExecutor:
         if any(all(w.get("resources", {}).get(n, 0) >= amount for n, amount in needed.items()) for w in workers):
             return
         wanted = " ".join(f"{n}={amount:g}" for n, amount in needed.items())
-        raise StageFailed(
+        raise UserError(
             f"stage {spec.id} needs a Dask worker with resources {wanted}, and none of the "
             f"{len(workers)} worker(s) declares that much",
             f'start a worker with `dask worker {self.scheduler or "tcp://HOST:8786"} --resources "{wanted}"`',
-            stage_id=spec.id,
         )
 
     def submit(
@@ -131,6 +131,7 @@ class DaskExecutor:
             "reason": reason,
             "upstream_keys": upstream_keys,
             "threads": threads,
+            "environment": {name: os.environ.get(name) for name in _nanny_variables()},
             "remote": self.remote.url,
         }
         future = self.client.submit(
@@ -215,7 +216,7 @@ def run_on_worker(payload: dict[str, Any]) -> dict[str, Any]:
     folder = runner.work_folder(store.tmp / uuid.uuid4().hex[:8], spec.id)
     folder.parent.mkdir(parents=True)
     threads: int | None = payload["threads"]
-    launcher = Spawner(runner.worker_env(threads or max(1, (os.cpu_count() or 1) // _worker_threads())))
+    launcher = Spawner(_stage_environment(threads, payload["environment"]))
     try:
         job = runner.start(spec, key, payload["key_inputs"], payload["reason"], inputs, folder, launcher, threads)
         outcome = runner.wait(job)
@@ -250,6 +251,29 @@ def _worker_cache() -> Path:
         return Path(get_worker().local_directory) / "sdbuild-cache"
     except ValueError:  # not inside a worker (called directly)
         return Path(tempfile.gettempdir()) / "sdbuild-dask-cache"
+
+
+def _nanny_variables() -> list[str]:
+    """The variables Dask's nanny sets in its workers (OMP_NUM_THREADS=1 and friends)."""
+    import dask
+
+    return sorted(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+
+
+def _stage_environment(threads: int | None, client: dict[str, str | None]) -> dict[str, str]:
+    """The stage process's environment: the worker's, with the nanny's thread and memory variables
+    as the client has them (set or not) and the thread count a local build would use, so the stage
+    computes what a local worker would (BLAS thread counts change float results)."""
+    env = runner.worker_env(threads or max(1, (os.cpu_count() or 1) // _worker_threads()))
+    for name, value in client.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    if threads is not None:  # the user fixed no thread count on the client
+        for name in USER_VARIABLES:
+            env[name] = str(threads)
+    return env
 
 
 def _worker_threads() -> int:
