@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from builder.engine import code
+from builder.engine.elsewhere import Executor, Remote
 from builder.engine.events import Event
 from builder.engine.files import remove_tree
 from builder.engine.keys import action_key
@@ -20,10 +20,6 @@ from builder.engine.spec import Graph
 from builder.engine.store import ActionRecord, Damage, Store, UnreadableRecord
 from builder.errors import UserError
 
-if TYPE_CHECKING:
-    from builder.remote.cache import RemoteCache
-    from builder.remote.dask_executor import DaskExecutor
-
 
 class Engine:
     """`target` names this build's index (e.g. the recipe), which remembers what each stage id last used.
@@ -31,9 +27,7 @@ class Engine:
     leading elsewhere is refused before any stage reads it. `remote`, when given, is looked up before
     a stale stage runs and receives what is built."""
 
-    def __init__(
-        self, cache_dir: Path, target: str, inputs_root: Path | None = None, remote: RemoteCache | None = None
-    ):
+    def __init__(self, cache_dir: Path, target: str, inputs_root: Path | None = None, remote: Remote | None = None):
         self.store = Store(Path(cache_dir).absolute(), inputs_root.resolve() if inputs_root else None)
         self.target = target
         self.remote = remote
@@ -79,7 +73,7 @@ class Engine:
         jobs: int = 2,
         memory_budget_bytes: int | None = None,
         on_event: Callable[[Event], None] | None = None,
-        executor: DaskExecutor | None = None,
+        executor: Executor | None = None,
     ) -> list[StageResult]:
         """Run what is stale, up to `jobs` stages at once whose memory estimates fit the budget together
         (on `executor`'s cluster when given, whose remote cache becomes this engine's).

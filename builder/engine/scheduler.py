@@ -9,10 +9,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from builder.engine import runner
 from builder.engine import threads as thread_share
+from builder.engine.elsewhere import Executor, Progress, Remote
 from builder.engine.events import (
     Event,
     Heartbeat,
@@ -32,10 +33,6 @@ from builder.engine.spec import StageSpec
 from builder.engine.store import ActionRecord, Store
 from builder.errors import StageFailed
 
-if TYPE_CHECKING:
-    from builder.remote.cache import Progress, RemoteCache
-    from builder.remote.dask_executor import DaskExecutor
-
 HEARTBEAT_SECONDS = 0.5
 
 
@@ -49,8 +46,8 @@ class Scheduler:
         jobs: int,
         memory_budget_bytes: int,
         emit: Callable[[Event], None],
-        remote: RemoteCache | None = None,
-        executor: DaskExecutor | None = None,
+        remote: Remote | None = None,
+        executor: Executor | None = None,
     ):
         self.store = store
         self.remote = remote

@@ -19,12 +19,12 @@ import re
 import stat
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import ValidationError
 
+from builder.engine.elsewhere import Fetched, Progress
 from builder.engine.files import remove_tree
 from builder.engine.hashing import file_digest, tree_digest
 from builder.engine.keys import action_key
@@ -32,16 +32,6 @@ from builder.engine.store import ActionRecord, Store
 from builder.errors import UserError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-# done bytes, total bytes of one transfer
-Progress = Callable[[int, int], None]
-
-
-@dataclass
-class Fetched:
-    """The record now in the local store, or None; `problem` says why a remote entry was not used."""
-
-    record: ActionRecord | None = None
-    problem: str | None = None
 
 
 class RemoteUnavailable(UserError):
