@@ -51,6 +51,7 @@ class Executor(Protocol):
         reason: str,
         upstream_keys: dict[str, str],
         threads: int | None,
+        launch: tuple[str, int],
         store: Store,
         outcomes: queue.Queue[Outcome],
     ) -> Job: ...

@@ -204,7 +204,15 @@ class Scheduler:
         if self.executor is not None and not spec.external_inputs:  # external paths exist only here
             upstream = {name: self.index[up] for name, up in spec.inputs.items() if self.results[up].digest is not None}
             job = self.executor.submit(
-                spec, found.key, found.key_inputs, found.reason, upstream, threads, self.store, self.outcomes
+                spec,
+                found.key,
+                found.key_inputs,
+                found.reason,
+                upstream,
+                threads,
+                (self.worker_mode, self.threads),
+                self.store,
+                self.outcomes,
             )
             self.running[spec.id] = job
             self.emit(StageStarted(id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason))

@@ -27,7 +27,7 @@ from typing import Any
 from builder.engine import runner
 from builder.engine.files import remove_tree
 from builder.engine.hashing import tree_digest
-from builder.engine.launch import Spawner
+from builder.engine.launch import Launcher, Spawner, Zygote
 from builder.engine.spec import StageSpec
 from builder.engine.store import ActionRecord, Store
 from builder.engine.threads import USER_VARIABLES
@@ -115,6 +115,7 @@ class DaskExecutor:
         reason: str,
         upstream_keys: dict[str, str],
         threads: int | None,
+        launch: tuple[str, int],
         store: Store,
         outcomes: queue.Queue[runner.Outcome],
     ) -> runner.Job:
@@ -122,7 +123,10 @@ class DaskExecutor:
 
         `threads` is the count a local build here would give the stage (None: the user fixed them):
         float results depend on it, so it travels with the task instead of following the worker's
-        cores (Dask's nanny sets OMP_NUM_THREADS=1 on its workers)."""
+        cores (Dask's nanny sets OMP_NUM_THREADS=1 on its workers). `launch` is how a local build here
+        starts stage processes (fork from a zygote or spawn) and the thread count their libraries are
+        imported with: the worker starts the stage the same way, as thread pools sized at import can
+        change float results too."""
         self.check_placeable(spec)
         payload = {
             "spec": spec.model_dump(mode="json"),
@@ -131,6 +135,7 @@ class DaskExecutor:
             "reason": reason,
             "upstream_keys": upstream_keys,
             "threads": threads,
+            "launch": list(launch),
             "environment": {name: os.environ.get(name) for name in _nanny_variables()},
             "remote": self.remote.url,
         }
@@ -216,7 +221,14 @@ def run_on_worker(payload: dict[str, Any]) -> dict[str, Any]:
     folder = runner.work_folder(store.tmp / uuid.uuid4().hex[:8], spec.id)
     folder.parent.mkdir(parents=True)
     threads: int | None = payload["threads"]
-    launcher = Spawner(_stage_environment(threads, payload["environment"]))
+    mode, import_threads = payload["launch"]
+    env = _stage_environment(import_threads, payload["environment"])
+    launcher: Launcher
+    if mode == "fork":
+        module = spec.function.partition(":")[0]
+        launcher = Zygote([module], env, runner.python_path(), folder.parent / "zygote")
+    else:
+        launcher = Spawner(env)
     try:
         job = runner.start(spec, key, payload["key_inputs"], payload["reason"], inputs, folder, launcher, threads)
         outcome = runner.wait(job)
@@ -238,6 +250,7 @@ def run_on_worker(payload: dict[str, Any]) -> dict[str, Any]:
         store.write_record(record)
         remote.upload(record, store.object_path(digest))
     finally:
+        launcher.close()
         remove_tree(folder.parent)
         store.memo.save()
     return {"key": key}
@@ -260,29 +273,20 @@ def _nanny_variables() -> list[str]:
     return sorted(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
 
 
-def _stage_environment(threads: int | None, client: dict[str, str | None]) -> dict[str, str]:
+def _stage_environment(import_threads: int, client: dict[str, str | None]) -> dict[str, str]:
     """The stage process's environment: the worker's, with the nanny's thread and memory variables
-    as the client has them (set or not) and the thread count a local build would use, so the stage
-    computes what a local worker would (BLAS thread counts change float results)."""
-    env = runner.worker_env(threads or max(1, (os.cpu_count() or 1) // _worker_threads()))
+    as the client has them (set or not) and the thread count a local build imports libraries with,
+    so the stage computes what a local worker would (BLAS thread counts change float results)."""
+    env = runner.worker_env(import_threads)
     for name, value in client.items():
         if value is None:
             env.pop(name, None)
         else:
             env[name] = value
-    if threads is not None:  # the user fixed no thread count on the client
+    if not any(client.get(name) for name in USER_VARIABLES):  # as runner.worker_env does locally
         for name in USER_VARIABLES:
-            env[name] = str(threads)
+            env[name] = str(import_threads)
     return env
-
-
-def _worker_threads() -> int:
-    try:
-        from distributed import get_worker
-
-        return max(1, get_worker().state.nthreads)
-    except ValueError:
-        return 1
 
 
 @contextmanager
