@@ -51,7 +51,7 @@ class Executor(Protocol):
         reason: str,
         upstream_keys: dict[str, str],
         threads: int | None,
-        launch: tuple[str, int],
+        launch: tuple[str, int, list[str]],
         store: Store,
         outcomes: queue.Queue[Outcome],
     ) -> Job: ...

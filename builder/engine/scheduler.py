@@ -66,6 +66,7 @@ class Scheduler:
         self.budget = memory_budget_bytes
         self.emit = emit
         self.index = store.load_index(target)
+        self.modules = sorted({spec.function.partition(":")[0] for spec in order})  # what a cold build's zygote imports
         if executor is not None:  # memory is the cluster's, which Dask's resources account for
             self.budget = 1 << 62
         self.pending = deque(order)
@@ -210,7 +211,7 @@ class Scheduler:
                 found.reason,
                 upstream,
                 threads,
-                (self.worker_mode, self.threads),
+                (self.worker_mode, self.threads, self.modules),
                 self.store,
                 self.outcomes,
             )

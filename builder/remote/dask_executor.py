@@ -115,7 +115,7 @@ class DaskExecutor:
         reason: str,
         upstream_keys: dict[str, str],
         threads: int | None,
-        launch: tuple[str, int],
+        launch: tuple[str, int, list[str]],
         store: Store,
         outcomes: queue.Queue[runner.Outcome],
     ) -> runner.Job:
@@ -124,9 +124,9 @@ class DaskExecutor:
         `threads` is the count a local build here would give the stage (None: the user fixed them):
         float results depend on it, so it travels with the task instead of following the worker's
         cores (Dask's nanny sets OMP_NUM_THREADS=1 on its workers). `launch` is how a local build here
-        starts stage processes (fork from a zygote or spawn) and the thread count their libraries are
-        imported with: the worker starts the stage the same way, as thread pools sized at import can
-        change float results too."""
+        starts stage processes (fork from a zygote or spawn), the thread count their libraries are
+        imported with and the modules a zygote imports: the worker starts the stage the same way, as
+        what is imported first and with how many threads can change float results too."""
         self.check_placeable(spec)
         payload = {
             "spec": spec.model_dump(mode="json"),
@@ -221,12 +221,11 @@ def run_on_worker(payload: dict[str, Any]) -> dict[str, Any]:
     folder = runner.work_folder(store.tmp / uuid.uuid4().hex[:8], spec.id)
     folder.parent.mkdir(parents=True)
     threads: int | None = payload["threads"]
-    mode, import_threads = payload["launch"]
+    mode, import_threads, modules = payload["launch"]
     env = _stage_environment(import_threads, payload["environment"])
     launcher: Launcher
     if mode == "fork":
-        module = spec.function.partition(":")[0]
-        launcher = Zygote([module], env, runner.python_path(), folder.parent / "zygote")
+        launcher = Zygote(modules, env, runner.python_path(), folder.parent / "zygote")
     else:
         launcher = Spawner(env)
     try:
