@@ -51,7 +51,7 @@ lock: $(STAMP)
 	$(BIN)/uv pip compile --universal --python-version $(LOCK_PYTHON) --generate-hashes --quiet \
 		--custom-compile-command "make lock (uv pip compile --universal --python-version $(LOCK_PYTHON))" \
 		--find-links $(TORCH_WHEELS) \
-		--extra test --extra dev --constraint constraints.txt pyproject.toml lock.in --output-file $(LOCK)
+		--extra test --extra dev --extra remote --constraint constraints.txt pyproject.toml lock.in --output-file $(LOCK)
 
 # The Linux half of .github/workflows/release.yml, for RECIPE (default tiny-sd): fetch, build,
 # release into dist/, then rebuild the archive from its manifest in a fresh workspace and compare.

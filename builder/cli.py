@@ -11,20 +11,26 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from builder.engine import Engine, Event, Graph, Heartbeat, StageFinished, StageResult, StageStarted, WorkersReady
+from builder.engine.events import RemoteWarning, Transfer
 from builder.errors import EnvironmentFault, StageFailed, UserError
 from builder.faults import as_fault, free_bytes, size_text
 from builder.generate.request import REFINER_START
 from builder.recipe import LoadedRecipe, load_recipe, load_recipes, recipe_json_schema
 from builder.sd.settings import ANALYSED_COMPONENTS
+
+if TYPE_CHECKING:
+    from builder.remote.cache import RemoteCache
+    from builder.remote.dask_executor import DaskExecutor
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -33,21 +39,37 @@ EXIT_INTERRUPTED = 130
 class Workspace:
     """Where recipes are read from and everything a build writes goes: artifacts and the cache."""
 
-    def __init__(self, root: Path, cache_dir: Path | None):
+    def __init__(self, root: Path, cache_dir: Path | None, remote: str | None = None, *, remote_from_env: bool = True):
         self.root = root.resolve()
         env_cache = os.environ.get("SDBUILD_CACHE_DIR")
         self.cache = (cache_dir or (Path(env_cache) if env_cache else self.root / ".sdbuild-cache")).absolute()
         self.artifacts = self.root / "artifacts"
+        # `--remote`, else SDBUILD_REMOTE (unless remote_from_env is False): read when a command needs it.
+        self.remote_arg = remote
+        self.remote_from_env = remote_from_env
 
     def load(self, recipe: str) -> LoadedRecipe:
         return load_recipe(Path(recipe), workspace=self.root)
+
+    def remote_url(self) -> str | None:
+        from builder.remote.url import remote_url
+
+        if self.remote_arg is None and not self.remote_from_env:
+            return None
+        return remote_url(self.remote_arg)
+
+    def remote(self) -> RemoteCache | None:
+        from builder.remote.cache import RemoteCache
+
+        url = self.remote_url()
+        return RemoteCache(url) if url is not None else None
 
     def engine(self, loaded: LoadedRecipe) -> Engine:
         return self.engine_for(loaded.target)
 
     def engine_for(self, target: str) -> Engine:
-        """The engine over this workspace's cache, keeping its index under `target`."""
-        return Engine(self.cache, target=target, inputs_root=self.root)
+        """The engine over this workspace's cache (and remote cache, if any), keeping its index under `target`."""
+        return Engine(self.cache, target=target, inputs_root=self.root, remote=self.remote())
 
 
 def _gib(value: int | None) -> str:
@@ -61,12 +83,23 @@ class Progress:
     def __init__(self, console: Console):
         self.console = console
         self.running: dict[str, tuple[str, float, int | None]] = {}
+        self.transfers: dict[str, Transfer] = {}
         self.live = Live(self._table(), console=console, transient=True, refresh_per_second=4)
 
     def _table(self) -> Table:
         table = Table.grid(padding=(0, 2))
         for stage_id, (reason, elapsed, rss) in self.running.items():
             table.add_row("[yellow]running", stage_id, f"{elapsed:6.1f} s", _gib(rss), f"[dim]{reason}")
+        for stage_id, transfer in self.transfers.items():
+            share = transfer.done_bytes / transfer.total_bytes if transfer.total_bytes else 1.0
+            bar = "#" * round(20 * share)
+            table.add_row(
+                f"[blue]{transfer.direction}",
+                stage_id,
+                f"{100 * share:5.1f} %",
+                _gib(transfer.total_bytes),
+                f"[blue]{bar:<20}",
+            )
         return table
 
     def __call__(self, event: Event) -> None:
@@ -76,7 +109,15 @@ class Progress:
             self.running[event.id] = (self.running[event.id][0], event.elapsed_seconds, event.rss_bytes)
         elif isinstance(event, StageFinished):
             self.running.pop(event.result.id, None)
+            self.transfers.pop(event.result.id, None)
             self.console.print(_result_line(event.result), soft_wrap=True)
+        elif isinstance(event, Transfer):
+            if event.done_bytes < event.total_bytes:
+                self.transfers[event.id] = event
+            else:
+                self.transfers.pop(event.id, None)
+        elif isinstance(event, RemoteWarning):
+            self.console.print(f"[yellow]warning[/] {event.message}", soft_wrap=True, highlight=False)
         elif isinstance(event, WorkersReady):
             self.console.print(
                 f"[dim]workers: stage modules imported once, in {event.import_seconds:.1f} s; "
@@ -86,8 +127,8 @@ class Progress:
 
 
 def _result_line(result: StageResult) -> str:
-    colour = {"hit": "green", "built": "cyan", "skipped": "magenta"}[result.status]
-    line = f"[{colour}]{result.status:>7}[/]  {result.id:<22}"
+    colour = {"hit": "green", "remote-hit": "blue", "built": "cyan", "skipped": "magenta"}[result.status]
+    line = f"[{colour}]{result.status:>10}[/]  {result.id:<22}"
     if result.status == "built":
         line += f" {result.seconds:7.1f} s  peak {_gib(result.peak_memory_bytes)}"
     elif result.status == "skipped":
@@ -164,6 +205,7 @@ def _run(
     *,
     jobs: int,
     preflight: argparse.Namespace | None = None,
+    executor: DaskExecutor | None = None,
 ) -> tuple[Engine, dict[str, StageResult]]:
     """Run `graph` with a live progress display (after the safety checks when `preflight` holds the
     command's arguments): the engine and the results by stage id. A failed stage becomes a located
@@ -174,7 +216,7 @@ def _run(
     progress = Progress(console)
     try:
         with progress.live:  # a no-op when everything is cached
-            results = {r.id: r for r in engine.build(graph, jobs=jobs, on_event=progress)}
+            results = {r.id: r for r in engine.build(graph, jobs=jobs, on_event=progress, executor=executor)}
     except StageFailed as failure:
         raise _located(failure, loaded, graph) from None
     return engine, results
@@ -192,8 +234,11 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
     loaded = members[0]
     graph = build_graph(loaded)
     _preflight(workspace, loaded, graph, args)
-    console.print(f"[bold]sdbuild[/] {loaded.recipe.name} {loaded.recipe.version}  cache {workspace.cache}")
-    engine, by_id = _run(workspace, loaded, graph, console, jobs=args.jobs)
+    remote = workspace.remote_url()
+    where = f"  remote {remote}" if remote is not None else ""
+    console.print(f"[bold]sdbuild[/] {loaded.recipe.name} {loaded.recipe.version}  cache {workspace.cache}{where}")
+    with _executor(args, workspace) as executor:
+        engine, by_id = _run(workspace, loaded, graph, console, jobs=args.jobs, executor=executor)
     results = list(by_id.values())
     dest = _publish(workspace, loaded, engine.output_path(by_id["bundle"]))
     seconds = time.monotonic() - started
@@ -219,7 +264,7 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
                     # A hit costs nothing now; what it cost when built is kept beside.
                     "seconds": round(r.seconds, 3) if r.status == "built" else 0.0,
                     "peak_memory_bytes": r.peak_memory_bytes if r.status == "built" else None,
-                    "built_seconds": round(r.seconds, 3) if r.status == "hit" else None,
+                    "built_seconds": round(r.seconds, 3) if r.status in ("hit", "remote-hit") else None,
                     "reason": r.reason,
                 }
                 for r in results
@@ -227,6 +272,23 @@ def cmd_build(args: argparse.Namespace, workspace: Workspace, console: Console) 
         }
         print(json.dumps(report, indent=2))
     return 0
+
+
+@contextmanager
+def _executor(args: argparse.Namespace, workspace: Workspace) -> Iterator[DaskExecutor | None]:
+    """The Dask executor `--executor dask` asks for (connected, or its LocalCluster started), else None."""
+    kind = getattr(args, "executor", "local")
+    scheduler = getattr(args, "scheduler", None)
+    if kind == "local":
+        if scheduler is not None:
+            raise UserError("--scheduler is for the Dask executor", "add --executor dask, or drop --scheduler")
+        yield None
+        return
+    from builder.engine.memory import available_memory_bytes
+    from builder.remote.dask_executor import dask_executor
+
+    with dask_executor(workspace.remote(), scheduler, workspace.cache, available_memory_bytes()) as executor:
+        yield executor
 
 
 def _refuse_controlnets(loaded: LoadedRecipe, command: str) -> None:
@@ -489,6 +551,83 @@ def cmd_status(args: argparse.Namespace, workspace: Workspace, console: Console)
     return status(args, workspace, console)
 
 
+def _transfer_progress(progress: Progress) -> Callable[[str], Callable[[int, int], None]]:
+    def for_entry(name: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            progress(Transfer(id=name, direction="download", done_bytes=done, total_bytes=total))
+
+        return report
+
+    return for_entry
+
+
+def _required_remote(workspace: Workspace, command: str) -> RemoteCache:
+    remote = workspace.remote()
+    if remote is None:
+        raise UserError(
+            f"`sdbuild {command}` needs a remote cache",
+            "pass --remote URL (e.g. s3://bucket/sdbuild or file:///shared/sdbuild-cache) or set SDBUILD_REMOTE",
+        )
+    return remote
+
+
+def cmd_pull(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Download the recipe's stages from the remote into the local cache, without building."""
+    from builder.remote.sync import pull
+    from builder.stages.pipeline import build_graph
+
+    loaded = workspace.load(args.recipe)
+    remote = _required_remote(workspace, "pull")
+    progress = Progress(console)
+    with progress.live:
+        engine = Engine(workspace.cache, target=loaded.recipe.name, inputs_root=workspace.root)
+        moved = pull(engine, build_graph(loaded), remote, _transfer_progress(progress))
+    for entry in moved:
+        console.print(f"{entry.status:>9}  {entry.id:<22} [dim]{entry.detail}", soft_wrap=True, highlight=False)
+    pulled = sum(entry.status == "pulled" for entry in moved)
+    missing = sum(entry.status in ("missing", "unusable") for entry in moved)
+    console.print(f"pulled {pulled} stage(s) from {remote.url}; {missing} not available there")
+    if args.json:
+        print(json.dumps([entry.model_dump() for entry in moved], indent=2))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, workspace: Workspace, console: Console) -> int:
+    """Upload local cache entries the remote lacks: the recipe's last build, or every entry."""
+    from builder.remote.sync import push
+
+    remote = _required_remote(workspace, "push")
+    keys: list[str] | None = None
+    if args.recipe is not None:
+        loaded = workspace.load(args.recipe)
+        index = Engine(workspace.cache, target=loaded.recipe.name).store.load_index(loaded.recipe.name)
+        keys = sorted(set(index.values()))
+        if not keys:
+            raise UserError(f"{loaded.recipe.name} was never built in {workspace.cache}", "build it first")
+    engine = Engine(workspace.cache, target="push")
+    progress = Progress(console)
+    with progress.live:
+        moved = push(engine, remote, keys, _transfer_progress(progress))
+    for entry in moved:
+        if entry.status != "present":
+            console.print(f"{entry.status:>9}  {entry.id[:12]} [dim]{entry.detail}", soft_wrap=True, highlight=False)
+    pushed = sum(entry.status == "pushed" for entry in moved)
+    present = sum(entry.status == "present" for entry in moved)
+    console.print(f"pushed {pushed} entr{'y' if pushed == 1 else 'ies'} to {remote.url}; {present} already there")
+    if args.json:
+        print(json.dumps([entry.model_dump() for entry in moved], indent=2))
+    return 1 if any(entry.status in ("unusable", "missing") for entry in moved) else 0
+
+
+def _add_remote(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--remote",
+        default=None,
+        metavar="URL",
+        help="shared cache, e.g. s3://bucket/prefix or file:///shared/folder (default: $SDBUILD_REMOTE)",
+    )
+
+
 def _add_safety_overrides(command: argparse.ArgumentParser, *, overwrite: bool) -> None:
     command.add_argument(
         "--force", action="store_true", help="build even if the memory estimate exceeds this machine's memory"
@@ -581,7 +720,9 @@ def cmd_reproduce(args: argparse.Namespace, workspace: Workspace, console: Conso
     work = Path(tempfile.mkdtemp(prefix=".sdbuild-reproduce-", dir=workspace.root))
     try:
         recipe_file = reproduce.write_recipe(manifest, work)
-        rebuild = Workspace(work, workspace.cache if args.reuse_cache else work / ".sdbuild-cache")
+        rebuild = Workspace(
+            work, workspace.cache if args.reuse_cache else work / ".sdbuild-cache", remote_from_env=args.reuse_cache
+        )
         recipe = rebuild.load(str(recipe_file)).recipe
         console.print(f"[bold]reproducing[/] {args.archive.name} in {work}")
         with _environment_variable("SOURCE_DATE_EPOCH", reproduce.source_date_epoch(manifest)):
@@ -635,6 +776,19 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("recipe", help="a recipe file, or a folder: every recipe in it, in one graph")
     build.add_argument("--json", action="store_true", help="print a JSON report of every stage on stdout")
     build.add_argument("--jobs", type=int, default=2, help="stages run at once when memory allows (default 2)")
+    _add_remote(build)
+    build.add_argument(
+        "--executor",
+        choices=["local", "dask"],
+        default="local",
+        help="where stages run: worker processes here (default), or Dask workers sharing the remote cache",
+    )
+    build.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="tcp://HOST:8786",
+        help="the Dask scheduler to use (default with --executor dask: a LocalCluster of two workers here)",
+    )
     _add_safety_overrides(build, overwrite=True)
     build.set_defaults(run=cmd_build)
 
@@ -755,6 +909,18 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("recipes", nargs="?", default=None, help="a recipe file or folder (default: recipes/)")
     status.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
     status.set_defaults(run=cmd_status)
+
+    push = commands.add_parser("push", help="upload local cache entries the remote cache lacks")
+    push.add_argument("recipe", nargs="?", help="only the entries of this recipe's last build (default: all)")
+    push.add_argument("--json", action="store_true", help="print every entry's fate as JSON on stdout")
+    _add_remote(push)
+    push.set_defaults(run=cmd_push)
+
+    pull = commands.add_parser("pull", help="download a recipe's stages from the remote cache without building")
+    pull.add_argument("recipe")
+    pull.add_argument("--json", action="store_true", help="print every stage's fate as JSON on stdout")
+    _add_remote(pull)
+    pull.set_defaults(run=cmd_pull)
     return parser
 
 
@@ -772,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Progress goes to stderr so `--json` output on stdout stays machine-readable.
     console = Console(stderr=True)
-    workspace = Workspace(args.workspace, args.cache_dir)
+    workspace = Workspace(args.workspace, args.cache_dir, getattr(args, "remote", None))
     try:
         return args.run(args, workspace, console)
     except UserError as error:

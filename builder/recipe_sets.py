@@ -40,7 +40,7 @@ def build_set(
 ) -> int:
     """Build every member in one graph, then publish each bundle; `--json` lists every stage with
     the recipe and variant it belongs to."""
-    from builder.cli import Progress, _located, _preflight, _publish
+    from builder.cli import Progress, _executor, _located, _preflight, _publish
 
     _check_distinct(workspace, members)
     combined, own = set_graph(members)
@@ -51,8 +51,8 @@ def build_set(
     _join_indexes(engine.store, members)
     progress = Progress(console)
     try:
-        with progress.live:
-            by_id = {r.id: r for r in engine.build(combined, jobs=args.jobs, on_event=progress)}
+        with _executor(args, workspace) as executor, progress.live:
+            by_id = {r.id: r for r in engine.build(combined, jobs=args.jobs, on_event=progress, executor=executor)}
     except StageFailed as failure:
         target, stage_id = split_id(failure.stage_id or "")
         failed = next((m for m in members if m.target == target), None)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from builder.engine import code
+from builder.engine.elsewhere import Executor, Remote
 from builder.engine.events import Event
 from builder.engine.files import remove_tree
 from builder.engine.keys import action_key
@@ -23,11 +24,13 @@ from builder.errors import UserError
 class Engine:
     """`target` names this build's index (e.g. the recipe), which remembers what each stage id last used.
     `inputs_root`, when given, is the folder external inputs are read from: a path or link in them
-    leading elsewhere is refused before any stage reads it."""
+    leading elsewhere is refused before any stage reads it. `remote`, when given, is looked up before
+    a stale stage runs and receives what is built."""
 
-    def __init__(self, cache_dir: Path, target: str, inputs_root: Path | None = None):
+    def __init__(self, cache_dir: Path, target: str, inputs_root: Path | None = None, remote: Remote | None = None):
         self.store = Store(Path(cache_dir).absolute(), inputs_root.resolve() if inputs_root else None)
         self.target = target
+        self.remote = remote
         self.store.index_path(target)  # reject a bad target name before any work
 
     def plan(self, graph: Graph) -> list[PlanEntry]:
@@ -70,20 +73,31 @@ class Engine:
         jobs: int = 2,
         memory_budget_bytes: int | None = None,
         on_event: Callable[[Event], None] | None = None,
+        executor: Executor | None = None,
     ) -> list[StageResult]:
-        """Run what is stale, up to `jobs` stages at once whose memory estimates fit the budget together.
+        """Run what is stale, up to `jobs` stages at once whose memory estimates fit the budget together
+        (on `executor`'s cluster when given, whose remote cache becomes this engine's).
 
         Raises StageFailed for the first stage that fails; everything finished before stays cached.
         """
         if jobs < 1:
             raise UserError(f"jobs must be at least 1, got {jobs}", "pass --jobs 1 or more")
+        if executor is not None:
+            self.remote = executor.remote
         order = graph.order()
         budget = available_memory_bytes() if memory_budget_bytes is None else memory_budget_bytes
         code.forget()
         with CacheLock(self.store.lock_file):
             self._clean_tmp()
             scheduler = Scheduler(
-                self.store, self.target, order, jobs=jobs, memory_budget_bytes=budget, emit=on_event or (lambda _: None)
+                self.store,
+                self.target,
+                order,
+                jobs=jobs,
+                memory_budget_bytes=budget,
+                emit=on_event or (lambda _: None),
+                remote=self.remote,
+                executor=executor,
             )
             try:
                 results = scheduler.run()

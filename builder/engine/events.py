@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel
 
 from builder.engine.reports import StageResult
@@ -32,4 +34,19 @@ class WorkersReady(BaseModel):
     import_seconds: float
 
 
-Event = StageStarted | Heartbeat | StageFinished | WorkersReady
+class Transfer(BaseModel):
+    """Bytes of one stage's output moved to or from the remote cache so far."""
+
+    id: str
+    direction: Literal["download", "upload"]
+    done_bytes: int
+    total_bytes: int
+
+
+class RemoteWarning(BaseModel):
+    """Something about the remote cache the user should know that does not stop the build."""
+
+    message: str
+
+
+Event = StageStarted | Heartbeat | StageFinished | WorkersReady | Transfer | RemoteWarning

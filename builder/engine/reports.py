@@ -18,12 +18,13 @@ class PlanEntry(BaseModel):
 
 
 class StageResult(BaseModel):
-    """One stage's part in a build. For a hit, seconds/memory/summary are those of the build that made it."""
+    """One stage's part in a build. For a hit, seconds/memory/summary are those of the build that made it;
+    a remote-hit is a hit downloaded from the remote cache."""
 
     id: str
     stage: str
     component: str | None
-    status: Literal["hit", "built", "skipped"]
+    status: Literal["hit", "remote-hit", "built", "skipped"]
     seconds: float
     cpu_seconds: float | None = None
     peak_memory_bytes: int | None

@@ -29,6 +29,7 @@ from builder.engine.protocol import (
     user_error_path,
 )
 from builder.engine.spec import StageSpec
+from builder.engine.store import ActionRecord
 from builder.engine.threads import USER_VARIABLES
 from builder.errors import StageFailed
 from builder.faults import free_bytes, size_text
@@ -72,6 +73,8 @@ class Outcome:
     result: WorkerResult | None = None
     files: dict[str, FileDigest] | None = None
     error: StageFailed | None = None
+    # Set when the stage ran elsewhere (a Dask worker): its entry, already in the local store.
+    record: ActionRecord | None = None
 
 
 def work_folder(tmp: Path, stage_id: str) -> Path:
@@ -142,6 +145,12 @@ def watch(job: Job, outcomes: queue.Queue[Outcome]) -> None:
             outcomes.put(Outcome(job, seconds, error=_failure(job, f"could not be collected: {problem!r}")))
 
     threading.Thread(target=wait_and_digest, name=f"watch {job.spec.id}", daemon=True).start()
+
+
+def wait(job: Job) -> Outcome:
+    """Wait for the worker in this thread and collect its outcome (for callers with no scheduler)."""
+    returncode = job.process.wait()
+    return _collect(job, returncode, job.elapsed)
 
 
 def _collect(job: Job, returncode: int, seconds: float) -> Outcome:

@@ -13,7 +13,16 @@ from typing import Literal
 
 from builder.engine import runner
 from builder.engine import threads as thread_share
-from builder.engine.events import Event, Heartbeat, StageFinished, StageStarted, WorkersReady
+from builder.engine.elsewhere import Executor, Progress, Remote
+from builder.engine.events import (
+    Event,
+    Heartbeat,
+    RemoteWarning,
+    StageFinished,
+    StageStarted,
+    Transfer,
+    WorkersReady,
+)
 from builder.engine.files import remove_tree
 from builder.engine.hashing import tree_digest
 from builder.engine.launch import Launcher, Spawner, Zygote, worker_mode
@@ -37,8 +46,12 @@ class Scheduler:
         jobs: int,
         memory_budget_bytes: int,
         emit: Callable[[Event], None],
+        remote: Remote | None = None,
+        executor: Executor | None = None,
     ):
         self.store = store
+        self.remote = remote
+        self.executor = executor
         self.target = target
         self.jobs = jobs
         self.cores = os.cpu_count() or 1
@@ -53,6 +66,9 @@ class Scheduler:
         self.budget = memory_budget_bytes
         self.emit = emit
         self.index = store.load_index(target)
+        self.modules = sorted({spec.function.partition(":")[0] for spec in order})  # what a cold build's zygote imports
+        if executor is not None:  # memory is the cluster's, which Dask's resources account for
+            self.budget = 1 << 62
         self.pending = deque(order)
         self.ready: deque[Assessment] = deque()
         self.running: dict[str, runner.Job] = {}
@@ -122,7 +138,34 @@ class Scheduler:
                 assert found.key is not None
                 self.store.discard(found.key, found.record.output_digest if found.record else None)
                 found.reason = found.damage.describe(past=True)
+            if self.remote is not None and found.key is not None and self._remote_hit(found):
+                return
             self.ready.append(found)
+
+    def _remote_hit(self, found: Assessment) -> bool:
+        """Download a stale stage's output from the remote cache when it holds the key (verified there)."""
+        assert self.remote is not None and found.key is not None
+        spec = found.spec
+        fetched = self.remote.fetch(found.key, self.store, self._transfer(spec.id, "download"))
+        if fetched.record is None:
+            if fetched.problem is not None:
+                self.emit(
+                    RemoteWarning(
+                        message=f"remote entry {found.key[:12]} of {spec.id}: {fetched.problem}; "
+                        "rebuilding the stage, whose upload replaces the entry"
+                    )
+                )
+            return False
+        self.built[found.key] = fetched.record
+        self._remember(spec.id, found.key)
+        self._finish(self._result(spec, "remote-hit", "downloaded from the remote cache", fetched.record))
+        return True
+
+    def _transfer(self, stage_id: str, direction: Literal["download", "upload"]) -> Progress:
+        def report(done: int, total: int) -> None:
+            self.emit(Transfer(id=stage_id, direction=direction, done_bytes=done, total_bytes=total))
+
+        return report
 
     def _admit(self) -> None:
         """Start ready stages, longest remaining chain first, while jobs and memory allow (one too big
@@ -139,7 +182,8 @@ class Scheduler:
                 return
             threads = self.stage_threads[spec.id] if self.stage_threads is not None else None
             busy = sum(job.threads or 0 for job in self.running.values())
-            if threads is not None and spec.id not in self.critical and busy + threads > self.cores + 1:
+            off_path = spec.id not in self.critical and self.executor is None  # a cluster's cores are not ours
+            if threads is not None and off_path and busy + threads > self.cores + 1:
                 continue
             self.ready.remove(found)
             self._start(found, threads)
@@ -158,6 +202,22 @@ class Scheduler:
             for name, up in spec.inputs.items()
             if (digest := self.results[up].digest) is not None
         }
+        if self.executor is not None and not spec.external_inputs:  # external paths exist only here
+            upstream = {name: self.index[up] for name, up in spec.inputs.items() if self.results[up].digest is not None}
+            job = self.executor.submit(
+                spec,
+                found.key,
+                found.key_inputs,
+                found.reason,
+                upstream,
+                threads,
+                (self.worker_mode, self.threads, self.modules),
+                self.store,
+                self.outcomes,
+            )
+            self.running[spec.id] = job
+            self.emit(StageStarted(id=spec.id, stage=spec.stage, component=spec.component, reason=found.reason))
+            return
         inputs.update(external_paths(spec))
         folder = runner.work_folder(self.store.tmp, spec.id)
         job = runner.start(
@@ -186,6 +246,9 @@ class Scheduler:
     def _publish(self, outcome: runner.Outcome) -> None:
         """Object first, then record, then index: a crash between steps leaves only unreferenced objects."""
         job = outcome.job
+        if outcome.record is not None:  # built on a Dask worker, uploaded there, downloaded by its watcher
+            self._built(job, outcome.record)
+            return
         assert outcome.files is not None and outcome.result is not None
         digest = tree_digest(outcome.files)
         self.store.publish(job.out, digest, outcome.files)
@@ -200,7 +263,12 @@ class Scheduler:
             peak_memory_bytes=outcome.result.peak_memory_bytes,
         )
         self.store.write_record(record)
+        if self.remote is not None:
+            self.remote.upload(record, self.store.object_path(digest), self._transfer(job.spec.id, "upload"))
         remove_tree(job.folder)  # its log and temporary files; a failed stage's folder stays for its log
+        self._built(job, record)
+
+    def _built(self, job: runner.Job, record: ActionRecord) -> None:
         self.built[job.key] = record
         self._remember(job.spec.id, job.key)
         self._finish(self._result(job.spec, "built", job.reason, record))
@@ -208,6 +276,9 @@ class Scheduler:
             self._hit(twin.spec, job.key, record)
 
     def _hit(self, spec: StageSpec, key: str, record: ActionRecord) -> None:
+        """A local hit the remote lacks (built before the remote was set) is uploaded, so others hit it too."""
+        if self.remote is not None and not self.remote.has(key):
+            self.remote.upload(record, self.store.object_path(record.output_digest), self._transfer(spec.id, "upload"))
         self._remember(spec.id, key)
         self._finish(self._result(spec, "hit", "cached", record))
 
@@ -230,7 +301,7 @@ class Scheduler:
     def _result(
         self,
         spec: StageSpec,
-        status: Literal["hit", "built", "skipped"],
+        status: Literal["hit", "remote-hit", "built", "skipped"],
         reason: str,
         record: ActionRecord | None = None,
     ) -> StageResult:

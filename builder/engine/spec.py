@@ -36,6 +36,9 @@ class StageSpec(BaseModel):
     # (a conversion, copying files), which is then given one thread (`engine.threads`).
     parallel: bool = True
     unavailable: str | None = None
+    # What a machine must have to run the stage besides memory, for executors that place stages on
+    # machines (the Dask executor's worker resources), e.g. {"macos": 1} for the Core ML compiler.
+    resources: dict[str, float] = {}
 
     @field_validator("params")
     @classmethod

@@ -379,6 +379,7 @@ class _GraphBuilder:
             memory=memory,
             tools=self.compile_tools,
             unavailable=self.unavailable,
+            resources={"macos": 1},  # the Core ML compiler comes with Xcode
         )
         self.bundle_inputs |= {f"model.{label}": final, f"compiled.{label}": compiled, f"check.{label}": trace}
         if verified is not None:

@@ -1,0 +1,1 @@
+"""A cache shared between machines (fsspec URLs) and the Dask executor that builds through it."""
