@@ -245,3 +245,85 @@ def test_core_ml_backend_wiring(built, monkeypatch, one_torch_thread):
     assert sorted(opened) == ["TextEncoder", "Unet", "VAEDecoder"]
     through_torch = generate(bundle, "torch", request, lambda done, total: None)
     assert _db(through_core_ml, through_torch) >= 30  # the same models, fed float16 inputs
+
+
+# --- SD3 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd3_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, Workspace]:
+    """tiny-sd3 as shipped (6-bit MMDiT), and with a float16 MMDiT built in the same cache."""
+    shipped = make_workspace(tmp_path_factory.mktemp("generate-sd3"))
+    shipped.build_json("recipes/tiny-sd3.yaml")
+    ws = make_workspace(tmp_path_factory.mktemp("generate-sd3-float16"))
+    ws.cache = shipped.cache
+    recipe = ws.root / "recipes" / "tiny-sd3.yaml"
+    text = recipe.read_text()
+    assert "compression: {mode: palettize, nbits: 6}" in text
+    recipe.write_text(text.replace("compression: {mode: palettize, nbits: 6}", "compression: {mode: float16}"))
+    ws.build_json("recipes/tiny-sd3.yaml")
+    return shipped, ws
+
+
+def test_sd3_float16_bundle_image_equals_diffusers_sd3_pipeline(sd3_builds, tmp_path, one_torch_thread):
+    """The float16 tiny-sd3 bundle gives diffusers' StableDiffusion3Pipeline image (same weights, seed,
+    flow-matching scheduler, T5 kept to 77 tokens as the Swift package does); the shipped 6-bit one
+    writes a PNG of its own."""
+    from diffusers import StableDiffusion3Pipeline
+
+    shipped, ws = sd3_builds
+    out = tmp_path / "sd3.png"
+    assert _generate(ws, "recipes/tiny-sd3.yaml", out) == 0
+    image = _pixels(out)
+    assert image.shape == (128, 128, 3)
+    folder = _located(ws, "recipes/tiny-sd3.yaml").pipeline("mmdit")
+    pipeline = StableDiffusion3Pipeline.from_pretrained(folder, use_safetensors=True)
+    reference = _diffusers_pixels(pipeline, height=128, width=128, max_sequence_length=77)
+    db = _db(image, reference)
+    print(f"float16 sd3 bundle vs diffusers: {db:.2f} dB on pixels")
+    assert db >= 40  # above 30: decoding without the VAE's shift factor still clears 30 dB on this tiny VAE
+
+    palettized = tmp_path / "palettized.png"
+    assert _generate(shipped, "recipes/tiny-sd3.yaml", palettized) == 0
+    assert _pixels(palettized).shape == (128, 128, 3)
+    assert not np.array_equal(_pixels(palettized), image)  # the 6-bit MMDiT weights were read back
+
+
+def test_sd3_without_t5_conditions_on_zeros_as_diffusers_does(sd3_builds, one_torch_thread):
+    """A bundle without TextEncoderT5 puts zeros where T5's 77 token states go (diffusers' SD3 pipeline
+    without text_encoder_3), and the CLIP part stays the same."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from builder.generate.backend import LazyModels, load_models
+    from builder.generate.families.sd3 import T5, PromptEncoder
+
+    _, ws = sd3_builds
+    bundle = _located(ws, "recipes/tiny-sd3.yaml")
+    models = load_models(bundle, "torch")
+    folder = bundle.pipeline("mmdit")
+    with_t5 = PromptEncoder(bundle, models, folder)(PROMPT)
+    without = PromptEncoder(bundle, LazyModels([n for n in models if n != T5], models.__getitem__), folder)(PROMPT)
+    assert without[0].shape == with_t5[0].shape == (1, 128, 1, 154)
+    assert torch.equal(without[0][..., 77:], torch.zeros(1, 128, 1, 77))
+    assert torch.equal(without[0][..., :77], with_t5[0][..., :77]) and torch.equal(without[1], with_t5[1])
+
+    pipeline = StableDiffusion3Pipeline.from_pretrained(
+        folder, use_safetensors=True, text_encoder_3=None, tokenizer_3=None
+    )
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            PROMPT, PROMPT, PROMPT, device="cpu", do_classifier_free_guidance=False, max_sequence_length=77
+        )
+    # the bundle's float16 text encoders against diffusers' float32 ones
+    assert _db(without[0].squeeze(2).transpose(1, 2).numpy(), embeds.numpy()) >= 40
+    assert _db(without[1].flatten(1).numpy(), pooled.numpy()) >= 40
+
+
+def test_sd3_refuses_an_init_image(sd3_builds, tmp_path, capsys):
+    shipped, _ = sd3_builds
+    start = tmp_path / "start.png"
+    Image.new("RGB", (128, 128)).save(start)
+    assert _generate(shipped, "recipes/tiny-sd3.yaml", tmp_path / "out.png", "--init-image", str(start)) == 2
+    err = capsys.readouterr().err
+    assert "text to image only" in err and "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()

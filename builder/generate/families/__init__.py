@@ -16,6 +16,7 @@ from builder.generate.request import OnStep, Request
 FAMILIES = {
     "sd": "builder.generate.families.sd",
     "sdxl": "builder.generate.families.sdxl",
+    "sd3": "builder.generate.families.sd3",
 }
 
 
