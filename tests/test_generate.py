@@ -215,13 +215,11 @@ def test_backend_dispatch_picks_core_ml_on_macos_only():
         choose_backend("coreml", "linux")
 
 
-def test_core_ml_backend_wiring(built, monkeypatch, one_torch_thread):
-    """The Core ML path feeds every model the features and dtypes its saved interface declares and reads
-    its outputs by name. Core ML cannot run here, so `predict` is answered by the torch backend's model."""
+def _core_ml_faked_by_torch(monkeypatch, bundle: BuiltBundle) -> list[str]:
+    """Answer Core ML's `predict` with the torch backend's model, checking every feed against the
+    interface the saved model declares; returns the names of the models opened."""
     from builder.generate import coreml_backend, torch_backend
 
-    ws, _ = built
-    bundle = _located(ws, "recipes/tiny-sd.yaml")
     opened: list[str] = []
 
     class FakeMLModel:
@@ -240,6 +238,15 @@ def test_core_ml_backend_wiring(built, monkeypatch, one_torch_thread):
             return {name: value.numpy() for name, value in produced.items()}
 
     monkeypatch.setattr(coreml_backend, "_open", FakeMLModel)
+    return opened
+
+
+def test_core_ml_backend_wiring(built, monkeypatch, one_torch_thread):
+    """The Core ML path feeds every model the features and dtypes its saved interface declares and reads
+    its outputs by name. Core ML cannot run here, so `predict` is answered by the torch backend's model."""
+    ws, _ = built
+    bundle = _located(ws, "recipes/tiny-sd.yaml")
+    opened = _core_ml_faked_by_torch(monkeypatch, bundle)
     request = Request(prompt=PROMPT, steps=3, seed=1, guidance_scale=GUIDANCE)
     through_core_ml = generate(bundle, "coreml", request, lambda done, total: None)
     assert sorted(opened) == ["TextEncoder", "Unet", "VAEDecoder"]
@@ -327,3 +334,39 @@ def test_sd3_refuses_an_init_image(sd3_builds, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "text to image only" in err and "Traceback" not in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_sd3_core_ml_backend_wiring(sd3_builds, monkeypatch, one_torch_thread):
+    """The sd3 pipeline feeds each of its Core ML models exactly the inputs and dtypes it declares."""
+    shipped, _ = sd3_builds
+    bundle = _located(shipped, "recipes/tiny-sd3.yaml")
+    opened = _core_ml_faked_by_torch(monkeypatch, bundle)
+    request = Request(prompt=PROMPT, steps=2, seed=1, guidance_scale=GUIDANCE)
+    through_core_ml = generate(bundle, "coreml", request, lambda done, total: None)
+    expected = ["MultiModalDiffusionTransformer", "TextEncoder", "TextEncoder2", "TextEncoderT5", "VAEDecoder"]
+    assert sorted(opened) == expected
+    through_torch = generate(bundle, "torch", request, lambda done, total: None)
+    assert _db(through_core_ml, through_torch) >= 30  # the same models, fed float16 inputs
+
+
+def test_sd3_dynamic_shifting_uses_the_image_token_count(tmp_path):
+    """A flow-matching scheduler with use_dynamic_shifting shifts by mu, linear in the MMDiT's image
+    token count between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift)."""
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from builder.generate.families.sd3 import _timesteps
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"patch_size": 2}))
+    config = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
+    config |= {"base_image_seq_len": 256, "max_image_seq_len": 4096}
+    dynamic = _timesteps(FlowMatchEulerDiscreteScheduler(**config), 4, tmp_path, (1, 16, 128, 64))
+    tokens = (128 // 2) * (64 // 2)
+    mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
+    expected = FlowMatchEulerDiscreteScheduler(**config)
+    expected.set_timesteps(4, mu=mu)
+    torch.testing.assert_close(dynamic, expected.timesteps)
+    static = _timesteps(FlowMatchEulerDiscreteScheduler(shift=3.0), 4, tmp_path, (1, 16, 128, 64))
+    assert not torch.allclose(dynamic, static)
