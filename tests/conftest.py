@@ -188,8 +188,28 @@ def controlnet_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspa
     return ws, results, manifests
 
 
+# The modules whose shared builds take longest (from `--durations` of the whole suite), longest first.
+LONGEST_MODULES = (
+    "test_mid_size.py",
+    "test_w8a8.py",
+    "test_controlnet.py",
+    "test_matrix.py",
+    "test_sdxl.py",
+    "test_chunk.py",
+    "test_mbp.py",
+    "test_dask_executor.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules holding `slow` tests run first: the suite runs on two xdist workers, one module per
-    worker at a time (`--dist loadfile`), and a long module left for last would run alone."""
+    """The longest modules first, then the others holding `slow` tests, then the rest: the suite runs on
+    two xdist workers, one module per worker at a time (`--dist loadfile`), and a long module left for
+    last would run alone."""
     slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_modules)
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if item.path.name in LONGEST_MODULES:
+            return 0, LONGEST_MODULES.index(item.path.name)
+        return (1 if item.path in slow_modules else 2), 0
+
+    items.sort(key=rank)

@@ -72,13 +72,15 @@ def _located(ws: Workspace, recipe: str) -> BuiltBundle:
 
 @pytest.fixture(scope="module")
 def float16_sd(built, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
-    """tiny-sd with a float16 UNet, published from `built`'s cache (its UNet was converted there already)."""
+    """tiny-sd with a float16 UNet, published from `built`'s cache (its UNet was converted there already),
+    under its own name: the cache's index of `built`'s recipe keeps pointing at `built`'s bundle."""
     shared, _ = built
     ws = make_workspace(tmp_path_factory.mktemp("generate-float16"))
     ws.cache = shared.cache
     recipe = ws.root / "recipes" / "tiny-sd.yaml"
     text = recipe.read_text()
     assert "compression: {mode: palettize, nbits: 6}" in text
+    text = text.replace("name: tiny-sd\n", "name: tiny-sd-float16\n", 1)
     recipe.write_text(text.replace("compression: {mode: palettize, nbits: 6}", "compression: {mode: float16}"))
     ws.build_json()
     return ws
@@ -267,6 +269,7 @@ def sd3_builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, Wor
     recipe = ws.root / "recipes" / "tiny-sd3.yaml"
     text = recipe.read_text()
     assert "compression: {mode: palettize, nbits: 6}" in text
+    text = text.replace("name: tiny-sd\n", "name: tiny-sd-float16\n", 1)
     recipe.write_text(text.replace("compression: {mode: palettize, nbits: 6}", "compression: {mode: float16}"))
     ws.build_json("recipes/tiny-sd3.yaml")
     return shipped, ws

@@ -64,16 +64,26 @@ class DaskExecutor:
 
         if self.scheduler is None:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            self.cluster = LocalCluster(
-                n_workers=self.workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,  # no dashboard; its HTTP routes on a free loopback port
-                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                local_directory=str(self.work_dir),
-                resources={MEMORY: self.memory_bytes // self.workers},
-            )
+            # Starting nannies writes their variables (OMP_NUM_THREADS=1, ...) into this process's
+            # environment too: put ours back, or this build would plan and run with one thread.
+            ours = {name: os.environ.get(name) for name in _nanny_variables()}
+            try:
+                self.cluster = LocalCluster(
+                    n_workers=self.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=None,  # no dashboard; its HTTP routes on a free loopback port
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                    local_directory=str(self.work_dir),
+                    resources={MEMORY: self.memory_bytes // self.workers},
+                )
+            finally:
+                for name, value in ours.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
             self.client = Client(self.cluster)
         else:
             try:
