@@ -201,6 +201,23 @@ LONGEST_MODULES = (
 )
 
 
+# Modules reading the same session-scoped builds (`sdxl_built`, `controlnet_builds`) run on one worker,
+# so that those builds are made once.
+SHARING_BUILDS = ("test_controlnet.py", "test_sdxl.py", "test_generate.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadfile`, with SHARING_BUILDS as one unit of work."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedBuildsScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return SHARING_BUILDS[0] if Path(module).name in SHARING_BUILDS else module
+
+    return SharedBuildsScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest modules first, then the others holding `slow` tests, then the rest: the suite runs on
     two xdist workers, one module per worker at a time (`--dist loadfile`), and a long module left for

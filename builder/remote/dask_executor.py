@@ -58,15 +58,17 @@ class DaskExecutor:
         self.workers = workers
         self.cluster: Any = None
         self.client: Any = None
+        self.environment: dict[str, str | None] = {}
 
     def __enter__(self) -> DaskExecutor:
         from distributed import Client, LocalCluster
 
         if self.scheduler is None:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            # Starting nannies writes their variables (OMP_NUM_THREADS=1, ...) into this process's
-            # environment too: put ours back, or this build would plan and run with one thread.
-            ours = {name: os.environ.get(name) for name in _nanny_variables()}
+            # Starting a nanny (also one replacing a killed worker) writes its variables
+            # (OMP_NUM_THREADS=1, ...) into this process's environment too: ours are put back, or this
+            # build (and the next one in this process) would plan and run with one thread.
+            self.environment = {name: os.environ.get(name) for name in _nanny_variables()}
             try:
                 self.cluster = LocalCluster(
                     n_workers=self.workers,
@@ -79,11 +81,7 @@ class DaskExecutor:
                     resources={MEMORY: self.memory_bytes // self.workers},
                 )
             finally:
-                for name, value in ours.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
+                self._restore_environment()
             self.client = Client(self.cluster)
         else:
             try:
@@ -95,11 +93,19 @@ class DaskExecutor:
                 ) from None
         return self
 
+    def _restore_environment(self) -> None:
+        for name, value in self.environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
     def __exit__(self, *_: object) -> None:
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+            self._restore_environment()
 
     def resources(self, spec: StageSpec) -> dict[str, float]:
         return {MEMORY: float(spec.memory_estimate_bytes), **spec.resources}
