@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import BeforeValidator, ValidationInfo
 
-from .paths import UnresolvablePath, WrittenIn, _unresolvable, confinement, resolve_written
+from .paths import confined_path
 from .violations import Violation, reject
 
 SAFETENSORS = ".safetensors"
@@ -32,12 +32,7 @@ def not_safetensors(name: str) -> Violation | None:
 def _lora_file(value: object, info: ValidationInfo) -> object:
     if not isinstance(value, (str, Path)):
         return value
-    folder = value.folder if isinstance(value, WrittenIn) else Path.cwd()
-    try:
-        path = resolve_written(value, folder)
-    except UnresolvablePath as problem:
-        reject([_unresolvable(problem, folder)])
-    reject(confinement(value, path, (info.context or {}).get("workspace")))
+    path, folder = confined_path(value, info)
     if not path.is_file():
         reject(
             [

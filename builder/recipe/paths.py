@@ -89,16 +89,23 @@ def confinement(value: str | Path, path: Path, workspace: Path | None) -> list[V
     ]
 
 
-def _local_model_path(value: object, info: ValidationInfo) -> object:
-    if not isinstance(value, (str, Path)):
-        return value  # pydantic's own Path validation reports the wrong type
+def confined_path(value: str | Path, info: ValidationInfo) -> tuple[Path, Path]:
+    """A path as written in a recipe, resolved against the folder of the recipe that writes it, and
+    that folder; rejected when it cannot be resolved or leads outside the workspace."""
     folder = value.folder if isinstance(value, WrittenIn) else Path.cwd()
     try:
         path = resolve_written(value, folder)
     except UnresolvablePath as problem:
         reject([_unresolvable(problem, folder)])
+    reject(confinement(value, path, (info.context or {}).get("workspace")))
+    return path, folder
+
+
+def _local_model_path(value: object, info: ValidationInfo) -> object:
+    if not isinstance(value, (str, Path)):
+        return value  # pydantic's own Path validation reports the wrong type
+    path, folder = confined_path(value, info)
     workspace = (info.context or {}).get("workspace")
-    reject(confinement(value, path, workspace))
     if not path.exists():
         reject(
             [
@@ -134,12 +141,7 @@ workspace given in the validation context as `workspace` (the loader always give
 def _recipe_file_path(value: object, info: ValidationInfo) -> object:
     if not isinstance(value, (str, Path)):
         return value
-    folder = value.folder if isinstance(value, WrittenIn) else Path.cwd()
-    try:
-        path = resolve_written(value, folder)
-    except UnresolvablePath as problem:
-        reject([_unresolvable(problem, folder)])
-    reject(confinement(value, path, (info.context or {}).get("workspace")))
+    path, folder = confined_path(value, info)
     if path.suffix not in (".yaml", ".yml") or not path.is_file():
         reject(
             [
