@@ -1,7 +1,7 @@
 """A 2 x 2 recipe matrix (ORIGINAL / SPLIT_EINSUM attention x 6 / 4-bit UNet) of a synthetic
 pipeline: stages run vs stages in the graph, and wall time against four separate builds.
 
-    .venv/bin/python bench/matrix_bench.py [--preset tiny-sd|mid-sd|sd-2-1-base] [--parts matrix,separate,remote]
+    .venv/bin/python bench/matrix_bench.py [--preset tiny-sd|mid-sd|sd-2-1-base] [--parts matrix,remote,separate]
     flock /work/heavy.lock nice -n 5 .venv/bin/python bench/matrix_bench.py --preset sd-2-1-base   # full size
 
 Parts, each in fresh temporary workspaces and caches:
@@ -9,9 +9,8 @@ Parts, each in fresh temporary workspaces and caches:
 - `separate`: the same four bundles as four plain recipes, built one after another, each with an
   empty cache of its own (what four machines or CI jobs without a shared cache do); with
   `--separate shared`, one after another in one cache instead.
-- `remote`: the matrix built with a remote cache (`file://`), then again in a second workspace with an
-  empty local cache and the same remote: every stage should come from the remote. It needs the CLI's
-  `--remote` option, found by inspecting the CLI's parser; without it this part says so and is not run.
+- `remote`: `sdbuild push` of the matrix part's cache to a `file://` remote, then the matrix again in
+  a second workspace with an empty local cache and that remote: every stage should be a `remote-hit`.
 """
 
 from __future__ import annotations
@@ -73,35 +72,26 @@ components:
     )
 
 
-def remote_option() -> str | None:
-    """Where `--remote` goes on the command line (before or after `build`), or None when this
-    version of the CLI has no remote cache."""
-    from builder.cli import _parser
-
-    parser = _parser()
-    if any("--remote" in action.option_strings for action in parser._actions):
-        return "global"
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if any("--remote" in action.option_strings for action in commands.choices["build"]._actions):
-        return "build"
-    return None
-
-
-def build(
-    workspace: Path, cache: Path, target: str, jobs: int, remote: tuple[str, str] | None = None
-) -> tuple[float, dict]:
-    """`sdbuild build TARGET --json` in a fresh interpreter: wall seconds and the JSON report."""
-    before = ["--remote", remote[1]] if remote and remote[0] == "global" else []
-    after = ["--remote", remote[1]] if remote and remote[0] == "build" else []
+def sdbuild(workspace: Path, cache: Path, *arguments: str) -> tuple[float, float, str]:
+    """`sdbuild ARGUMENTS` in a fresh interpreter: wall seconds, CPU seconds and stdout."""
     command = [sys.executable, "-m", "builder.cli", "--workspace", str(workspace), "--cache-dir", str(cache)]
-    command += [*before, "build", target, "--json", "--jobs", str(jobs), *after]
     before_cpu = _children_cpu()
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=workspace, capture_output=True, text=True)
+    done = subprocess.run([*command, *arguments], cwd=workspace, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        sys.exit(f"build of {target} failed:\n{done.stderr}")
-    return seconds, _children_cpu() - before_cpu, json.loads(done.stdout)
+        sys.exit(f"sdbuild {' '.join(arguments)} failed:\n{done.stderr}")
+    return seconds, _children_cpu() - before_cpu, done.stdout
+
+
+def build(workspace: Path, cache: Path, target: str, jobs: int, *extra: str) -> tuple[float, float, dict]:
+    """`sdbuild build TARGET --json`: wall and CPU seconds and the JSON report."""
+    seconds, cpu, out = sdbuild(workspace, cache, "build", target, "--json", "--jobs", str(jobs), *extra)
+    return seconds, cpu, json.loads(out)
+
+
+def _size(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**30
 
 
 def _children_cpu() -> float:
@@ -122,7 +112,7 @@ def counts(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-sd", choices=sorted(LATENTS))
-    parser.add_argument("--parts", default="matrix,separate,remote", help="comma-separated: matrix, separate, remote")
+    parser.add_argument("--parts", default="matrix,remote,separate", help="comma-separated: matrix, remote, separate")
     parser.add_argument(
         "--separate", choices=("fresh", "shared"), default="fresh", help="caches of the separate builds"
     )
@@ -132,6 +122,8 @@ def main() -> None:
     unknown = parts - {"matrix", "separate", "remote"}
     if unknown:
         sys.exit(f"unknown part(s): {', '.join(sorted(unknown))}")
+    if "remote" in parts and "matrix" not in parts:
+        sys.exit("the remote part pushes the matrix part's cache: add matrix to --parts")
     print(f"preset {args.preset}, 2 x 2 matrix (ORIGINAL/SPLIT_EINSUM x 6/4 bits), jobs {args.jobs}")
     with tempfile.TemporaryDirectory(prefix="sdbuild-matrix-bench-") as folder:
         root = Path(folder)
@@ -141,7 +133,21 @@ def main() -> None:
             (ws / "recipes").mkdir(parents=True)
             (ws / "recipes" / "bench-matrix.yaml").write_text(matrix_recipe(args.preset))
             matrix_seconds, matrix_cpu, report = build(ws, ws / "cache", "recipes/bench-matrix.yaml", args.jobs)
-            print(f"matrix      {matrix_seconds:8.1f} s wall {matrix_cpu:8.1f} s CPU  {counts(report)}")
+            print(f"matrix      {matrix_seconds:8.1f} s wall {matrix_cpu:8.1f} s CPU  {counts(report)}", flush=True)
+        if "remote" in parts:
+            remote = (root / "remote").as_uri()
+            (root / "remote").mkdir()
+            seconds, cpu, _ = sdbuild(root / "matrix", root / "matrix" / "cache", "push", "--remote", remote)
+            print(f"push        {seconds:8.1f} s wall {cpu:8.1f} s CPU  remote holds {_size(root / 'remote'):.2f} GiB")
+            ws = root / "empty"
+            (ws / "recipes").mkdir(parents=True)
+            (ws / "recipes" / "bench-matrix.yaml").write_text(matrix_recipe(args.preset))
+            seconds, cpu, report = build(ws, ws / "cache", "recipes/bench-matrix.yaml", args.jobs, "--remote", remote)
+            print(f"warm remote {seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}", flush=True)
+            shutil.rmtree(ws)
+            shutil.rmtree(root / "remote")
+        if "matrix" in parts:
+            shutil.rmtree(root / "matrix")
         if "separate" in parts:
             ws = root / "separate"
             (ws / "recipes").mkdir(parents=True)
@@ -152,36 +158,18 @@ def main() -> None:
                 file.write_text(variant_recipe(args.preset, attention, nbits))
                 cache = ws / ("cache" if args.separate == "shared" else f"cache-{index}")
                 seconds, cpu, report = build(ws, cache, str(file.relative_to(ws)), args.jobs)
+                if args.separate == "fresh":
+                    shutil.rmtree(cache)
                 total += seconds
                 total_cpu += cpu
                 built += sum(s["status"] == "built" for s in report["stages"])
                 in_graph += len(report["stages"])
-                print(f"  {attention:<12} {nbits} bit {seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}")
+                row = f"{seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}"
+                print(f"  {attention:<12} {nbits} bit {row}", flush=True)
             caches = f"{built} of {in_graph} stages built ({args.separate} caches)"
             print(f"separate    {total:8.1f} s wall {total_cpu:8.1f} s CPU  {caches}")
             if matrix_seconds is not None and matrix_cpu is not None:
                 print(f"matrix/separate: wall {matrix_seconds / total:.3f}, CPU {matrix_cpu / total_cpu:.3f}")
-        if "remote" in parts:
-            where = remote_option()
-            if where is None:
-                print("remote      not run: this sdbuild has no --remote option (the remote cache is another branch)")
-                return
-            remote = (where, (root / "remote").as_uri())
-            (root / "remote").mkdir()
-            for name in ("a", "b"):
-                (root / name / "recipes").mkdir(parents=True)
-                (root / name / "recipes" / "bench-matrix.yaml").write_text(matrix_recipe(args.preset))
-            seconds, cpu, report = build(
-                root / "a", root / "a" / "cache", "recipes/bench-matrix.yaml", args.jobs, remote
-            )
-            print(f"remote, A   {seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}")
-            seconds, cpu, report = build(
-                root / "b", root / "b" / "cache", "recipes/bench-matrix.yaml", args.jobs, remote
-            )
-            size = sum(p.stat().st_size for p in (root / "remote").rglob("*") if p.is_file())
-            held = f"remote holds {size / 2**30:.2f} GiB"
-            print(f"remote, B   {seconds:8.1f} s wall {cpu:8.1f} s CPU  {counts(report)}; {held}")
-            shutil.rmtree(root / "remote")
 
 
 if __name__ == "__main__":

@@ -85,13 +85,22 @@ def environment() -> dict:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
-    try:
-        metadata.distribution(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
+    copies = list(metadata.distributions(name=DISTRIBUTION))
+    if not copies:
         raise UserError(
             "sdbuild runs without being installed, so its dependencies cannot be listed in the manifest",
             hint="install it: `make setup` (or `pip install -e .` in the checkout)",
-        ) from None
+        )
+    if len({tuple(sorted(copy.requires or ())) for copy in copies}) > 1:
+        # which one is read depends on the import path (the checkout is on it under pytest or
+        # `python -m`), so the manifest, and the bundle's key, would too
+        where = ", ".join(sorted(str(copy.locate_file("")) for copy in copies))
+        raise UserError(
+            f"sdbuild's package metadata is found {len(copies)} times on the import path ({where}), "
+            "declaring different dependencies",
+            hint="remove the stale copy, usually a `sdbuild.egg-info` folder an older install left in the "
+            "checkout (`rm -rf sdbuild.egg-info`), then run `make setup`",
+        )
     packages: dict[str, str] = {}
     pending = [DISTRIBUTION]
     while pending:

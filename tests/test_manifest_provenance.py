@@ -53,6 +53,33 @@ def test_manifest_records_what_made_the_bundle(built):
         assert sdbuild["commit"] == head.stdout.strip() and sdbuild["dirty"] == bool(status.stdout.strip())
 
 
+def _metadata_copy(folder: Path, requires: list[str]) -> None:
+    """A `sdbuild.egg-info` like the one an older `pip install -e .` leaves in a checkout."""
+    info = folder / "sdbuild.egg-info"
+    info.mkdir(parents=True)
+    header = f"Metadata-Version: 2.1\nName: sdbuild\nVersion: {__version__}\n"
+    (info / "PKG-INFO").write_text(header + "".join(f"Requires-Dist: {line}\n" for line in requires))
+
+
+def test_a_stale_copy_of_sdbuilds_metadata_is_refused_not_read(tmp_path, monkeypatch):
+    """The manifest lists sdbuild's dependencies from its package metadata. A stale copy earlier on the
+    import path (the checkout is on it under pytest and `python -m`) would silently change that list and
+    the bundle's key; it is refused, naming both copies. A copy that agrees is harmless."""
+    from builder.build_info import environment
+    from builder.errors import UserError
+
+    installed = metadata.distribution("sdbuild").requires or []
+    _metadata_copy(tmp_path / "agrees", installed)
+    monkeypatch.syspath_prepend(str(tmp_path / "agrees"))
+    read = environment.__wrapped__  # uncached: the process's own answer stays as it was
+    assert read()["packages"]  # one list of dependencies, whichever copy is read
+    _metadata_copy(tmp_path / "stale", [line for line in installed if not line.startswith("peft")])
+    monkeypatch.syspath_prepend(str(tmp_path / "stale"))
+    with pytest.raises(UserError) as refused:
+        read()
+    assert str(tmp_path / "stale") in str(refused.value) and "rm -rf sdbuild.egg-info" in refused.value.hint
+
+
 def test_recipe_record_holds_every_file_the_recipe_reads(tmp_path):
     ws = make_workspace(tmp_path / "ws")
     child = ws.root / "recipes" / "variants" / "child.yaml"

@@ -47,12 +47,15 @@ def load_scheduler(pipeline: Path) -> Any:
     return factory.from_config(config)
 
 
-def encode_image(encoder: Model, image: torch.Tensor, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """A (1, 3, H, W) image in [0, 1] to scaled latents: a sample of the VAE encoder's distribution."""
+def encode_image(
+    encoder: Model, image: torch.Tensor, scale_factor: float, generator: torch.Generator, shift_factor: float = 0.0
+) -> torch.Tensor:
+    """A (1, 3, H, W) image in [0, 1] to the denoiser's latents: a sample of the VAE encoder's
+    distribution, shifted (SD3's VAE) and scaled."""
     distribution = encoder({"sample": image * 2 - 1})["latent_dist"]
     mean, logvar = distribution.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(*_LOGVAR_RANGE))
-    return (mean + std * torch.randn(mean.shape, generator=generator)) * scale_factor
+    return (mean + std * torch.randn(mean.shape, generator=generator) - shift_factor) * scale_factor
 
 
 def start(

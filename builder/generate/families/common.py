@@ -88,6 +88,15 @@ def starting_point(
     generator = torch.Generator().manual_seed(request.seed)
     if request.init_image is None:
         return start(scheduler, request.steps, latent_shape, generator)
+    latents = image_latents(bundle, models, request, generator)
+    return start(scheduler, request.steps, latent_shape, generator, latents, request.strength)
+
+
+def image_latents(
+    bundle: BuiltBundle, models: LazyModels, request: Request, generator: torch.Generator, shift_factor: float = 0.0
+) -> torch.Tensor:
+    """--init-image as the denoiser's latents, through the bundle's VAE encoder (the generator's first draw)."""
+    assert request.init_image is not None
     if "VAEEncoder" not in models:
         raise UserError(
             f"--init-image needs a VAE encoder, and {bundle.path} has none",
@@ -96,8 +105,8 @@ def starting_point(
     if not 0 < request.strength <= 1:
         raise UserError(f"--strength {request.strength} is outside (0, 1]", hint="pass a strength in (0, 1]")
     image = read_image(request.init_image, bundle.manifest.image_size, "init image")
-    latents = encode_image(models["VAEEncoder"], image, bundle.manifest.latent_scale_factor, generator)
-    return start(scheduler, request.steps, latent_shape, generator, latents, request.strength)
+    scale = bundle.manifest.latent_scale_factor
+    return encode_image(models["VAEEncoder"], image, scale, generator, shift_factor)
 
 
 def decode(bundle: BuiltBundle, models: LazyModels, latents: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Stable Diffusion 3 (`StableDiffusion3Pipeline`): text to image through the bundle's MMDiT.
+"""Stable Diffusion 3 (`StableDiffusion3Pipeline`): text, or an image, to image through the bundle's MMDiT.
 
 The prompt is encoded as `StableDiffusion3Pipeline.swift` assembles it from the bundle's models:
 CLIP-L's and CLIP-G's hidden states side by side, zero-padded to T5's width, then T5's 77 token
@@ -20,7 +20,7 @@ import torch
 from builder.errors import UserError
 from builder.generate.backend import LazyModels
 from builder.generate.built import BuiltBundle
-from builder.generate.families.common import text_encoder
+from builder.generate.families.common import image_latents, text_encoder
 from builder.generate.request import OnStep, Request
 from builder.generate.sampling import call_in_batches, load_scheduler
 from builder.sd.components import TEXT_SEQUENCE_LENGTH
@@ -31,11 +31,6 @@ T5 = "TextEncoderT5"
 
 
 def _refuse_unsupported(bundle: BuiltBundle, request: Request) -> None:
-    if request.init_image is not None:
-        raise UserError(
-            f"{bundle.path} is an sd3 bundle, for which `sdbuild generate` runs text to image only",
-            hint="drop --init-image",
-        )
     if request.control_images:
         raise UserError(
             f"--control-image given, but {bundle.path} (sd3) has no ControlNet", hint="drop --control-image"
@@ -99,6 +94,26 @@ def _timesteps(scheduler: Any, steps: int, pipeline: Path, latent_shape: tuple[i
     return scheduler.timesteps
 
 
+def _from_image(
+    bundle: BuiltBundle,
+    models: LazyModels,
+    request: Request,
+    scheduler: Any,
+    timesteps: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image to image as diffusers' SD3 pipeline does it: the image's shifted and scaled latents, moved
+    along the flow to the first of the last `strength` share of the steps (rounded up, unlike the
+    UNet pipelines' rule)."""
+    shift = bundle.manifest.latent_shift_factor or 0.0
+    latents = image_latents(bundle, models, request, generator, shift)
+    skipped = int(max(len(timesteps) - len(timesteps) * request.strength, 0)) * scheduler.order
+    timesteps = timesteps[skipped:]  # never empty: strength is in (0, 1]
+    scheduler.set_begin_index(skipped)
+    noise = torch.randn(latents.shape, generator=generator)
+    return scheduler.scale_noise(latents, timesteps[:1], noise), timesteps
+
+
 def generate(bundle: BuiltBundle, models: LazyModels, request: Request, on_step: OnStep) -> torch.Tensor:
     _refuse_unsupported(bundle, request)
     pipeline = bundle.pipeline("mmdit")
@@ -112,7 +127,11 @@ def generate(bundle: BuiltBundle, models: LazyModels, request: Request, on_step:
     latent_shape = (1, *shape[1:])
     scheduler = load_scheduler(pipeline)
     timesteps = _timesteps(scheduler, request.steps, pipeline, latent_shape)
-    latents = torch.randn(latent_shape, generator=torch.Generator().manual_seed(request.seed))
+    generator = torch.Generator().manual_seed(request.seed)
+    if request.init_image is None:
+        latents = torch.randn(latent_shape, generator=generator)
+    else:
+        latents, timesteps = _from_image(bundle, models, request, scheduler, timesteps, generator)
     mmdit, batch = models[MMDIT], bundle.manifest.unet_batch_size
     for index, t in enumerate(timesteps):
         features = text | {
