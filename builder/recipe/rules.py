@@ -402,7 +402,8 @@ def _sd3_violations(recipe: Recipe) -> list[Violation]:
         violations.append(
             Violation(
                 "attention",
-                f"the sd3 MMDiT has one attention form; {recipe.attention.value} is a UNet rewrite",
+                "the sd3 MMDiT has one attention form, for the GPU, where the Swift SD3 pipeline runs it; "
+                f"{recipe.attention.value} is a Neural Engine rewrite of the UNet only",
                 "set `attention: ORIGINAL`",
             )
         )
