@@ -403,3 +403,59 @@ def test_fetch_downloads_only_the_lora_file_once(models, workspace: Workspace, t
     offline = env | {"HF_HUB_OFFLINE": "1"}
     plan = json.loads(workspace.run("plan", "recipes/hub.yaml", "--json", env=offline, check=True).stdout)
     assert {e["id"] for e in plan} >= {"source:lora.0", "rewrite:unet"}
+
+
+def test_compression_workloads_condition_on_the_fused_text_encoder(models, tmp_path):
+    """A LoRA fused into the text encoder changes the prompts' conditioning the bundle runs with, so the
+    mixed-bit probe and W8A8 calibration read the fused rewrite (an input of theirs, keyed by it), and
+    their conditioning is the text encoder with W + scale * up @ down, not the pipeline folder's."""
+    import shutil
+
+    from builder.recipe import load_recipe
+    from builder.sd.conditioning import TextConditioning
+    from builder.stages import analyze
+    from builder.stages.pipeline import analysis_graph, build_graph
+
+    pipeline, loras = models / "tiny-sd", models / "loras"
+    ws = make_workspace(tmp_path / "ws")
+    shutil.copytree(models, ws.root / "models")
+    w8a8 = "{mode: w8a8, calibration: {prompts: 1, steps: 1}, sensitivity: {prompts: 1, steps: 1}}"
+    text = RECIPE.replace("unet: {}", f"unet: {{compression: {w8a8}}}").replace("macOS13", "macOS14")
+    for name, lora in (("both", "both.safetensors"), ("unet-only", "unet.safetensors")):
+        (ws.root / "recipes" / f"{name}.yaml").write_text(text.replace("unet.safetensors", lora))
+    def load(name: str):
+        return load_recipe(ws.root / "recipes" / f"{name}.yaml", ws.root)
+
+    graph = build_graph(load("both"))
+    for stage in ("analyze-inputs:unet", "w8a8-calibrate:unet"):
+        assert graph[stage].inputs["text_encoder.text_encoder"] == "rewrite:text_encoder"
+    assert "rewrite:text_encoder" in analysis_graph(load("both"), "unet", 2)
+    unet_only = build_graph(load("unet-only"))
+    assert not any(name.startswith("text_encoder.") for name in unet_only["w8a8-calibrate:unet"].inputs)
+
+    fused_rewrite, unet_rewrite = tmp_path / "fused", tmp_path / "unet"
+    _rewrite(pipeline, "text_encoder", fused_rewrite, [(loras / "both.safetensors", 0.8)])
+    _rewrite(pipeline, "unet", unet_rewrite, [])
+    params = {"prompts": ["a lighthouse at dawn"], "steps": 1, "seed": 0, "family": "sd"}
+    inputs = {"model": pipeline, "rewritten": unet_rewrite}
+    (tmp_path / "base-probe").mkdir()
+    analyze.run_inputs(inputs, params, tmp_path / "base-probe")
+    (tmp_path / "probe").mkdir()
+    analyze.run_inputs(inputs | {"text_encoder.text_encoder": fused_rewrite}, params, tmp_path / "probe")
+
+    kind = KINDS["text_encoder"]
+    model = kind.load(pipeline, kind.subfolder).eval()
+    weights = model.state_dict()
+    with torch.no_grad():  # fused by hand from the file, independently of builder.sd.lora
+        for module, delta in _deltas(load_file(loras / "both.safetensors"), "text_encoder.").items():
+            name = next(n for n in weights if n.endswith(f"{module.removeprefix('text_model.')}.weight"))
+            weights[name] += 0.8 * delta
+    model.load_state_dict(weights)
+    expected = TextConditioning(pipeline, "sd", (16, 16), {"text_encoder": kind.wrap(model, "ORIGINAL").eval()})
+    with torch.no_grad():
+        want = expected.guided(params["prompts"])["encoder_hidden_states"]
+    got = load_file(tmp_path / "probe" / "probe.safetensors")["encoder_hidden_states"]
+    base = load_file(tmp_path / "base-probe" / "probe.safetensors")["encoder_hidden_states"]
+    print("probe vs hand-fused", psnr(got, want), "probe vs base", psnr(got, base))
+    assert psnr(got, want) > 100
+    assert psnr(got, base) < 60  # the LoRA changed the conditioning

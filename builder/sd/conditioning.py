@@ -55,7 +55,7 @@ class TextConditioning:
         encoders: Mapping[str, TextEncoder] | None = None,
     ):
         """`encoders` (by component) replace the pipeline folder's own, e.g. a bundle's models as
-        `sdbuild generate` runs them; the tokenizers are always the pipeline folder's."""
+        `sdbuild generate` runs them, or LoRA-fused ones; the tokenizers are always the folder's."""
         from transformers import CLIPTokenizer
 
         if family not in _ENCODERS:
@@ -72,7 +72,7 @@ class TextConditioning:
             )
         self.encoders: list[tuple[CLIPTokenizer, TextEncoder]] = []
         for component, tokenizer in folders:
-            if encoders is not None:
+            if encoders is not None and component in encoders:
                 module = encoders[component]
             else:
                 k = kind(component, family)

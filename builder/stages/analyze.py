@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
 
@@ -17,6 +18,7 @@ from builder.coreml.options import Nbits
 from builder.engine.spec import StageSpec
 from builder.sd.mbp.analysis import DEFAULT_TARGETS_DB, NBITS, ProbeSettings
 from builder.sd.mbp.layers import DEFAULT_WEIGHT_THRESHOLD
+from builder.stages.prompt_encoders import rewritten_text_encoders, text_encoder_inputs
 
 _SENSITIVITY_FILE = "sensitivity.json"
 DEFAULT_PROBE = ProbeSettings()
@@ -54,8 +56,10 @@ def probe_stage(
     family: str,
     component: str = "unet",
     probe: ProbeSettings = DEFAULT_PROBE,
+    text_encoders: Mapping[str, str] | None = None,
 ) -> StageSpec:
-    """The fixed workload (latents, prompt conditioning, scheduler) compressions are scored on."""
+    """The fixed workload (latents, prompt conditioning, scheduler) compressions are scored on.
+    `text_encoders` (component -> rewrite stage) replace the pipeline folder's: LoRA-fused ones."""
     params = ProbeInputsParams(**probe.model_dump(), family=family)
     return StageSpec(
         id=f"analyze-inputs:{component}",
@@ -63,7 +67,9 @@ def probe_stage(
         component=component,
         function="builder.stages.analyze:run_inputs",
         params=params.model_dump(mode="json"),
-        inputs=({"model": model} if isinstance(model, str) else {}) | {"rewritten": rewritten},
+        inputs=({"model": model} if isinstance(model, str) else {})
+        | {"rewritten": rewritten}
+        | text_encoder_inputs(text_encoders),
         external_inputs={"model": model} if isinstance(model, Path) else {},
         memory_estimate_bytes=memory_estimate_bytes,
     )
@@ -81,6 +87,7 @@ def analysis_stages(
     probe: ProbeSettings = DEFAULT_PROBE,
     nbits: tuple[int, ...] = NBITS,
     targets_db: tuple[float, ...] = DEFAULT_TARGETS_DB,
+    text_encoders: Mapping[str, str] | None = None,
 ) -> list[StageSpec]:
     """Stages of one analysis: `rewritten` is the rewrite stage id of the UNet; `model` the pipeline
     folder (text encoder, tokenizer, scheduler) as the source stage's id or a local folder's path.
@@ -92,6 +99,7 @@ def analysis_stages(
         family=family,
         component=component,
         probe=probe,
+        text_encoders=text_encoders,
     )
     layer_stages = [
         StageSpec(
@@ -125,7 +133,8 @@ def run_inputs(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     architecture = json.loads((inputs["rewritten"] / "architecture.json").read_text())
     sample = architecture["inputs"][0]["shape"]  # (batch, channels, height, width)
     settings = ProbeSettings(**p.model_dump(exclude={"family"}))
-    write_probe_inputs(inputs["model"], p.family, (sample[2], sample[3]), sample[1], settings, out)
+    encoders = rewritten_text_encoders(inputs)
+    write_probe_inputs(inputs["model"], p.family, (sample[2], sample[3]), sample[1], settings, out, encoders)
     return {}
 
 

@@ -47,6 +47,7 @@ from builder.stages.params import (
     VerifyParams,
 )
 from builder.stages.preflight import check_sources, memory_estimate
+from builder.stages.prompt_encoders import fused_text_encoders
 from builder.stages.provenance import sources_provenance
 from builder.stages.supported import check_supported, component_precision
 from builder.stages.tools import compile_unavailable, recorded_tools, xcode_version
@@ -107,7 +108,7 @@ def analysis_graph(loaded: LoadedRecipe, component: str, chunks: int) -> Graph:
             hint=f"add components.{component} to the recipe, or analyse another component",
         )
     rewrite = full[f"rewrite:{component}"]
-    needed = [*(full[stage_id] for stage_id in rewrite.inputs.values()), rewrite]
+    fused = fused_text_encoders(full) if component == Component.UNET.value else {}
     stages = analysis_stages(
         rewritten=rewrite.id,
         model=rewrite.inputs.get("model") or rewrite.external_inputs["model"],  # the component's pipeline folder
@@ -116,8 +117,12 @@ def analysis_graph(loaded: LoadedRecipe, component: str, chunks: int) -> Graph:
         family=loaded.recipe.family.value,
         component=component,
         chunks=chunks,
+        text_encoders=fused,
     )
-    return Graph([*needed, *stages])
+    needed = {rewrite.id, *rewrite.inputs.values()}
+    for stage_id in fused.values():
+        needed |= {stage_id, *full[stage_id].inputs.values()}
+    return Graph([*(spec for spec in full if spec.id in needed), *stages])
 
 
 class _GraphBuilder:
@@ -311,6 +316,7 @@ class _GraphBuilder:
                     memory_estimate_bytes=memory,
                     family=self.recipe.family.value,
                     component=c,
+                    text_encoders=self._workload_text_encoders(job.recipe_component),
                 )
             )
         chunked = self.recipe.chunk_unet and job.recipe_component in CHUNKED_BY_CHUNK_UNET
@@ -329,6 +335,11 @@ class _GraphBuilder:
             )
         else:
             self.components[c] = compression
+
+    def _workload_text_encoders(self, component: str) -> dict[str, str]:
+        """The base UNet's workloads (mixed-bit probe, W8A8 calibration) encode prompts with the text
+        encoders the bundle ships: where a LoRA changed one, its rewrite (text encoder jobs come first)."""
+        return fused_text_encoders(self.stages) if component == Component.UNET.value else {}
 
     def _settings(self) -> dict[str, tuple[Any, str]]:
         """Recipe settings a rewrite may depend on: value and the field it came from."""
@@ -449,6 +460,7 @@ class _GraphBuilder:
             rewritten=rewrite,
             model=rewritten.inputs.get("model") or rewritten.external_inputs["model"],  # the pipeline folder
             memory_estimate_bytes=memory,
+            text_encoders=self._workload_text_encoders(label),
         )
         self.stages += stages
         return final, verified

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from builder.engine.spec import StageSpec
 from builder.recipe.compression import W8A8
 from builder.stages.params import VerifyParams, W8A8CalibrateParams, W8A8LayersParams, W8A8Params
+from builder.stages.prompt_encoders import rewritten_text_encoders, text_encoder_inputs
 
 SENSITIVITY_CHUNKS = 4
 _RANGES_FILE = "ranges.safetensors"
@@ -42,8 +44,10 @@ def w8a8_stages(
     rewritten: str,
     model: str | Path,
     memory_estimate_bytes: int,
+    text_encoders: Mapping[str, str] | None = None,
 ) -> tuple[list[StageSpec], str, str]:
-    """(stages, id of the stage holding model.mlpackage, id of its verify stage) for one UNet."""
+    """(stages, id of the stage holding model.mlpackage, id of its verify stage) for one UNet.
+    `text_encoders` (component -> rewrite stage) replace the pipeline folder's: LoRA-fused ones."""
     from builder.sd.mbp.analysis import ProbeSettings
     from builder.stages.analyze import probe_stage
 
@@ -56,6 +60,7 @@ def w8a8_stages(
         family=family,
         component=component,
         probe=workload,
+        text_encoders=text_encoders,
     )
     common: dict[str, Any] = {"component": component, "memory_estimate_bytes": memory_estimate_bytes}
     source = {"model": model} if isinstance(model, str) else {}
@@ -68,7 +73,7 @@ def w8a8_stages(
             family=family, prompts=calibration.prompt_list(), steps=calibration.steps, seed=calibration.seed
         ).model_dump(mode="json"),
         param_origins={name: f"{path}.calibration.{name}" for name in ("prompts", "steps", "seed")},
-        inputs=source | {"rewritten": rewritten},
+        inputs=source | {"rewritten": rewritten} | text_encoder_inputs(text_encoders),
         external_inputs={"model": model} if isinstance(model, Path) else {},
         **common,
     )
@@ -159,7 +164,9 @@ def run_calibrate(inputs: dict[str, Path], params: dict, out: Path) -> dict:
     p = W8A8CalibrateParams.model_validate(params)
     module, _, _, architecture = _unet(inputs["rewritten"])
     shape = architecture["inputs"][0]["shape"]
-    samples = record_samples(module, inputs["model"], p.family, (shape[2], shape[3]), p.prompts, p.steps, p.seed)
+    encoders = rewritten_text_encoders(inputs)
+    size = (shape[2], shape[3])
+    samples = record_samples(module, inputs["model"], p.family, size, p.prompts, p.steps, p.seed, encoders)
     save_samples(samples, out)
     return {"samples": len(samples["sample"]), "forward_passes": len(samples["sample"])}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from builder.coreml.lut import palettize_array
 from builder.recipe.calibration import WORKLOAD_PROMPTS
-from builder.sd.conditioning import UNET_TEXT_INPUTS
+from builder.sd.conditioning import UNET_TEXT_INPUTS, TextEncoder
 from builder.sd.mbp.layers import Layer
 from builder.sd.psnr import psnr
 
@@ -79,15 +79,22 @@ class Candidate(BaseModel):
 
 
 def write_probe_inputs(
-    pipeline: Path, family: str, latent_size: tuple[int, int], latent_channels: int, settings: ProbeSettings, out: Path
+    pipeline: Path,
+    family: str,
+    latent_size: tuple[int, int],
+    latent_channels: int,
+    settings: ProbeSettings,
+    out: Path,
+    encoders: Mapping[str, TextEncoder] | None = None,
 ) -> None:
     """Seeded latents and the UNet conditioning of the prompts (unconditional half first) from `pipeline`,
-    made as the family's diffusers pipeline makes them (`builder.sd.conditioning`)."""
+    made as the family's diffusers pipeline makes them (`builder.sd.conditioning`); `encoders`
+    replace the folder's text encoders (LoRA-fused ones)."""
     import shutil
 
     from builder.sd.conditioning import TextConditioning
 
-    conditioning = TextConditioning(pipeline, family, latent_size).guided(list(settings.prompts))
+    conditioning = TextConditioning(pipeline, family, latent_size, encoders).guided(list(settings.prompts))
     generator = torch.Generator().manual_seed(settings.seed)
     latents = torch.randn((len(settings.prompts), latent_channels, *latent_size), generator=generator)
     out.mkdir(parents=True, exist_ok=True)

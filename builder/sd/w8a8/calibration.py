@@ -10,6 +10,7 @@ the float model the quantized one is measured against.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from builder.sd.conditioning import UNET_TEXT_INPUTS, TextConditioning
+from builder.sd.conditioning import UNET_TEXT_INPUTS, TextConditioning, TextEncoder
 
 GUIDANCE_SCALE = 7.5
 SAMPLES_FILE = "calibration.safetensors"
@@ -33,11 +34,13 @@ def record_samples(
     prompts: list[str],
     steps: int,
     seed: int,
+    encoders: Mapping[str, TextEncoder] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every UNet input of the trajectories, stacked: name -> (prompts * steps, 2, ...)."""
+    """Every UNet input of the trajectories, stacked: name -> (prompts * steps, 2, ...). `encoders`
+    replace the pipeline folder's text encoders (LoRA-fused ones)."""
     import diffusers
 
-    conditioning = TextConditioning(pipeline, family, latent_size)
+    conditioning = TextConditioning(pipeline, family, latent_size, encoders)
     config = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
     scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     conversion: Any = unet  # the rewrite's UNet conversion module: its diffusers UNet is `.unet`
