@@ -139,3 +139,33 @@ def test_a_hub_input_in_the_cache_is_found(hub_workspace, tmp_path):
     assert next(line for line in lines if "hf cache:" in line).startswith(f"ok    hf cache: {tmp_path / 'hf-cache'}")
     line = next(line for line in lines if "hub model:" in line)
     assert line.startswith("ok") and f"{SD21_REPO}@{SD21_REVISION[:12]} in the cache (2 files" in line
+
+
+def test_a_hub_lora_is_checked_in_the_cache(hub_workspace, tmp_path):
+    """A hub LoRA is a hub input too: missing offline, the recipe's graph cannot be planned (a located
+    error naming fetch); in the cache, it is listed with the other hub inputs."""
+    from hf_cache import write_hf_cache
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    recipe = (hub_workspace.root / "recipes" / "tiny-sd.yaml").read_text()
+    lora = f"  loras:\n    - hub: {{id: someone/style, revision: {revision}, weight_name: style.safetensors}}\n"
+    assert "  synthetic: {preset: tiny-sd, seed: 0}\n" in recipe
+    recipe = recipe.replace("  synthetic: {preset: tiny-sd, seed: 0}\n", "  synthetic: {preset: tiny-sd, seed: 0}\n" + lora)
+    (hub_workspace.root / "recipes" / "styled.yaml").write_text(recipe)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    done = hub_workspace.run("doctor", "recipes/styled.yaml", env=env)
+    assert done.returncode == 2 and "recipes/styled.yaml:9: model.loras.0.hub.weight_name:" in done.stderr
+    assert "someone/style" in done.stderr and "sdbuild fetch" in done.stderr and "Traceback" not in done.stderr
+
+    import torch
+    from safetensors.torch import save_file
+
+    files = tmp_path / "repo"
+    files.mkdir()
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora"
+    lora_weights = {f"{layer}.down.weight": torch.zeros(4, 32), f"{layer}.up.weight": torch.zeros(32, 4)}
+    save_file(lora_weights, files / "style.safetensors")  # the header says what it targets
+    write_hf_cache(tmp_path / "hf-cache", "someone/style", revision, files)
+    done = hub_workspace.run("doctor", "recipes/styled.yaml", env=env)
+    line = next(line for line in done.stdout.splitlines() if "hub model.loras.0:" in line)
+    assert line.startswith("ok") and f"someone/style@{revision[:12]} in the cache (1 files" in line

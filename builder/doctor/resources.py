@@ -81,7 +81,8 @@ def memory_check(loaded: LoadedRecipe) -> Check:
 
 
 def hub_inputs(loaded: LoadedRecipe) -> list[tuple[str, str, str, str]]:
-    """(recipe field, repo id, revision, the config file its snapshot must hold) of every hub input."""
+    """(recipe field, repo id, revision, the file its snapshot must hold: a config, or a LoRA's weights)
+    of every hub input."""
     model = loaded.recipe.model
     found = []
     for field, source, marker in (
@@ -92,6 +93,9 @@ def hub_inputs(loaded: LoadedRecipe) -> list[tuple[str, str, str, str]]:
     ):
         if source is not None and source.hub is not None:
             found.append((field, source.hub.id, source.hub.revision, marker))
+    for index, lora in enumerate(model.loras):  # a LoRA repository: only its one file is read
+        if lora.hub is not None:
+            found.append((f"model.loras.{index}", lora.hub.id, lora.hub.revision, lora.hub.weight_name))
     return found
 
 
