@@ -149,8 +149,9 @@ def test_a_hub_lora_is_checked_in_the_cache(hub_workspace, tmp_path):
     revision = "0123456789abcdef0123456789abcdef01234567"
     recipe = (hub_workspace.root / "recipes" / "tiny-sd.yaml").read_text()
     lora = f"  loras:\n    - hub: {{id: someone/style, revision: {revision}, weight_name: style.safetensors}}\n"
-    assert "  synthetic: {preset: tiny-sd, seed: 0}\n" in recipe
-    recipe = recipe.replace("  synthetic: {preset: tiny-sd, seed: 0}\n", "  synthetic: {preset: tiny-sd, seed: 0}\n" + lora)
+    synthetic = "  synthetic: {preset: tiny-sd, seed: 0}\n"
+    assert synthetic in recipe
+    recipe = recipe.replace(synthetic, synthetic + lora)
     (hub_workspace.root / "recipes" / "styled.yaml").write_text(recipe)
     env = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1"}
     done = hub_workspace.run("doctor", "recipes/styled.yaml", env=env)
