@@ -423,6 +423,7 @@ def test_compression_workloads_condition_on_the_fused_text_encoder(models, tmp_p
     text = RECIPE.replace("unet: {}", f"unet: {{compression: {w8a8}}}").replace("macOS13", "macOS14")
     for name, lora in (("both", "both.safetensors"), ("unet-only", "unet.safetensors")):
         (ws.root / "recipes" / f"{name}.yaml").write_text(text.replace("unet.safetensors", lora))
+
     def load(name: str):
         return load_recipe(ws.root / "recipes" / f"{name}.yaml", ws.root)
 
