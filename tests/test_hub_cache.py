@@ -76,7 +76,10 @@ def test_the_loopback_hub_sees_a_request(hub):
 
 def test_offline_build_from_the_hf_cache_equals_the_local_build(tiny_weights, tmp_path, hub):
     ws = make_workspace(tmp_path / "ws")
-    shutil.copytree(tiny_weights, ws.root / "models" / "tiny")
+    # the local folder holds what the hub source takes for a recipe without a safety checker
+    shutil.copytree(
+        tiny_weights, ws.root / "models" / "tiny", ignore=shutil.ignore_patterns("safety_checker", "feature_extractor")
+    )
     hf_cache = tmp_path / "hf" / "hub"
     snapshot = write_hf_cache(hf_cache, SD21_BASE, REVISION, tiny_weights)
     env = _env(hf_cache, hub)
@@ -95,7 +98,7 @@ def test_offline_build_from_the_hf_cache_equals_the_local_build(tiny_weights, tm
     explained = json.loads(ws.run("explain", "recipes/tiny-hub.yaml", "source", env=env, check=True).stdout)
     output = Path(explained["output"])
     taken = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file())
-    assert taken == sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    assert taken == _read_files(tiny_weights)
     for relative in taken:
         blob = (snapshot / relative).resolve()
         assert os.stat(output / relative).st_ino == os.stat(blob).st_ino, relative
@@ -154,10 +157,19 @@ def test_online_with_a_complete_cache_makes_no_request(tiny_weights, tmp_path, h
     assert hub.attempts() == 0
 
 
+def _read_files(weights: Path) -> list[str]:
+    """The repository files a recipe without a safety checker reads: not safety_checker/ and
+    feature_extractor/, which the repository (like SD 1.5's) also holds."""
+    files = sorted(p.relative_to(weights).as_posix() for p in weights.rglob("*") if p.is_file())
+    assert any(f.startswith("safety_checker/") for f in files)
+    return [f for f in files if not f.startswith(("safety_checker/", "feature_extractor/"))]
+
+
 def test_fetch_downloads_into_the_hf_cache_once(workspace, tiny_weights, tmp_path, hub):
+    """Only what the recipe reads is downloaded (not the safety checker it does not build), once."""
     hf_cache = tmp_path / "hf" / "hub"
     recipe = _hub_recipe(workspace)
-    files = sorted(p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file())
+    files = _read_files(tiny_weights)
     size = sum((tiny_weights / f).stat().st_size for f in files)
     with FakeHub(SD21_BASE, REVISION, tiny_weights) as fake:
         env = {"HF_HUB_CACHE": str(hf_cache), "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": fake.endpoint}
@@ -199,10 +211,10 @@ def test_fetch_offline_reports_what_the_cache_holds(workspace, tiny_weights, tmp
     home = {"HF_HOME": str(hf_cache.parent), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": hub.endpoint}
     report = json.loads(workspace.run("fetch", recipe, "--json", env=home, check=True).stdout)
     assert report["cache"] == str(hf_cache)
-    files = [p for p in tiny_weights.rglob("*") if p.is_file()]
+    files = _read_files(tiny_weights)
     [fetched] = report["inputs"]
     assert fetched["repo_id"] == SD21_BASE and fetched["files"] == len(files) and fetched["downloaded_bytes"] == 0
-    assert report["size_bytes"] == sum(p.stat().st_size for p in files)
+    assert report["size_bytes"] == sum((tiny_weights / f).stat().st_size for f in files)
     assert hub.attempts() == 0
 
     none = workspace.run("fetch", "recipes/tiny-sd.yaml", "--json", env=_env(hf_cache, hub), check=True)
@@ -263,3 +275,39 @@ def test_missing_files_reads_the_pipeline_structure(tiny_weights, tmp_path):
         "vae/*.safetensors",
     ]
     assert missing_files(repo_folder(tmp_path, "none/none"), RepoKind.VAE) == ["config.json", "*.safetensors"]
+
+
+def test_folders_the_recipe_never_reads_are_neither_fetched_nor_required(tmp_path, hub):
+    """An SD3 snapshot cached without T5 (text_encoder_3, tokenizer_3: about 9 GB at full size) serves a
+    recipe that does not build it; the same snapshot is incomplete for one that does."""
+    from builder.hub.layout import unread_folders
+    from builder.recipe import load_recipe
+    from builder.stages.pipeline import build_graph
+
+    weights = tmp_path / "tiny-sd3"
+    write_synthetic_pipeline(get_preset("tiny-sd3"), 0, weights)
+    assert (weights / "text_encoder_3").is_dir() and (weights / "tokenizer_3").is_dir()
+    hf_cache = tmp_path / "hf" / "hub"
+    snapshot = write_hf_cache(hf_cache, SD21_BASE, REVISION, weights, tree_listing=False)
+    shutil.rmtree(snapshot / "text_encoder_3")  # as a download that skipped T5 leaves it
+    shutil.rmtree(snapshot / "tokenizer_3")
+    assert missing_files(snapshot, RepoKind.PIPELINE)[0].startswith("text_encoder_3/")
+    unread = unread_folders(["text_encoder", "text_encoder_2", "mmdit", "vae_decoder"])
+    assert unread == ("feature_extractor", "safety_checker", "text_encoder_3", "tokenizer_3")
+    assert missing_files(snapshot, RepoKind.PIPELINE, unread) == []
+
+    out = tmp_path / "out"
+    taken = link_snapshot(snapshot, HubRef(SD21_BASE, REVISION, RepoKind.PIPELINE, unread), out)
+    assert taken and not any(f.startswith(("text_encoder_3/", "tokenizer_3/")) for f in taken)
+    assert (out / "transformer" / "config.json").is_file()
+
+    # the recipe's source stage carries the folders it skips, keyed by `components`; T5 built: none of its
+    ws = make_workspace(tmp_path / "ws")
+    recipe = (ws.root / "recipes" / "sd3-medium-macos.yaml").read_text()
+    assert "  text_encoder_3: {}" not in recipe
+    source = build_graph(load_recipe(ws.root / "recipes" / "sd3-medium-macos.yaml", ws.root))["source"]
+    assert source.params["unread"] == list(unread) and source.param_origins["unread"] == "components"
+    with_t5 = recipe.replace("  text_encoder_2: {}\n", "  text_encoder_2: {}\n  text_encoder_3: {}\n")
+    (ws.root / "recipes" / "with-t5.yaml").write_text(with_t5)
+    source = build_graph(load_recipe(ws.root / "recipes" / "with-t5.yaml", ws.root))["source"]
+    assert source.params["unread"] == ["feature_extractor", "safety_checker"]

@@ -32,6 +32,7 @@ class HubRef:
     repo_id: str
     revision: str
     kind: RepoKind
+    unread: tuple[str, ...] = ()  # pipeline folders the recipe never reads (`layout.unread_folders`)
 
     def __str__(self) -> str:
         return f"{self.repo_id}@{self.revision[:12]}"
@@ -56,7 +57,7 @@ def snapshot(ref: HubRef) -> Path:
     arguments: dict[str, Any] = {
         "revision": ref.revision,
         "allow_patterns": allow_patterns(ref.kind),
-        "ignore_patterns": ignore_patterns(),
+        "ignore_patterns": ignore_patterns(ref.unread),
     }
     cached, missing = _cached_snapshot(ref, arguments)
     unreachable = None if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
@@ -70,7 +71,7 @@ def snapshot(ref: HubRef) -> Path:
         folder = Path(snapshot_download(ref.repo_id, **arguments))
     except Exception as error:  # network, auth, missing repository or revision: all end the same way for the user
         raise not_cached(ref, first_line(error)) from None
-    missing = missing_files(folder, ref.kind)
+    missing = missing_files(folder, ref.kind, ref.unread)
     if missing:  # the client downloaded everything the patterns match: the repository lacks them
         raise UserError(
             f"{ref} has no {', '.join(missing[:3])}; sdbuild reads safetensors weights, configs and tokenizer "
@@ -90,7 +91,7 @@ def _cached_snapshot(ref: HubRef, arguments: dict[str, Any]) -> tuple[Path | Non
         folder = Path(snapshot_download(ref.repo_id, local_files_only=True, **arguments))
     except Exception:  # not cached, or incomplete by the cached listing
         return None, []
-    return folder, missing_files(folder, ref.kind)
+    return folder, missing_files(folder, ref.kind, ref.unread)
 
 
 def _has_listing(ref: HubRef) -> bool:
@@ -128,7 +129,7 @@ def link_snapshot(folder: Path, ref: HubRef, out: Path) -> list[str]:
         for name in sorted(names):
             source = Path(parent) / name
             relative = source.relative_to(folder).as_posix()
-            if not wanted(relative, ref.kind):
+            if not wanted(relative, ref.kind, ref.unread):
                 continue
             real = source.resolve()
             if source.is_symlink() and not real.is_relative_to(blobs):

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from builder.errors import UserError, first_line
 from builder.hub.cache import HubRef, hub_cache_dir, not_cached, snapshot
-from builder.hub.layout import RepoKind, allow_patterns, ignore_patterns, missing_files, wanted
+from builder.hub.layout import RepoKind, allow_patterns, ignore_patterns, missing_files, unread_folders, wanted
 from builder.hub.lora import cached_lora
 from builder.recipe import LoadedRecipe
 from builder.recipe.sources import ControlNetSource, ModelSource, RefinerSource, VaeSource
@@ -25,10 +25,11 @@ class HubInput(BaseModel):
     revision: str
     kind: RepoKind
     weight_name: str | None = None  # a LoRA: its one file
+    unread: tuple[str, ...] = ()  # pipeline folders the recipe never reads
 
     @property
     def ref(self) -> HubRef:
-        return HubRef(self.repo_id, self.revision, self.kind)
+        return HubRef(self.repo_id, self.revision, self.kind, self.unread)
 
 
 class Fetched(BaseModel):
@@ -50,8 +51,15 @@ def hub_inputs(loaded: LoadedRecipe) -> list[HubInput]:
     sources = [("model", model, RepoKind.PIPELINE), ("model.refiner", model.refiner, RepoKind.PIPELINE)]
     sources += [("model.vae", model.vae, RepoKind.VAE)]
     sources += [(f"model.controlnets.{i}", c, RepoKind.CONTROLNET) for i, c in enumerate(model.controlnets)]
+    unread = unread_folders(c.value for c in loaded.recipe.components.enabled())
     return [
-        HubInput(field=f"{field}.hub", repo_id=source.hub.id, revision=source.hub.revision, kind=kind)
+        HubInput(
+            field=f"{field}.hub",
+            repo_id=source.hub.id,
+            revision=source.hub.revision,
+            kind=kind,
+            unread=unread if field == "model" else (),
+        )
         for field, source, kind in sources
         if source is not None and source.hub is not None
     ] + [
@@ -86,14 +94,14 @@ def fetch(item: HubInput, announce: Callable[[HubInput, int, int, int], None]) -
                 "is set, so `sdbuild fetch` cannot download it",
                 hint="unset HF_HUB_OFFLINE (or set it to 0) on a machine that reaches the Hub",
             ) from None
-        files = _cached_files(folder, item.kind)
+        files = _cached_files(folder, item)
         size = sum(path.stat().st_size for path in files)
         announce(item, len(files), size, 0)
         return Fetched(**_named(item), files=len(files), size_bytes=size, downloaded_bytes=0, snapshot=str(folder))
     arguments: dict[str, Any] = {
         "revision": item.revision,
         "allow_patterns": [item.weight_name] if item.weight_name is not None else allow_patterns(item.kind),
-        "ignore_patterns": ignore_patterns(),
+        "ignore_patterns": ignore_patterns(item.unread),
     }
     try:
         planned = snapshot_download(item.repo_id, dry_run=True, **arguments)
@@ -109,7 +117,7 @@ def fetch(item: HubInput, announce: Callable[[HubInput, int, int, int], None]) -
     if item.weight_name is not None:
         missing = [] if (folder / item.weight_name).is_file() else [item.weight_name]
     else:
-        missing = missing_files(folder, item.kind)
+        missing = missing_files(folder, item.kind, item.unread)
     if missing:
         raise UserError(
             f"{item.ref} has no {', '.join(missing[:3])}; sdbuild reads safetensors weights, configs and tokenizer "
@@ -125,5 +133,9 @@ def _named(item: HubInput) -> dict:
     return {"field": item.field, "repo_id": item.repo_id, "revision": item.revision}
 
 
-def _cached_files(folder: Path, kind: RepoKind) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*")) if p.is_file() and wanted(p.relative_to(folder).as_posix(), kind)]
+def _cached_files(folder: Path, item: HubInput) -> list[Path]:
+    return [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and wanted(p.relative_to(folder).as_posix(), item.kind, item.unread)
+    ]

@@ -7,6 +7,7 @@ reduced-precision copies (`*.fp16.safetensors`) some repositories carry beside t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 
@@ -52,19 +53,34 @@ _PATTERNS = {
 }
 
 
+# Pipeline folders that only one recipe component reads (T5-XXL alone is about 9 GB in float16):
+# not fetched for a recipe that does not build it.
+_OPTIONAL_FOLDERS = {
+    "text_encoder_3": ("text_encoder_3", "tokenizer_3"),
+    "safety_checker": ("safety_checker", "feature_extractor"),
+}
+
+
+def unread_folders(built: Iterable[str]) -> tuple[str, ...]:
+    """The pipeline folders a recipe building the components `built` never reads."""
+    components = set(built)
+    return tuple(sorted(f for c, folders in _OPTIONAL_FOLDERS.items() if c not in components for f in folders))
+
+
 def allow_patterns(kind: RepoKind) -> list[str]:
     return list(_PATTERNS[kind])
 
 
-def ignore_patterns() -> list[str]:
-    return list(_EXCLUDED)
+def ignore_patterns(unread: Iterable[str] = ()) -> list[str]:
+    return [*_EXCLUDED, *(f"{folder}/*" for folder in unread)]
 
 
-def wanted(relative: str, kind: RepoKind) -> bool:
+def wanted(relative: str, kind: RepoKind, unread: Iterable[str] = ()) -> bool:
     """Whether a file of the repository (posix path) is one a conversion reads."""
     from huggingface_hub.utils import filter_repo_objects
 
-    return bool(list(filter_repo_objects([relative], allow_patterns=_PATTERNS[kind], ignore_patterns=_EXCLUDED)))
+    ignored = ignore_patterns(unread)
+    return bool(list(filter_repo_objects([relative], allow_patterns=_PATTERNS[kind], ignore_patterns=ignored)))
 
 
 # model_index.json classes that are not weight-carrying models, and the files each needs.
@@ -78,10 +94,11 @@ _NON_MODEL_FILES = {
 }
 
 
-def missing_files(folder: Path, kind: RepoKind) -> list[str]:
+def missing_files(folder: Path, kind: RepoKind, unread: Iterable[str] = ()) -> list[str]:
     """Files a conversion needs that `folder` (a snapshot, or a copy of one) lacks, as repository
     paths; empty when it is complete. A cached snapshot can be partial (an interrupted download,
-    or a download of other files of the same commit), and the hub client cannot always tell."""
+    or a download of other files of the same commit), and the hub client cannot always tell.
+    Folders in `unread` are not needed."""
     if kind is not RepoKind.PIPELINE:
         return _missing_model(folder, "")
     index = folder / "model_index.json"
@@ -92,8 +109,11 @@ def missing_files(folder: Path, kind: RepoKind) -> list[str]:
     except ValueError:
         return ["model_index.json (unreadable)"]
     missing: list[str] = []
+    skipped = set(unread)
     for name, value in sorted(components.items()):
         if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        if name in skipped:
             continue
         class_name = value[1] or ""
         if class_name in _NON_MODEL_FILES:

@@ -40,6 +40,7 @@ class HubSource(StageParams):
     kind: Literal["hub", "vae_hub"]  # a whole pipeline, or one replacement VAE
     id: str
     revision: str
+    unread: list[str] = []  # pipeline folders not fetched: set only when some are, so other keys stay
 
 
 class SyntheticControlNet(StageParams):

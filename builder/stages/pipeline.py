@@ -19,6 +19,7 @@ from builder import __version__
 from builder.build_info import build_date, environment, recipe_record, sdbuild_info
 from builder.engine.spec import GIB, Graph, StageSpec
 from builder.errors import UserError
+from builder.hub.layout import unread_folders
 from builder.recipe import Component, LoadedRecipe
 from builder.recipe.compression import Compression, MixedPalettize
 from builder.recipe.model import ComponentSettings, ControlNetSettings
@@ -191,6 +192,10 @@ class _GraphBuilder:
         else:
             params = HubSource(kind=hub_kind, id=source.hub.id, revision=source.hub.revision)
             origins = {"id": f"{field}.hub.id", "revision": f"{field}.hub.revision"}
+            unread = unread_folders(c.value for c in self.recipe.components.enabled()) if field == "model" else ()
+            if unread:  # T5, the safety checker: not downloaded for a recipe that does not build them
+                params.unread = list(unread)
+                origins["unread"] = "components"
         self.stages.append(
             StageSpec(
                 id=stage_id,

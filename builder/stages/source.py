@@ -45,7 +45,8 @@ def run(inputs: dict[str, Path], params: dict, out: Path) -> dict:
         import_single_file(inputs["checkpoint"], single.family, out)
         return {"source": f"single_file:{inputs['checkpoint'].name}"}
     hub = HubSource.model_validate(params)
-    take_snapshot(HubRef(hub.id, hub.revision, RepoKind.VAE if hub.kind == "vae_hub" else RepoKind.PIPELINE), out)
+    kind = RepoKind.VAE if hub.kind == "vae_hub" else RepoKind.PIPELINE
+    take_snapshot(HubRef(hub.id, hub.revision, kind, tuple(hub.unread)), out)
     return {"source": f"hub:{hub.id}@{hub.revision}"}
 
 
