@@ -196,7 +196,10 @@ def bench(args: argparse.Namespace, root: Path) -> dict:
 
         def apple(name: str) -> float:
             _, alone, _, _ = _unet(rewritten)
-            return single_layer_scores(alone, name, example, samples, float_probe).latent_psnr_db
+            score = single_layer_scores(alone, name, example, samples, float_probe).latent_psnr_db
+            del alone
+            gc.collect()  # the layer's prepared UNet is a reference cycle: without this each one stays
+            return score
 
         with phases.phase("sensitivity (reference)"):
             reference, _ = _timed_scores(apple, [x.name for x in chosen])
