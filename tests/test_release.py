@@ -67,7 +67,10 @@ def test_archive_entries_are_sorted_and_carry_fixed_metadata(released, built):
 
 
 def test_source_date_epoch_sets_every_timestamp(built, tmp_path, monkeypatch, capsys, released):
-    ws, _ = built
+    # a copy: a dated release republishes the bundle, which `built`'s readers compare against
+    ws = Workspace(root=tmp_path / "ws", cache=tmp_path / "cache")
+    shutil.copytree(built[0].root / "recipes", ws.root / "recipes")
+    shutil.copytree(built[0].cache, ws.cache, symlinks=True)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000001")
     code, out, _ = _sdbuild(ws, "release", "recipes/tiny-sd.yaml", "--out", str(tmp_path), capsys=capsys)
     assert code == 0
